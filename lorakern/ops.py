@@ -1,0 +1,168 @@
+"""The LoRA linear as torch.library ops, its autograd, and the functional entry point.
+
+Data flows one way: ``lora_linear`` (checks, autocast, backend choice) -> ``lorakern::lora_fwd`` /
+``lorakern::lora_bwd`` (custom ops, so torch.compile traces them without graph breaks and
+``torch.library.opcheck`` passes) -> the reference or the Triton launchers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+from .dropout import draw_seed
+from .reference import lora_backward_reference, lora_forward_reference
+
+
+@torch.library.custom_op("lorakern::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``x [M, K]`` -> ``(y [M, N], h [M, r])`` with ``y = x W^T + bias + s * h B^T``, ``h = dropout(x) A^T``."""
+    if backend == "triton":
+        from .triton.lora_fwd import lora_forward_triton
+
+        return lora_forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y, h = lora_forward_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y.contiguous(), h.contiguous()
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lorakern::lora_bwd", mutates_args=())
+def lora_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor | None,
+    needs_dx: bool, needs_dlora: bool, needs_dbias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty."""
+    if backend == "triton":
+        from .triton.lora_bwd import lora_backward_triton
+
+        return lora_backward_triton(
+            dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias
+        )
+    grads = lora_backward_reference(
+        dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
+    def maybe(flag, *shape, like):
+        return like.new_empty(shape if flag else (0,))
+
+    return (
+        maybe(needs_dx, *x.shape, like=dy),
+        maybe(needs_dlora, *lora_A.shape, like=lora_A),
+        maybe(needs_dlora, *lora_B.shape, like=lora_B),
+        maybe(needs_dbias, weight.shape[0], like=dy),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, h = output
+    # Saved: x and h [M, r] (plus the parameters and a 0-d seed). No mask, no dropout(x), nothing
+    # else of size [M, K]: backward regenerates the mask from the seed.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    needs_dx, needs_dbias, needs_dlora = needs[0], needs[2], needs[3] or needs[4]
+    dx, dA, dB, dbias = torch.ops.lorakern.lora_bwd(
+        dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
+        needs_dx, needs_dlora, needs_dbias, ctx.backend,
+    )
+    return (
+        dx if needs_dx else None,
+        None,  # weight is frozen: never a gradient
+        dbias if needs_dbias else None,
+        dA if needs[3] else None,
+        dB if needs[4] else None,
+        None, None, None, None,
+    )
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool):
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape [..., in_features]")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A: expected 2-D [r, in_features] with r >= 1, got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A: expected shape [r, {in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias: expected shape [{out_features}], got {tuple(bias.shape)}")
+    if weight.requires_grad:
+        raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+        if not autocasting and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float = 0.0, training: bool = True, backend: str = "auto",
+) -> Tensor:
+    """LoRA linear ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T``.
+
+    Args:
+        x: ``[..., in_features]``, any leading dims and strides.
+        weight: frozen base weight ``[out_features, in_features]`` (requires_grad must be False).
+        bias: ``[out_features]`` or None.
+        lora_A: ``[r, in_features]``; lora_B: ``[out_features, r]``.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout on the LoRA branch's input, applied only when ``training``.
+        backend: "auto" (Triton on CUDA, else the reference, with a one-time warning), "reference",
+            or "triton" (raises if it cannot serve the inputs).
+
+    Returns ``y [..., out_features]``. Under ``torch.autocast`` every input is cast to the autocast
+    dtype, as ``nn.Linear`` does.
+    """
+    device_type = x.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting)
+    if autocasting:
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+    x2d = x.reshape(-1, x.shape[-1])  # a view unless the leading dims cannot be merged
+    chosen = resolve_backend(backend, x2d, lora_A.shape[0])
+    y, _ = torch.ops.lorakern.lora_fwd(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

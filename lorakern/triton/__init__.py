@@ -1,0 +1,1 @@
+"""Triton kernels for the LoRA linear (forward and backward) and their launchers."""

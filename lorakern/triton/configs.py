@@ -1,0 +1,129 @@
+"""Launch configurations: the fixed lists the launchers choose from (and ``lorakern.aot`` compiles
+for sm_80 / sm_90), the choice by shape, and a small autotuner over each shape's candidates.
+
+Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers per thread):
+- matmul 128x128x64 bf16, 3 stages: 3 * (128*64 + 64*128) * 2 B = 96 KiB of shared memory; the fp32
+  accumulator is 128*128*4 B / 256 threads = 64 registers a thread, twice that in the backward with
+  dropout (the masked rank-R product has its own accumulator).
+- fp32 inputs take BLOCK_K=32: the same tiles then need the same bytes.
+- M <= 16 (decode) is bound by reading W: BLOCK_M=16 and narrow BLOCK_N so that 4096 outputs make
+  128 programs, close to one per SM.
+- skinny: one program holds [BLOCK_M, BLOCK_R<=128] fp32 = 64 registers a thread at 64x128, 4 warps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+SM_COUNT_GUESS = 132  # H100 SXM; only used to size grids where no GPU is queried
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    def meta(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    BLOCK_M: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return asdict(self)
+
+
+# BLOCK_K here is for 16-bit inputs; fp32 halves it (see matmul_block_k).
+MATMUL_LARGE = (
+    MatmulConfig(128, 128, 64, 8, 3),
+    MatmulConfig(128, 256, 64, 8, 3),
+    MatmulConfig(64, 128, 64, 4, 4),
+)
+MATMUL_MEDIUM = (  # 16 < M <= 64
+    MatmulConfig(64, 64, 64, 4, 4),
+    MatmulConfig(64, 128, 64, 4, 3),
+)
+MATMUL_DECODE = (  # M <= 16
+    MatmulConfig(16, 32, 256, 4, 3),
+    MatmulConfig(16, 64, 128, 4, 4),
+)
+SKINNY = (
+    SkinnyConfig(64, 64, 4, 3),
+    SkinnyConfig(32, 128, 4, 3),
+    SkinnyConfig(16, 128, 4, 3),
+)
+MAX_BLOCK_R = 128
+
+
+def matmul_candidates(M: int) -> tuple[MatmulConfig, ...]:
+    if M <= 16:
+        return MATMUL_DECODE
+    if M <= 64:
+        return MATMUL_MEDIUM
+    return MATMUL_LARGE
+
+
+def all_matmul_configs() -> tuple[MatmulConfig, ...]:
+    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE
+
+
+def matmul_block_k(cfg: MatmulConfig, dtype: torch.dtype) -> int:
+    return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
+
+
+def matmul_block_r(r_pad: int) -> int:
+    """Rank chunk of the K-concatenated tail: all of it up to 64, else steps of 64."""
+    return min(r_pad, 64)
+
+
+def skinny_block_r(r_pad: int) -> int:
+    return min(r_pad, MAX_BLOCK_R)
+
+
+def skinny_candidates(M: int, r_pad: int) -> tuple[SkinnyConfig, ...]:
+    """Largest BLOCK_M that still gives about one program per SM, first; the rest for the tuner."""
+    r_blocks = -(-r_pad // skinny_block_r(r_pad))
+    for i, cfg in enumerate(SKINNY):
+        if -(-M // cfg.BLOCK_M) * r_blocks >= SM_COUNT_GUESS:
+            return SKINNY[i:] + SKINNY[:i]
+    return SKINNY[::-1]
+
+
+_tuned: dict = {}
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("LORAKERN_AUTOTUNE", "1") != "0"
+
+
+def choose(key, candidates, launch, device: torch.device):
+    """Run ``launch(cfg)`` with the best of ``candidates`` for ``key`` (timed once per key on CUDA;
+    the first candidate elsewhere). Every launch writes the full output, so the timing runs are
+    harmless."""
+    if len(candidates) == 1 or not autotune_enabled(device):
+        return launch(candidates[0]), candidates[0]
+    best = _tuned.get(key)
+    if best is None:
+        from triton.testing import do_bench
+
+        timings = [(do_bench(lambda c=c: launch(c), warmup=5, rep=20), i) for i, c in enumerate(candidates)]
+        best = candidates[min(timings)[1]]
+        _tuned[key] = best
+    return launch(best), best
+
+
+def bucket(M: int) -> int:
+    """Autotune key for M: its power-of-two bucket, so each new batch size is not re-tuned."""
+    return 1 << max(M - 1, 0).bit_length()

@@ -1,0 +1,146 @@
+"""The two Triton kernels every LoRA pass is built from.
+
+``lora_matmul_kernel``: ``out[M, N] = a[M, K] @ w[N, K]^T + lora(h[M, R] @ b[N, R]^T) + bias``
+    the base GEMM with the rank-R product appended to its K-loop (K-concatenation): R extra
+    K-steps, ``2*M*N*R`` FLOPs (0.4% of the base at K=4096, r=16), no second [M, N] tensor.
+    Forward:  a=x,  w=W,   h=dropout(x)A^T, b=B,   lora = s * h B^T (s folded into h's tile).
+    Backward: a=dY, w=W^T, h=dh,            b=A^T, lora = dropout(dh A), masked before the
+    base K-loop starts.
+
+``skinny_kernel``: ``out[M, R] = scale * dropout(a[M, K]) @ w[R, K]^T`` (+ row sums of a)
+    a matmul whose output has only R <= 256 columns, so one program holds a whole [BLOCK_M, R]
+    row panel and reads ``a`` once. It computes h (forward), dh = s dY B, dB = s dY^T h with
+    dbias as the row sums of dY^T, and dA^T = dropout(x)^T dh, each by passing strides.
+
+Every operand is addressed by explicit strides, so transposed views and non-contiguous inputs
+cost no copy. The dropout mask of element (i, j) of ``a`` (or of ``out`` in the matmul kernel) is
+regenerated from ``seed`` and the index ``i*IDX_S0 + j*IDX_S1`` of that element in x [M, K].
+"""
+
+import triton
+import triton.language as tl
+
+from .common import dropout_keep
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_F32:  # interpreter only: it multiplies bf16 bit patterns, so compute in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def lora_matmul_kernel(
+    a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_bn, stride_br, stride_om, stride_on,
+    scaling, threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    R_PAD: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row panels share each column panel of w while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+
+    # The rank-R part first, as the accumulator's initial value: R_PAD/BLOCK_R K-steps over
+    # [h | b] (masked beyond R). With dropout (backward dx) the mask of x[m, k] applies to
+    # (dh A)[m, k] after the product, so it is masked here, before the base K-loop starts: only
+    # one [BLOCK_M, BLOCK_N] accumulator is ever live (two would spill at 128x128 with 8 warps).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R_PAD, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if not HAS_DROPOUT:  # forward: s * h, rounded once to the input dtype as PEFT's h would be
+            h = (h.to(tl.float32) * scaling).to(dtype)
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(h.to(dtype), b.to(dtype), acc, DOT_F32, PRECISION)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        keep = dropout_keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], threshold)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, w, acc, DOT_F32, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def skinny_kernel(
+    a_ptr, w_ptr, out_ptr, rowsum_ptr, seed_ptr,
+    M, K, R,
+    stride_am, stride_ak, stride_wr, stride_wk, stride_om, stride_or,
+    IDX_S0, IDX_S1,
+    scale, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, HAS_ROWSUM: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    dtype = a_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+        if HAS_DROPOUT:
+            idx = offs_m[:, None].to(tl.int64) * IDX_S0 + (k0 + offs_k[None, :]).to(tl.int64) * IDX_S1
+            keep = dropout_keep(seed, idx, threshold)
+            a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(dtype)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = _dot(a, w.to(dtype), acc, DOT_F32, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    if HAS_ROWSUM:
+        if pid_r == 0:
+            tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)

@@ -1,0 +1,123 @@
+"""FusedLoRALinear: construction, init, merge, autocast, checkpointing, train/eval."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import lorakern
+from lorakern import FusedLoRALinear
+
+
+def _randomize(layer):
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_fresh_layer_equals_base():
+    layer = FusedLoRALinear(20, 12, r=4, lora_alpha=16, backend="reference")
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not layer.weight.requires_grad and layer.lora_A.requires_grad
+    assert layer.scaling == 4.0
+
+
+def test_rslora_scaling_and_gaussian_init():
+    layer = FusedLoRALinear(64, 8, r=16, lora_alpha=8, use_rslora=True, init_lora_weights="gaussian")
+    assert layer.scaling == pytest.approx(8 / math.sqrt(16))
+    assert abs(layer.lora_A.std().item() - 1 / 16) < 0.01
+    assert (layer.lora_B == 0).all()
+    layer = FusedLoRALinear(64, 8, r=16, init_lora_weights=False)
+    assert (layer.lora_B != 0).any()
+
+
+def test_kaiming_init_bound():
+    layer = FusedLoRALinear(400, 8, r=32)
+    bound = 1 / math.sqrt(400)  # kaiming_uniform with a=sqrt(5) on fan_in=400
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+
+
+def test_from_linear_shares_parameters():
+    lin = nn.Linear(10, 6)
+    layer = FusedLoRALinear.from_linear(lin, r=2, lora_alpha=4, lora_dropout=0.1)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert not lin.weight.requires_grad
+    assert layer.lora_dropout == 0.1 and layer.r == 2
+    with pytest.raises(TypeError, match="linear"):
+        FusedLoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_merge_unmerge_to_linear():
+    layer = _randomize(FusedLoRALinear(24, 10, r=3, lora_alpha=6, dtype=torch.float64, backend="reference"))
+    x = torch.randn(5, 24, dtype=torch.float64)
+    want = layer(x)
+    w0 = layer.weight.clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), want)
+    torch.testing.assert_close(layer.to_linear()(x), want)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0)
+    torch.testing.assert_close(layer.to_linear()(x), want)
+    assert "r=3" in repr(layer) and "scaling=2" in repr(layer)
+
+
+def test_train_eval_dropout():
+    layer = _randomize(FusedLoRALinear(16, 8, r=4, lora_dropout=0.5, backend="reference"))
+    x = torch.randn(6, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_input_without_grad_trains_adapter():
+    layer = _randomize(FusedLoRALinear(16, 8, r=4, backend="reference"))
+    layer(torch.randn(3, 16)).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and layer.weight.grad is None
+
+
+def test_autocast_cpu_bf16_like_nn_linear():
+    layer = _randomize(FusedLoRALinear(32, 16, r=4, backend="reference"))
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        base = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == base.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    want = layer.weight.bfloat16()
+    ref = lorakern.lora_linear_reference(
+        x.bfloat16(), want, layer.bias.bfloat16(), layer.lora_A.bfloat16(), layer.lora_B.bfloat16(), layer.scaling
+    )
+    torch.testing.assert_close(y, ref)
+
+
+def test_checkpoint_recompute_gives_identical_dropout():
+    torch.manual_seed(1)
+    layer = _randomize(FusedLoRALinear(16, 8, r=4, lora_dropout=0.3, backend="reference"))
+    x = torch.randn(10, 16, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    torch.manual_seed(7)
+    y2 = checkpoint(layer, x, use_reentrant=False)
+    torch.testing.assert_close(y2, y)
+    y2.sum().backward()
+    for g, t in zip(grads, (x, layer.lora_A, layer.lora_B)):
+        torch.testing.assert_close(t.grad, g)
+
+
+def test_state_dict_round_trip():
+    a = _randomize(FusedLoRALinear(12, 6, r=2))
+    b = FusedLoRALinear(12, 6, r=2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(a(x), b(x))
+    assert set(a.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
