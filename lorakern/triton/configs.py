@@ -48,26 +48,31 @@ class SkinnyConfig:
 # BLOCK_K here is for 16-bit inputs; fp32 halves it (see matmul_block_k).
 MATMUL_LARGE = (
     MatmulConfig(128, 128, 64, 8, 3),
-    MatmulConfig(128, 256, 64, 8, 3),
-    MatmulConfig(64, 128, 64, 4, 4),
+    MatmulConfig(64, 128, 64, 4, 3),
+)
+MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16 elements: loads are scalar, one
+    MatmulConfig(64, 64, 32, 4, 2),   # 64-bit address per element and stage (64x128x64 tiles
+    MatmulConfig(32, 64, 32, 4, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B)
 )
 MATMUL_MEDIUM = (  # 16 < M <= 64
     MatmulConfig(64, 64, 64, 4, 4),
     MatmulConfig(64, 128, 64, 4, 3),
 )
 MATMUL_DECODE = (  # M <= 16
-    MatmulConfig(16, 32, 256, 4, 3),
-    MatmulConfig(16, 64, 128, 4, 4),
+    MatmulConfig(16, 32, 128, 4, 4),
+    MatmulConfig(16, 64, 64, 4, 4),
 )
 SKINNY = (
-    SkinnyConfig(64, 64, 4, 3),
-    SkinnyConfig(32, 128, 4, 3),
-    SkinnyConfig(16, 128, 4, 3),
+    SkinnyConfig(64, 64, 8, 3),
+    SkinnyConfig(32, 64, 4, 3),
+    SkinnyConfig(16, 64, 4, 3),
 )
 MAX_BLOCK_R = 128
 
 
-def matmul_candidates(M: int) -> tuple[MatmulConfig, ...]:
+def matmul_candidates(M: int, aligned: bool = True) -> tuple[MatmulConfig, ...]:
+    if not aligned:
+        return MATMUL_UNALIGNED
     if M <= 16:
         return MATMUL_DECODE
     if M <= 64:
@@ -76,25 +81,33 @@ def matmul_candidates(M: int) -> tuple[MatmulConfig, ...]:
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
-    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE
+    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_UNALIGNED
 
 
 def matmul_block_k(cfg: MatmulConfig, dtype: torch.dtype) -> int:
     return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
 
 
-def matmul_block_r(r_pad: int) -> int:
-    """Rank chunk of the K-concatenated tail: all of it up to 64, else steps of 64."""
-    return min(r_pad, 64)
+def matmul_block_r(r_pad: int, dtype: torch.dtype) -> int:
+    """Rank chunk of the K-concatenated tail: all of it up to 64, else steps of 64 (16-bit);
+    fp32 takes steps of 32, since without TF32 its dot runs on FMA units with both tiles in
+    registers (64-wide chunks spilled 5-40 KiB at r=256 on sm_80)."""
+    return min(r_pad, 32 if dtype == torch.float32 else 64)
 
 
-def skinny_block_r(r_pad: int) -> int:
-    return min(r_pad, MAX_BLOCK_R)
+def skinny_block_k(cfg: SkinnyConfig, dtype: torch.dtype) -> int:
+    return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
 
 
-def skinny_candidates(M: int, r_pad: int) -> tuple[SkinnyConfig, ...]:
+def skinny_block_r(r_pad: int, dtype: torch.dtype) -> int:
+    """All r columns in one program up to 128 (16-bit) or 32 (fp32: FMA dot, see matmul_block_r;
+    BLOCK_R=128 spilled 10-36 KiB)."""
+    return min(r_pad, 32 if dtype == torch.float32 else MAX_BLOCK_R)
+
+
+def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
     """Largest BLOCK_M that still gives about one program per SM, first; the rest for the tuner."""
-    r_blocks = -(-r_pad // skinny_block_r(r_pad))
+    r_blocks = -(-r_pad // skinny_block_r(r_pad, dtype))
     for i, cfg in enumerate(SKINNY):
         if -(-M // cfg.BLOCK_M) * r_blocks >= SM_COUNT_GUESS:
             return SKINNY[i:] + SKINNY[:i]

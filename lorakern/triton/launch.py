@@ -1,6 +1,13 @@
-"""Launchers for the two kernels: check the tensors, pick a config, compute the grid, launch."""
+"""Launchers for the two kernels: pick a config, compute the grid and the kernel's arguments, launch.
+
+Each launcher builds its arguments in one place (``_matmul_call`` / ``_skinny_call``); under
+:func:`record_launches` it records them for every candidate config instead of launching, which is
+how ``lorakern.aot`` compiles exactly what the launchers can run.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -13,10 +20,25 @@ from .configs import (
     matmul_block_k,
     matmul_block_r,
     matmul_candidates,
+    skinny_block_k,
     skinny_block_r,
     skinny_candidates,
 )
 from .kernels import lora_matmul_kernel, skinny_kernel
+
+_recording: list | None = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record, per launch, a list of ``(kernel, config, grid, kwargs)`` over its candidate configs
+    instead of launching (works on "meta" tensors: nothing is allocated or run)."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
 
 
 def max_offset(t: torch.Tensor) -> int:
@@ -30,9 +52,22 @@ def _dropout_args(p: float, seed: torch.Tensor | None, device) -> tuple:
     return torch.zeros((), dtype=torch.int64, device=device), 0, 1.0, False
 
 
+def _run(kernel, key, candidates, call, device):
+    if _recording is not None:
+        _recording.append([(kernel, cfg, *call(cfg)) for cfg in candidates])
+        return candidates[0]
+
+    def launch(cfg):
+        grid, kwargs = call(cfg)
+        kernel[grid](**kwargs)
+
+    return choose(key, candidates, launch, device)[1]
+
+
 def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, seed=None, config=None):
     """``out[M, N] = a[M, K] w[N, K]^T + lora + bias``; lora = ``s * h b^T`` or, with dropout,
-    ``dropout(h b^T)`` (the backward's dx). ``h [M, R]``, ``b [N, R]``; any strides."""
+    ``dropout(h b^T)`` (the backward's dx). ``h [M, R]``, ``b [N, R]``; any strides.
+    Returns the config used (None when there was nothing to compute)."""
     M, K = a.shape
     N, R = w.shape[0], h.shape[1]
     if M == 0 or N == 0:
@@ -41,52 +76,56 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
     r_pad = padded_rank(R)
     use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, h, b, out)), M * N)
 
-    def launch(cfg):
+    def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-        lora_matmul_kernel[grid](
-            a, w, h, b, bias if bias is not None else out, out, seed,
-            M, N, K, R,
-            a.stride(0), a.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1),
-            b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            scaling, threshold, inv_keep,
+        return grid, dict(
+            a_ptr=a, w_ptr=w, h_ptr=h, b_ptr=b, bias_ptr=bias if bias is not None else out, out_ptr=out,
+            seed_ptr=seed, M=M, N=N, K=K, R=R,
+            stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+            stride_hm=h.stride(0), stride_hr=h.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
+            stride_om=out.stride(0), stride_on=out.stride(1),
+            scaling=scaling, threshold=threshold, inv_keep=inv_keep,
             HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=matmul_block_k(cfg, a.dtype),
-            BLOCK_R=matmul_block_r(r_pad), R_PAD=r_pad, GROUP_M=cfg.GROUP_M,
+            BLOCK_R=matmul_block_r(r_pad, a.dtype), R_PAD=r_pad, GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
 
-    candidates = (config,) if config is not None else matmul_candidates(M)
-    key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout)
-    return choose(key, candidates, launch, a.device)[1]
+    # Triton specializes ints divisible by 16; without that hint loads are scalar (see configs).
+    aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
+    candidates = (config,) if config is not None else matmul_candidates(M, aligned)
+    key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned)
+    return _run(lora_matmul_kernel, key, candidates, call, a.device)
 
 
 def skinny(a, w, out, scale: float = 1.0, dropout_p: float = 0.0, seed=None, idx_strides=(0, 0),
            rowsum=None, config=None):
     """``out[M, R] = scale * dropout(a[M, K]) @ w[R, K]^T``; optional ``rowsum[M] = sum_k a``.
 
-    ``idx_strides`` maps element (i, j) of ``a`` to its dropout index ``i*s0 + j*s1`` in x."""
+    ``idx_strides`` maps element (i, j) of ``a`` to its dropout index ``i*s0 + j*s1`` in x.
+    Returns the config used (None when there was nothing to compute)."""
     M, K = a.shape
     R = w.shape[0]
     if M == 0:
         return None
     seed, threshold, inv_keep, has_dropout = _dropout_args(dropout_p, seed, a.device)
     r_pad = padded_rank(R)
-    block_r = skinny_block_r(r_pad)
+    block_r = skinny_block_r(r_pad, a.dtype)
     use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, out)))
 
-    def launch(cfg):
+    def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(r_pad, block_r))
-        skinny_kernel[grid](
-            a, w, out, rowsum if rowsum is not None else out, seed,
-            M, K, R,
-            a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-            idx_strides[0], idx_strides[1],
-            scale, threshold, inv_keep,
+        return grid, dict(
+            a_ptr=a, w_ptr=w, out_ptr=out, rowsum_ptr=rowsum if rowsum is not None else out, seed_ptr=seed,
+            M=M, K=K, R=R,
+            stride_am=a.stride(0), stride_ak=a.stride(1), stride_wr=w.stride(0), stride_wk=w.stride(1),
+            stride_om=out.stride(0), stride_or=out.stride(1), IDX_S0=idx_strides[0], IDX_S1=idx_strides[1],
+            scale=scale, threshold=threshold, inv_keep=inv_keep,
             HAS_DROPOUT=has_dropout, HAS_ROWSUM=rowsum is not None, USE_INT64=use_int64,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_K=skinny_block_k(cfg, a.dtype), BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
 
-    candidates = (config,) if config is not None else skinny_candidates(M, r_pad)
+    candidates = (config,) if config is not None else skinny_candidates(M, r_pad, a.dtype)
     key = ("skinny", bucket(M), K, r_pad, a.dtype, has_dropout, rowsum is not None)
-    return choose(key, candidates, launch, a.device)[1]
+    return _run(skinny_kernel, key, candidates, call, a.device)

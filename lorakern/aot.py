@@ -1,0 +1,272 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPU targets, with a resource report.
+
+The Triton interpreter checks arithmetic but accepts programs no GPU compiles (``tl.dot`` with an
+inner dimension below 16, for one). This module drives the real launchers on "meta" tensors under
+``record_launches`` (so it compiles exactly the kernels, constexprs, argument specializations and
+candidate configs that a launch on a GPU can use), compiles each for sm_80 / sm_90 with Triton's
+own compiler and ptxas, and reads registers, spills, shared memory and the MMA instruction.
+
+    python -m lorakern.aot --arch 80,90 --json aot.json [--full]
+
+Exits non-zero on any failed compile, any spill, shared memory over the arch's limit, or a
+16-bit / TF32 tensor-core tile of 64+ rows on sm_90 that does not use wgmma (tiles of 16 or 32
+rows, the decode configs, cannot: a wgmma is 64 rows per warpgroup, so they use mma.sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import product
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (set before triton is imported)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+
+# Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FWD_ROLES = ("h", "y")
+BWD_ROLES = ("dh", "dB", "dA", "dx")
+
+
+def _shape_specs(full: bool):
+    """(dtype, r, bias, dropout, M, K, N, tf32) combinations whose launches are compiled.
+
+    Default (a covering subset): every dtype at r=8 and r=256 (rank padded to 16 and to 256), r=1
+    and r=16 in bf16 (r=1 and multiples of 16 specialize differently), with and without dropout,
+    M=1 (decode configs) and M=4096 (large configs), plus one unaligned shape. --full: every dtype
+    x rank in (1, 8, 16, 64, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096, 2**20: int64
+    offsets) x aligned/unaligned K, N x TF32 on/off for fp32."""
+    if full:
+        ranks = {d: (1, 8, 16, 64, 256) for d in DTYPES}
+        Ms, shapes, biases = (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001)), (True, False)
+    else:
+        ranks = {"fp16": (8, 256), "bf16": (1, 8, 16, 256), "fp32": (8, 256)}
+        Ms, shapes, biases = (1, 4096), ((4096, 4096),), (True,)
+    for dtype in DTYPES:
+        for r, bias, p, M, (K, N) in product(ranks[dtype], biases, (0.0, 0.1), Ms, shapes):
+            for tf32 in ((False, True) if dtype == "fp32" and full else (False,)):
+                yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32)
+    if not full:  # one unaligned shape (no divisibility-by-16 specialization)
+        yield dict(dtype="bf16", r=8, bias=True, dropout=0.1, M=4095, K=4097, N=11001, tf32=False)
+
+
+def record(spec) -> list:
+    """The launches (each a list of candidates) of one forward and one backward for ``spec``."""
+    from .triton.launch import record_launches
+    from .triton.lora_bwd import lora_backward_triton
+    from .triton.lora_fwd import lora_forward_triton
+
+    dt, M, K, N, r = DTYPES[spec["dtype"]], spec["M"], spec["K"], spec["N"], spec["r"]
+    meta = dict(device="meta", dtype=dt)
+    x, w, a, b = (torch.empty(*s, **meta) for s in ((M, K), (N, K), (r, K), (N, r)))
+    bias = torch.empty(N, **meta) if spec["bias"] else None
+    seed = torch.empty((), device="meta", dtype=torch.int64)
+    p = spec["dropout"]
+    torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]
+    with record_launches() as launches:
+        _, h = lora_forward_triton(x, w, bias, a, b, 2.0, p, seed)
+        lora_backward_triton(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
+    return list(zip(FWD_ROLES + BWD_ROLES, launches))
+
+
+def compile_job(kernel, cfg, kwargs, arch: int) -> dict:
+    """Turn one recorded launch into a picklable compile job, specializing arguments as Triton's
+    JIT does for a real launch (ints equal to 1 become constants; multiples of 16 and tensors get
+    the divisibility hint)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = kwargs[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = key
+        elif key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return dict(
+        kernel=kernel.fn.__name__, arch=arch, signature=signature, constexprs=constexprs,
+        attrs=sorted(attrs.items()), options={"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]},
+        config={**{k: v for k, v in constexprs.items() if k.startswith(("BLOCK_", "GROUP_"))}, **{
+            "num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}},
+    )
+
+
+def _job_key(job) -> str:
+    return json.dumps([job["kernel"], job["arch"], job["signature"], job["constexprs"], job["attrs"], job["options"]],
+                      sort_keys=True, default=str)
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    smem = re.search(r"(\d+) bytes smem", text)
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+        "static_shared": int(smem.group(1)) if smem else 0,
+    }
+
+
+def run_job(job) -> dict:
+    """Compile one job (in a worker process) and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton import kernels
+
+    fn = getattr(kernels, job["kernel"])
+    attrs = {tuple(k): v for k, v in job["attrs"]}
+    rec = {k: job[k] for k in ("kernel", "arch", "config")}
+    c = job["constexprs"]
+    rec.update(
+        dtype=job["signature"]["a_ptr"].lstrip("*"), r_pad=c.get("R_PAD", c.get("BLOCK_R")),
+        variant={k: v for k, v in c.items() if k.startswith(("HAS_", "USE_", "PRECISION"))},
+        ok=False, error=None, regs=None, spill_bytes=None, shared_bytes=None, mma=None,
+    )
+    t0 = time.time()
+    try:
+        src = ASTSource(fn=fn, signature=job["signature"], constexprs=c, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+        ptx = k.asm["ptx"]
+        res = _ptxas_report(ptx, job["arch"])
+        rec.update(ok=True, regs=res["regs"], spill_bytes=res["spill_bytes"],
+                   shared_bytes=k.metadata.shared + res["static_shared"])
+        rec["mma"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "none")
+    except Exception as e:  # a failed compile is a result, reported and counted
+        rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+    rec["seconds"] = round(time.time() - t0, 2)
+    return rec
+
+
+def violations(rec) -> list[str]:
+    out = []
+    if not rec["ok"]:
+        return [f"compile failed: {rec['error']}"]
+    if rec["spill_bytes"]:
+        out.append(f"spills {rec['spill_bytes']} bytes")
+    if rec["shared_bytes"] > SHARED_LIMIT[rec["arch"]]:
+        out.append(f"shared {rec['shared_bytes']} > {SHARED_LIMIT[rec['arch']]}")
+    tensor_cores = rec["dtype"] != "fp32" or rec["variant"].get("PRECISION") == "tf32"
+    if rec["arch"] >= 90 and tensor_cores and rec["config"]["BLOCK_M"] >= 64 and rec["mma"] != "wgmma":
+        out.append(f"sm_90 tile of {rec['config']['BLOCK_M']} rows uses {rec['mma']}, not wgmma")
+    return out
+
+
+def collect_jobs(archs, full: bool):
+    """All distinct compile jobs, each with the roles and ranks that use it."""
+    jobs: dict[str, dict] = {}
+    for spec in _shape_specs(full):
+        for role, candidates in record(spec):
+            for kernel, cfg, _grid, kwargs in candidates:
+                for arch in archs:
+                    job = compile_job(kernel, cfg, kwargs, arch)
+                    entry = jobs.setdefault(_job_key(job), {**job, "roles": set(), "ranks": set()})
+                    entry["roles"].add(role)
+                    entry["ranks"].add(spec["r"])
+    return list(jobs.values())
+
+
+def summarize(records) -> str:
+    rows = {}
+    for r in records:
+        key = (r["kernel"], r["arch"])
+        row = rows.setdefault(key, {"n": 0, "fail": 0, "regs": 0, "spill": 0, "shared": 0, "mma": set()})
+        row["n"] += 1
+        row["fail"] += bool(r["violations"])
+        if r["ok"]:
+            row["regs"] = max(row["regs"], r["regs"] or 0)
+            row["spill"] = max(row["spill"], r["spill_bytes"] or 0)
+            row["shared"] = max(row["shared"], r["shared_bytes"])
+            row["mma"].add(r["mma"])
+    lines = [f"{'kernel':<20} {'arch':>5} {'compiles':>8} {'bad':>4} {'max regs':>8} {'max spill':>9} "
+             f"{'max shared':>10}  mma"]
+    for (kernel, arch), row in sorted(rows.items()):
+        lines.append(f"{kernel:<20} sm_{arch:<2} {row['n']:>8} {row['fail']:>4} {row['regs']:>8} {row['spill']:>9} "
+                     f"{row['shared']:>10}  {','.join(sorted(row['mma']))}")
+    return "\n".join(lines)
+
+
+def markdown(records) -> str:
+    """The "verified targets" table of README, from the records."""
+    rows = {}
+    for r in records:
+        if not r["ok"]:
+            continue
+        row = rows.setdefault((r["kernel"], r["arch"]), {"n": 0, "regs": 0, "shared": 0, "spill": 0, "mma": set()})
+        row["n"] += 1
+        row["regs"] = max(row["regs"], r["regs"] or 0)
+        row["shared"] = max(row["shared"], r["shared_bytes"])
+        row["spill"] = max(row["spill"], r["spill_bytes"] or 0)
+        row["mma"].add(r["mma"])
+    lines = ["| kernel | arch | compiles | max registers | max shared memory | max spill | MMA |",
+             "|---|---|---|---|---|---|---|"]
+    for (kernel, arch), row in sorted(rows.items()):
+        lines.append(f"| `{kernel}` | sm_{arch} | {row['n']} | {row['regs']} | {row['shared'] // 1024} KiB | "
+                     f"{row['spill']} B | {', '.join(sorted(row['mma']))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lorakern.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities, e.g. 80,90")
+    parser.add_argument("--json", help="write one record per compile to this file")
+    parser.add_argument("--full", action="store_true", help="sweep every dtype, rank, variant and shape class")
+    parser.add_argument("--markdown", help="write the summary as a markdown table to this file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    args = parser.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",")]
+    t0 = time.time()
+    jobs = collect_jobs(archs, args.full)
+    print(f"lorakern.aot: {len(jobs)} distinct compiles for sm_{', sm_'.join(map(str, archs))}", flush=True)
+    records = []
+    with futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for i, rec in enumerate(pool.map(run_job, jobs, chunksize=4), 1):
+            records.append(rec)
+            if i % 100 == 0 or i == len(jobs):
+                print(f"  {i}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
+    for job, rec in zip(jobs, records):
+        rec["roles"], rec["ranks"] = sorted(job["roles"]), sorted(job["ranks"])
+        rec["violations"] = violations(rec)
+    print(summarize(records))
+    bad = [r for r in records if r["violations"]]
+    for r in bad:
+        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['dtype']} r_pad={r['r_pad']} {r['config']} {r['variant']}: "
+              f"{'; '.join(r['violations'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(records) + "\n")
+    print(f"lorakern.aot: {len(records) - len(bad)} ok, {len(bad)} failing, {time.time() - t0:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""``lorakern-bench``: time LoRA linear providers on the best device present.
+
+    lorakern-bench                       # default suite (CUDA if present, else a CPU-sized one)
+    lorakern-bench --quick               # a few small shapes, seconds
+    lorakern-bench --shapes llama3-8b --providers base,unfused,fused --modes fwd,fwd+bwd
+    lorakern-bench --shapes 4096,4096,4096,16 --dtype bf16 --out bench-out
+
+Each measurement is appended to ``OUT/results.jsonl`` (schema in lorakern/bench/records.py), a
+table is printed, and one PNG per mode is written to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import records
+from .providers import MODES, Shape, available_providers, flops, make_module, make_step, saved_activation_bytes
+from .timing import measure, peak_memory
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LLAMA3_8B = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+LLAMA3_70B = ((8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192))
+
+
+def preset_shapes(name: str, device: torch.device) -> list[Shape]:
+    if name == "llama3-8b":
+        return [Shape(M, k, n, r) for (k, n) in LLAMA3_8B for M in (1, 16, 512, 4096, 8192) for r in (8, 16, 64)]
+    if name == "llama3-70b":
+        return [Shape(M, k, n, r) for (k, n) in LLAMA3_70B for M in (1, 16, 512, 4096) for r in (16,)]
+    if name == "tiny":
+        return [Shape(M, 256, 256, 8) for M in (1, 64)]
+    if name == "cpu":  # Llama-3-8B's q and k/v projections at sizes two cores finish in ~1 minute
+        return [Shape(M, k, n, 16) for (k, n) in LLAMA3_8B[:2] for M in (1, 16, 256)]
+    raise ValueError(f"unknown shape preset {name!r}")
+
+
+def parse_shapes(text: str, device: torch.device) -> list[Shape]:
+    shapes = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if part[0].isdigit():
+            nums = [int(v) for v in part.split(",")]
+            if len(nums) != 4:
+                raise ValueError(f"--shapes: expected M,in,out,r, got {part!r}")
+            shapes.append(Shape(*nums))
+        else:
+            shapes.extend(preset_shapes(part, device))
+    return shapes
+
+
+def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
+    env = records.environment(device)
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    jobs = [(s, m, p) for s in shapes for m in modes for p in providers]
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), disable=not progress, file=sys.stderr, desc="lorakern-bench")
+    except ImportError:
+        bar = None
+    out = []
+    for s in shapes:
+        for mode in modes:
+            group = []
+            for provider in providers:  # providers of one shape and mode run back to back
+                module = make_module(provider, s, dtype, device, dropout).train()
+                step = make_step(module, mode, s, dtype, device)
+                med, q20, q80 = measure(step, device, min_run_time)
+                saved = saved_activation_bytes(module, s, dtype, device)
+                group.append({
+                    "op": "lora_linear", "provider": provider, "mode": mode, "M": s.M,
+                    "in_features": s.in_features, "out_features": s.out_features, "r": s.r,
+                    "dtype": dtype_name, "dropout": dropout, "median_ms": med, "q20_ms": q20, "q80_ms": q80,
+                    "tflops": flops(provider, mode, s) / (med * 1e-3) / 1e12,
+                    "peak_mem_bytes": peak_memory(step, device), "saved_bytes": saved, **env,
+                })
+                del module, step
+                if bar is not None:
+                    bar.update(1)
+            times = {r["provider"]: r["median_ms"] for r in group}
+            for r in group:
+                r["ratio_to_base"] = r["median_ms"] / times["base"] if "base" in times else None
+                r["ratio_to_unfused"] = r["median_ms"] / times["unfused"] if "unfused" in times else None
+            out.extend(group)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def table(recs: list[dict]) -> str:
+    head = (f"{'M':>6} {'in':>6} {'out':>6} {'r':>4} {'mode':>8} {'provider':>8} {'median ms':>10} "
+            f"{'TFLOP/s':>8} {'x base':>7} {'x unfused':>9} {'saved MiB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in recs:
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        saved = r["saved_bytes"] / 2**20 if r["saved_bytes"] is not None else None
+        lines.append(
+            f"{r['M']:>6} {r['in_features']:>6} {r['out_features']:>6} {r['r']:>4} {r['mode']:>8} {r['provider']:>8} "
+            f"{r['median_ms']:>10.4f} {r['tflops']:>8.3f} {fmt(r['ratio_to_base'], '>7.2f')} "
+            f"{fmt(r['ratio_to_unfused'], '>9.2f')} {fmt(saved, '>9.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def plot(recs: list[dict], out_dir: str) -> list[str]:
+    """One PNG per mode: time relative to the base matmul, per shape and provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for mode in sorted({r["mode"] for r in recs}):
+        rows = [r for r in recs if r["mode"] == mode and r["ratio_to_base"] is not None]
+        if not rows:
+            continue
+        labels = sorted({(r["M"], r["in_features"], r["out_features"], r["r"]) for r in rows})
+        providers = [p for p in ("base", "unfused", "peft", "fused") if any(r["provider"] == p for r in rows)]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * len(providers) / 2), 4))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            vals = {(r["M"], r["in_features"], r["out_features"], r["r"]): r["ratio_to_base"]
+                    for r in rows if r["provider"] == p}
+            ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_xticklabels([f"M={m}\n{k}->{n}\nr={r}" for m, k, n, r in labels], fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel("time / base matmul")
+        env = rows[0]
+        ax.set_title(f"LoRA linear, {mode}, {env['dtype']}, {env['device_name']} ({env['date'][:10]})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"lora_linear_{mode.replace('+', '_')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lorakern-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--shapes", default=None,
+                        help="presets (llama3-8b, llama3-70b, tiny, cpu) or M,in,out,r items, ';'-separated")
+    parser.add_argument("--providers", default=None, help=f"comma-separated, from {available_providers()}")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd,bwd,fwd+bwd")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--out", default="bench-out", help="folder for results.jsonl and the plots")
+    parser.add_argument("--quick", action="store_true", help="the 'tiny' shapes, short timing runs")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    default_shapes = "tiny" if args.quick else ("llama3-8b" if device.type == "cuda" else "cpu")
+    shapes = parse_shapes(args.shapes or default_shapes, device)
+    providers = args.providers.split(",") if args.providers else available_providers()
+    unknown = [p for p in providers if p not in available_providers()]
+    if unknown:
+        parser.error(f"--providers: {unknown} not available; choose from {available_providers()}")
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        parser.error(f"--modes: expected a comma-separated subset of {MODES}")
+
+    recs = run(shapes, providers, modes, dtype, device, args.dropout, 0.05 if args.quick else 0.2,
+               progress=not args.no_progress)
+    print(table(recs))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.jsonl")
+    records.append(path, recs)
+    pngs = plot(recs, args.out)
+    print(f"\n{len(recs)} records appended to {path}; plots: {', '.join(pngs)}")
+    return 0

@@ -1,0 +1,136 @@
+"""What is compared. Each provider turns a shape into a callable for one mode.
+
+- base:    the frozen matmul alone, ``F.linear(x, W, bias)``: the floor a fused layer is held to.
+- unfused: the plain torch sequence PEFT runs: base, dropout, x A^T, (.) B^T, scale, add.
+- peft:    PEFT's own LoRA ``Linear`` (when peft is installed).
+- fused:   ``lorakern.FusedLoRALinear`` on its automatic backend (Triton on CUDA, reference on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakern
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    M: int
+    in_features: int
+    out_features: int
+    r: int
+
+
+def flops(provider: str, mode: str, s: Shape) -> float:
+    """Useful FLOPs of one call. Forward: the base GEMM 2*M*N*K, plus 2*M*r*(K + N) for LoRA.
+    Backward (W frozen): dx = dY W is 2*M*N*K; dh, dB, dA and dx's LoRA part are 2*M*r*(2N + 2K)."""
+    M, K, N, r = s.M, s.in_features, s.out_features, s.r
+    base = 2.0 * M * N * K
+    lora = 0.0 if provider == "base" else 1.0
+    fwd = base + lora * 2.0 * M * r * (K + N)
+    bwd = base + lora * 4.0 * M * r * (K + N)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+class UnfusedLoRA(nn.Module):
+    """The sequence of separate torch ops a LoRA layer costs without fusion (PEFT's order)."""
+
+    def __init__(self, fused: lorakern.FusedLoRALinear):
+        super().__init__()
+        self.f = fused
+
+    def forward(self, x):
+        f = self.f
+        result = F.linear(x, f.weight, f.bias)
+        h = F.dropout(x, f.lora_dropout, self.training) @ f.lora_A.t()
+        return result + (h @ f.lora_B.t()) * f.scaling
+
+
+def _peft_layer(fused: lorakern.FusedLoRALinear):
+    import peft
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(fused.in_features, fused.out_features, bias=fused.bias is not None,
+                                  device=fused.weight.device, dtype=fused.weight.dtype)
+
+    cfg = peft.LoraConfig(r=fused.r, lora_alpha=fused.lora_alpha, lora_dropout=fused.lora_dropout,
+                          target_modules=["proj"])
+    model = peft.get_peft_model(Wrap(), cfg, autocast_adapter_dtype=False)
+    return model.base_model.model.proj
+
+
+def available_providers() -> list[str]:
+    names = ["base", "unfused", "fused"]
+    try:
+        import peft  # noqa: F401
+
+        names.insert(2, "peft")
+    except ImportError:
+        pass
+    return names
+
+
+def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Module:
+    fused = lorakern.FusedLoRALinear(s.in_features, s.out_features, r=s.r, lora_alpha=2 * s.r, lora_dropout=dropout,
+                                     device=device, dtype=dtype)
+    with torch.no_grad():
+        fused.lora_B.normal_(std=0.02)
+    if provider == "fused":
+        return fused
+    if provider == "unfused":
+        return UnfusedLoRA(fused)
+    if provider == "peft":
+        return _peft_layer(fused)
+    if provider == "base":
+        lin = nn.Linear(s.in_features, s.out_features, device=device, dtype=dtype)
+        lin.weight.requires_grad_(False)
+        return lin
+    raise ValueError(f"unknown provider {provider!r}; choose from {available_providers()}")
+
+
+def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
+    """A zero-argument callable running one ``mode`` step, and the input it uses."""
+    x = torch.randn(s.M, s.in_features, device=device, dtype=dtype, requires_grad=True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    inputs = [x] + params
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return module(x)
+        return step
+    dy = torch.randn(s.M, s.out_features, device=device, dtype=dtype)
+    if mode == "bwd":
+        y = module(x)
+
+        def step():
+            return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        return step
+
+    def step():
+        return torch.autograd.grad(module(x), inputs, dy)
+    return step
+
+
+def saved_activation_bytes(module: nn.Module, s: Shape, dtype, device) -> int:
+    """Bytes the forward keeps for backward, parameters excluded (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(s.M, s.in_features, device=device, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())

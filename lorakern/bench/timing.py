@@ -1,0 +1,37 @@
+"""Timing: CUDA with triton's do_bench (events, L2 flushed), CPU with torch.utils.benchmark."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def measure(step, device: torch.device, min_run_time: float = 0.2) -> tuple[float, float, float]:
+    """(median, 20%, 80%) time of ``step()`` in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(step, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return float(q[0]), float(q[1]), float(q[2])
+    from torch.utils import benchmark
+
+    step()  # warm up (first call allocates, loads libraries)
+    m = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    times = m.blocked_autorange(min_run_time=min_run_time).times
+    if len(times) < 3:
+        times = times + m.timeit(3).times
+    q = statistics.quantiles(times, n=5)  # 20/40/60/80% cut points
+    return statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3
+
+
+def peak_memory(step, device: torch.device) -> int | None:
+    """Peak bytes allocated during one ``step()`` on CUDA (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
