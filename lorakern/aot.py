@@ -41,23 +41,25 @@ BWD_ROLES = ("dh", "dB", "dA", "dx")
 def _shape_specs(full: bool):
     """(dtype, r, bias, dropout, M, K, N, tf32) combinations whose launches are compiled.
 
-    Default (a covering subset): every dtype at r=8 and r=256 (rank padded to 16 and to 256), r=1
-    and r=16 in bf16 (r=1 and multiples of 16 specialize differently), with and without dropout,
-    M=1 (decode configs) and M=4096 (large configs), plus one unaligned shape. --full: every dtype
+    Default (a covering subset): every dtype at r = 8, 32, 64, 256 (every BLOCK_R the launchers
+    use: 16, 32, 64, 128), r=1 and r=16 in bf16 too (Triton specializes an int equal to 1 or a
+    multiple of 16, which changes register use), with and without dropout,
+    M=1 (decode configs), M=64 (medium) and M=4096 (large configs), plus one unaligned shape. --full: every dtype
     x rank in (1, 8, 16, 64, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096, 2**20: int64
     offsets) x aligned/unaligned K, N x TF32 on/off for fp32."""
     if full:
         ranks = {d: (1, 8, 16, 64, 256) for d in DTYPES}
         Ms, shapes, biases = (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001)), (True, False)
     else:
-        ranks = {"fp16": (8, 256), "bf16": (1, 8, 16, 256), "fp32": (8, 256)}
-        Ms, shapes, biases = (1, 4096), ((4096, 4096),), (True,)
+        ranks = {"fp16": (8, 32, 64, 256), "bf16": (1, 8, 16, 32, 64, 256), "fp32": (8, 32, 64, 256)}
+        Ms, shapes, biases = (1, 64, 4096), ((4096, 4096),), (True,)
     for dtype in DTYPES:
         for r, bias, p, M, (K, N) in product(ranks[dtype], biases, (0.0, 0.1), Ms, shapes):
             for tf32 in ((False, True) if dtype == "fp32" and full else (False,)):
                 yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32)
-    if not full:  # one unaligned shape (no divisibility-by-16 specialization)
-        yield dict(dtype="bf16", r=8, bias=True, dropout=0.1, M=4095, K=4097, N=11001, tf32=False)
+    if not full:  # unaligned shapes (no divisibility-by-16 hint: the launchers' unaligned configs)
+        for dtype, r, p in product(DTYPES, (8, 32, 64), (0.0, 0.1)):
+            yield dict(dtype=dtype, r=r, bias=True, dropout=p, M=4095, K=4097, N=11001, tf32=False)
 
 
 def record(spec) -> list:
@@ -145,7 +147,7 @@ def run_job(job) -> dict:
     rec = {k: job[k] for k in ("kernel", "arch", "config")}
     c = job["constexprs"]
     rec.update(
-        dtype=job["signature"]["a_ptr"].lstrip("*"), r_pad=c.get("R_PAD", c.get("BLOCK_R")),
+        dtype=job["signature"]["a_ptr"].lstrip("*"), block_r=c.get("BLOCK_R"),
         variant={k: v for k, v in c.items() if k.startswith(("HAS_", "USE_", "PRECISION"))},
         ok=False, error=None, regs=None, spill_bytes=None, shared_bytes=None, mma=None,
     )
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     print(summarize(records))
     bad = [r for r in records if r["violations"]]
     for r in bad:
-        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['dtype']} r_pad={r['r_pad']} {r['config']} {r['variant']}: "
+        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['dtype']} ranks={r['ranks']} {r['config']} {r['variant']}: "
               f"{'; '.join(r['violations'])}")
     if args.json:
         with open(args.json, "w") as f:

@@ -25,11 +25,11 @@ import json, torch
 import lorakern.aot as aot
 verified = {json.dumps(k) for k in (
     (j["kernel"], j["signature"]["a_ptr"], sorted((k, v) for k, v in j["constexprs"].items()
-     if k.startswith(("BLOCK_", "R_PAD", "HAS_", "USE_", "PRECISION"))), j["options"]["num_warps"],
+     if k.startswith(("BLOCK_", "HAS_", "USE_", "PRECISION"))), j["options"]["num_warps"],
      j["options"]["num_stages"]) for j in aot.collect_jobs([90], False))}
 missing, checked = set(), 0
 for dtype in aot.DTYPES:
-    for M in (0, 1, 7, 16, 4096, 65537):
+    for M in (0, 1, 7, 16, 33, 64, 4096, 65537):
         for (K, N) in ((4096, 4096), (4096, 14336), (45, 53), (4097, 11001)):
             for r in (1, 3, 8, 16, 33, 64, 100, 256):
                 for bias in (True, False):
@@ -40,7 +40,7 @@ for dtype in aot.DTYPES:
                                 job = aot.compile_job(kernel, cfg, kw, 90)
                                 key = json.dumps((job["kernel"], job["signature"]["a_ptr"], sorted(
                                     (k, v) for k, v in job["constexprs"].items()
-                                    if k.startswith(("BLOCK_", "R_PAD", "HAS_", "USE_", "PRECISION"))),
+                                    if k.startswith(("BLOCK_", "HAS_", "USE_", "PRECISION"))),
                                     job["options"]["num_warps"], job["options"]["num_stages"]))
                                 checked += 1
                                 if key not in verified:

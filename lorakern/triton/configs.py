@@ -46,17 +46,21 @@ class SkinnyConfig:
 
 
 # BLOCK_K here is for 16-bit inputs; fp32 halves it (see matmul_block_k).
-MATMUL_LARGE = (
+MATMUL_LARGE = (  # 64x128x64 tiles spilled 8-32 B on sm_80 (with 3 or 4 stages, r=1 or dropout)
     MatmulConfig(128, 128, 64, 8, 3),
-    MatmulConfig(64, 128, 64, 4, 3),
+    MatmulConfig(64, 64, 64, 4, 4),
+)
+MATMUL_FP32 = (  # M > 16 in fp32: without TF32 its dot runs on FMA units with both operand tiles
+    MatmulConfig(64, 64, 64, 4, 3),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
+    MatmulConfig(32, 64, 64, 4, 3),  # spilled 8-184 B
 )
 MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16 elements: loads are scalar, one
     MatmulConfig(64, 64, 32, 4, 2),   # 64-bit address per element and stage (64x128x64 tiles
     MatmulConfig(32, 64, 32, 4, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B)
 )
-MATMUL_MEDIUM = (  # 16 < M <= 64
+MATMUL_MEDIUM = (  # 16 < M <= 64: one row panel, so narrow column panels for more programs
     MatmulConfig(64, 64, 64, 4, 4),
-    MatmulConfig(64, 128, 64, 4, 3),
+    MatmulConfig(64, 32, 64, 4, 4),
 )
 MATMUL_DECODE = (  # M <= 16
     MatmulConfig(16, 32, 128, 4, 4),
@@ -70,18 +74,18 @@ SKINNY = (
 MAX_BLOCK_R = 128
 
 
-def matmul_candidates(M: int, aligned: bool = True) -> tuple[MatmulConfig, ...]:
+def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple[MatmulConfig, ...]:
     if not aligned:
         return MATMUL_UNALIGNED
     if M <= 16:
         return MATMUL_DECODE
-    if M <= 64:
-        return MATMUL_MEDIUM
-    return MATMUL_LARGE
+    if dtype == torch.float32:
+        return MATMUL_FP32
+    return MATMUL_MEDIUM if M <= 64 else MATMUL_LARGE
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
-    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_UNALIGNED
+    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_FP32 + MATMUL_UNALIGNED
 
 
 def matmul_block_k(cfg: MatmulConfig, dtype: torch.dtype) -> int:

@@ -39,7 +39,7 @@ def lora_matmul_kernel(
     scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_PAD: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row panels share each column panel of w while it is in L2.
     pid = tl.program_id(0)
@@ -61,12 +61,13 @@ def lora_matmul_kernel(
     mask_n = offs_n < N
     dtype = out_ptr.dtype.element_ty
 
-    # The rank-R part first, as the accumulator's initial value: R_PAD/BLOCK_R K-steps over
-    # [h | b] (masked beyond R). With dropout (backward dx) the mask of x[m, k] applies to
-    # (dh A)[m, k] after the product, so it is masked here, before the base K-loop starts: only
-    # one [BLOCK_M, BLOCK_N] accumulator is ever live (two would spill at 128x128 with 8 warps).
+    # The rank-R part first, as the accumulator's initial value: cdiv(R, BLOCK_R) K-steps over
+    # [h | b], masked beyond R (BLOCK_R >= 16, the MMA minimum: r=1..16 is one padded step).
+    # With dropout (backward dx) the mask of x[m, k] applies to (dh A)[m, k] after the product,
+    # so it is masked here, before the base K-loop starts: only one [BLOCK_M, BLOCK_N]
+    # accumulator is ever live (two spilled at 128x128 with 8 warps).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R_PAD, BLOCK_R):
+    for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,

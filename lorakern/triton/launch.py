@@ -87,13 +87,13 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
             scaling=scaling, threshold=threshold, inv_keep=inv_keep,
             HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=matmul_block_k(cfg, a.dtype),
-            BLOCK_R=matmul_block_r(r_pad, a.dtype), R_PAD=r_pad, GROUP_M=cfg.GROUP_M,
+            BLOCK_R=matmul_block_r(r_pad, a.dtype), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
 
     # Triton specializes ints divisible by 16; without that hint loads are scalar (see configs).
     aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
-    candidates = (config,) if config is not None else matmul_candidates(M, aligned)
+    candidates = (config,) if config is not None else matmul_candidates(M, aligned, a.dtype)
     key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned)
     return _run(lora_matmul_kernel, key, candidates, call, a.device)
 
