@@ -43,12 +43,12 @@ def _shape_specs(full: bool):
 
     Default (a covering subset): every dtype at r = 8, 32, 64, 256 (every BLOCK_R the launchers
     use: 16, 32, 64, 128), r=1 and r=16 in bf16 too (Triton specializes an int equal to 1 or a
-    multiple of 16, which changes register use), with and without dropout,
-    M=1 (decode configs), M=64 (medium) and M=4096 (large configs), plus one unaligned shape. --full: every dtype
-    x rank in (1, 8, 16, 64, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096, 2**20: int64
-    offsets) x aligned/unaligned K, N x TF32 on/off for fp32."""
+    multiple of 16, which changes register use), with and without dropout, M=1 (decode configs),
+    M=64 (medium) and M=4096 (large), plus unaligned shapes at r = 8, 32, 64. --full: every dtype x
+    rank in (1, 8, 16, 32, 64, 128, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096, 2**20:
+    int64 offsets) x aligned/unaligned K, N x TF32 on/off for fp32."""
     if full:
-        ranks = {d: (1, 8, 16, 64, 256) for d in DTYPES}
+        ranks = {d: (1, 8, 16, 32, 64, 128, 256) for d in DTYPES}
         Ms, shapes, biases = (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001)), (True, False)
     else:
         ranks = {"fp16": (8, 32, 64, 256), "bf16": (1, 8, 16, 32, 64, 256), "fp32": (8, 32, 64, 256)}
@@ -74,14 +74,18 @@ def record(spec) -> list:
     bias = torch.empty(N, **meta) if spec["bias"] else None
     seed = torch.empty((), device="meta", dtype=torch.int64)
     p = spec["dropout"]
-    torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]
-    with record_launches() as launches:
-        _, h = lora_forward_triton(x, w, bias, a, b, 2.0, p, seed)
-        lora_backward_triton(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]  # the launchers read it for fp32's dot
+    try:
+        with record_launches() as launches:
+            _, h = lora_forward_triton(x, w, bias, a, b, 2.0, p, seed)
+            lora_backward_triton(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return list(zip(FWD_ROLES + BWD_ROLES, launches))
 
 
-def compile_job(kernel, cfg, kwargs, arch: int) -> dict:
+def compile_job(kernel, kwargs, arch: int) -> dict:
     """Turn one recorded launch into a picklable compile job, specializing arguments as Triton's
     JIT does for a real launch (ints equal to 1 become constants; multiples of 16 and tensors get
     the divisibility hint)."""
@@ -108,6 +112,15 @@ def compile_job(kernel, cfg, kwargs, arch: int) -> dict:
     )
 
 
+def verified_key(job) -> str:
+    """What a launcher's choice must match in the sweep: kernel, dtype, every block size and
+    boolean variant, warps and stages (int specializations of shapes aside)."""
+    prefixes = ("BLOCK_", "HAS_", "USE_", "PRECISION")
+    variant = sorted((k, v) for k, v in job["constexprs"].items() if k.startswith(prefixes))
+    return json.dumps([job["kernel"], job["signature"]["a_ptr"], variant, job["options"]["num_warps"],
+                       job["options"]["num_stages"]])
+
+
 def _job_key(job) -> str:
     return json.dumps([job["kernel"], job["arch"], job["signature"], job["constexprs"], job["attrs"], job["options"]],
                       sort_keys=True, default=str)
@@ -126,10 +139,12 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if out.returncode != 0 or regs is None or spills is None:  # no report must never read as no spills
+        raise RuntimeError(f"ptxas -v gave no resource report: {text.strip()[-300:]}")
     smem = re.search(r"(\d+) bytes smem", text)
     return {
-        "regs": int(regs.group(1)) if regs else None,
-        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+        "regs": int(regs.group(1)),
+        "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
         "static_shared": int(smem.group(1)) if smem else 0,
     }
 
@@ -185,27 +200,33 @@ def collect_jobs(archs, full: bool):
     jobs: dict[str, dict] = {}
     for spec in _shape_specs(full):
         for role, candidates in record(spec):
-            for kernel, cfg, _grid, kwargs in candidates:
+            for kernel, _cfg, _grid, kwargs in candidates:
                 for arch in archs:
-                    job = compile_job(kernel, cfg, kwargs, arch)
+                    job = compile_job(kernel, kwargs, arch)
                     entry = jobs.setdefault(_job_key(job), {**job, "roles": set(), "ranks": set()})
                     entry["roles"].add(role)
                     entry["ranks"].add(spec["r"])
     return list(jobs.values())
 
 
-def summarize(records) -> str:
+def _per_kernel(records) -> dict:
+    """(kernel, arch) -> compiles, failures, and the largest registers, spills, shared memory."""
     rows = {}
     for r in records:
-        key = (r["kernel"], r["arch"])
-        row = rows.setdefault(key, {"n": 0, "fail": 0, "regs": 0, "spill": 0, "shared": 0, "mma": set()})
+        row = rows.setdefault((r["kernel"], r["arch"]),
+                              {"n": 0, "fail": 0, "regs": 0, "spill": 0, "shared": 0, "mma": set()})
         row["n"] += 1
         row["fail"] += bool(r["violations"])
         if r["ok"]:
-            row["regs"] = max(row["regs"], r["regs"] or 0)
-            row["spill"] = max(row["spill"], r["spill_bytes"] or 0)
+            row["regs"] = max(row["regs"], r["regs"])
+            row["spill"] = max(row["spill"], r["spill_bytes"])
             row["shared"] = max(row["shared"], r["shared_bytes"])
             row["mma"].add(r["mma"])
+    return rows
+
+
+def summarize(records) -> str:
+    rows = _per_kernel(records)
     lines = [f"{'kernel':<20} {'arch':>5} {'compiles':>8} {'bad':>4} {'max regs':>8} {'max spill':>9} "
              f"{'max shared':>10}  mma"]
     for (kernel, arch), row in sorted(rows.items()):
@@ -216,21 +237,12 @@ def summarize(records) -> str:
 
 def markdown(records) -> str:
     """The "verified targets" table of README, from the records."""
-    rows = {}
-    for r in records:
-        if not r["ok"]:
-            continue
-        row = rows.setdefault((r["kernel"], r["arch"]), {"n": 0, "regs": 0, "shared": 0, "spill": 0, "mma": set()})
-        row["n"] += 1
-        row["regs"] = max(row["regs"], r["regs"] or 0)
-        row["shared"] = max(row["shared"], r["shared_bytes"])
-        row["spill"] = max(row["spill"], r["spill_bytes"] or 0)
-        row["mma"].add(r["mma"])
-    lines = ["| kernel | arch | compiles | max registers | max shared memory | max spill | MMA |",
-             "|---|---|---|---|---|---|---|"]
+    rows = _per_kernel(records)
+    lines = ["| kernel | arch | compiles | failing | max registers | max shared memory | max spill | MMA |",
+             "|---|---|---|---|---|---|---|---|"]
     for (kernel, arch), row in sorted(rows.items()):
-        lines.append(f"| `{kernel}` | sm_{arch} | {row['n']} | {row['regs']} | {row['shared'] // 1024} KiB | "
-                     f"{row['spill']} B | {', '.join(sorted(row['mma']))} |")
+        lines.append(f"| `{kernel}` | sm_{arch} | {row['n']} | {row['fail']} | {row['regs']} | "
+                     f"{row['shared'] // 1024} KiB | {row['spill']} B | {', '.join(sorted(row['mma']))} |")
     return "\n".join(lines)
 
 

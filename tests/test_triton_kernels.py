@@ -6,6 +6,7 @@ import torch
 import lorakern
 from lorakern.dropout import keep_mask
 from lorakern.reference import lora_backward_reference, lora_forward_reference
+from lorakern.triton.configs import SKINNY, all_matmul_configs
 from tests.helpers import assert_close_like_torch, lora_inputs
 
 pytest.importorskip("triton")
@@ -52,14 +53,11 @@ def test_forward_backward_shapes_dropout(dtype, M, K, N, bias, p, device):
     _run_and_check(M, K, N, 8, dtype, device, bias=bias, p=p)
 
 
-@pytest.mark.parametrize("config_index", range(10))
-def test_every_matmul_config(config_index, device):
+@pytest.mark.parametrize("cfg", all_matmul_configs(), ids=str)
+def test_every_matmul_config(cfg, device):
     """Each config the launcher can choose computes the same thing (several tiles, ragged edges)."""
     from lorakern.triton import launch
-    from lorakern.triton.configs import all_matmul_configs
 
-    assert len(all_matmul_configs()) == 10, "update the parametrization to cover every config"
-    cfg = all_matmul_configs()[config_index]
     x, w, b, a, bb = lora_inputs(150, 70, 270, 16, torch.float32, device)
     h = torch.randn(150, 16, device=device)
     out = torch.empty(150, 270, device=device)
@@ -68,17 +66,15 @@ def test_every_matmul_config(config_index, device):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config_index", range(3))
-def test_every_skinny_config(config_index, device):
+@pytest.mark.parametrize("cfg", SKINNY, ids=str)
+def test_every_skinny_config(cfg, device):
     from lorakern.triton import launch
-    from lorakern.triton.configs import SKINNY
 
-    assert len(SKINNY) == 3, "update the parametrization to cover every config"
     a = torch.randn(150, 300, device=device)
     w = torch.randn(20, 300, device=device)
     out = torch.empty(150, 20, device=device)
     rowsum = torch.empty(150, device=device)
-    launch.skinny(a, w, out, scale=0.3, rowsum=rowsum, config=SKINNY[config_index])
+    launch.skinny(a, w, out, scale=0.3, rowsum=rowsum, config=cfg)
     torch.testing.assert_close(out.double(), 0.3 * a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(rowsum.double(), a.double().sum(1), rtol=1e-5, atol=1e-4)
 

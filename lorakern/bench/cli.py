@@ -57,11 +57,11 @@ def parse_shapes(text: str, device: torch.device) -> list[Shape]:
 def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
     env = records.environment(device)
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
-    jobs = [(s, m, p) for s in shapes for m in modes for p in providers]
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), disable=not progress, file=sys.stderr, desc="lorakern-bench")
+        total = len(shapes) * len(modes) * len(providers)
+        bar = tqdm(total=total, disable=not progress, file=sys.stderr, desc="lorakern-bench")
     except ImportError:
         bar = None
     out = []

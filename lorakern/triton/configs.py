@@ -3,9 +3,10 @@ for sm_80 / sm_90), the choice by shape, and a small autotuner over each shape's
 
 Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers per thread):
 - matmul 128x128x64 bf16, 3 stages: 3 * (128*64 + 64*128) * 2 B = 96 KiB of shared memory; the fp32
-  accumulator is 128*128*4 B / 256 threads = 64 registers a thread, twice that in the backward with
-  dropout (the masked rank-R product has its own accumulator).
-- fp32 inputs take BLOCK_K=32: the same tiles then need the same bytes.
+  accumulator is 128*128*4 B / 256 threads = 64 registers a thread (one accumulator, also in the
+  backward with dropout: the masked rank-R product is its initial value).
+- fp32 inputs take half the BLOCK_K: the same tiles then need the same bytes.
+Every pruned config is noted beside its list with what ``python -m lorakern.aot`` reported.
 - M <= 16 (decode) is bound by reading W: BLOCK_M=16 and narrow BLOCK_N so that 4096 outputs make
   128 programs, close to one per SM.
 - skinny: one program holds [BLOCK_M, BLOCK_R<=128] fp32 = 64 registers a thread at 64x128, 4 warps.
@@ -14,7 +15,7 @@ Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers p
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +31,6 @@ class MatmulConfig:
     num_stages: int
     GROUP_M: int = 8
 
-    def meta(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class SkinnyConfig:
@@ -41,11 +39,8 @@ class SkinnyConfig:
     num_warps: int
     num_stages: int
 
-    def meta(self) -> dict:
-        return asdict(self)
 
-
-# BLOCK_K here is for 16-bit inputs; fp32 halves it (see matmul_block_k).
+# BLOCK_K here is for 16-bit inputs; fp32 halves it (see block_k).
 MATMUL_LARGE = (  # 64x128x64 tiles spilled 8-32 B on sm_80 (with 3 or 4 stages, r=1 or dropout)
     MatmulConfig(128, 128, 64, 8, 3),
     MatmulConfig(64, 64, 64, 4, 4),
@@ -85,10 +80,12 @@ def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.b
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
-    return MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_FP32 + MATMUL_UNALIGNED
+    """Every distinct matmul config the launcher can choose."""
+    return tuple(dict.fromkeys(MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_FP32 + MATMUL_UNALIGNED))
 
 
-def matmul_block_k(cfg: MatmulConfig, dtype: torch.dtype) -> int:
+def block_k(cfg: MatmulConfig | SkinnyConfig, dtype: torch.dtype) -> int:
+    """The configs' BLOCK_K is for 16-bit inputs; fp32 halves it so a tile needs the same bytes."""
     return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
 
 
@@ -97,10 +94,6 @@ def matmul_block_r(r_pad: int, dtype: torch.dtype) -> int:
     fp32 takes steps of 32, since without TF32 its dot runs on FMA units with both tiles in
     registers (64-wide chunks spilled 5-40 KiB at r=256 on sm_80)."""
     return min(r_pad, 32 if dtype == torch.float32 else 64)
-
-
-def skinny_block_k(cfg: SkinnyConfig, dtype: torch.dtype) -> int:
-    return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
 
 
 def skinny_block_r(r_pad: int, dtype: torch.dtype) -> int:

@@ -1,7 +1,7 @@
 """Launchers for the two kernels: pick a config, compute the grid and the kernel's arguments, launch.
 
-Each launcher builds its arguments in one place (``_matmul_call`` / ``_skinny_call``); under
-:func:`record_launches` it records them for every candidate config instead of launching, which is
+Each launcher builds a config's grid and keyword arguments in one place (its ``call(cfg)``); under
+:func:`record_launches` they are recorded for every candidate config instead of launched, which is
 how ``lorakern.aot`` compiles exactly what the launchers can run.
 """
 
@@ -15,12 +15,11 @@ import triton
 from ..dropout import keep_threshold
 from .common import dot_options, needs_int64, padded_rank
 from .configs import (
+    block_k,
     bucket,
     choose,
-    matmul_block_k,
     matmul_block_r,
     matmul_candidates,
-    skinny_block_k,
     skinny_block_r,
     skinny_candidates,
 )
@@ -86,7 +85,7 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
             stride_om=out.stride(0), stride_on=out.stride(1),
             scaling=scaling, threshold=threshold, inv_keep=inv_keep,
             HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=matmul_block_k(cfg, a.dtype),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k(cfg, a.dtype),
             BLOCK_R=matmul_block_r(r_pad, a.dtype), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
@@ -122,7 +121,7 @@ def skinny(a, w, out, scale: float = 1.0, dropout_p: float = 0.0, seed=None, idx
             stride_om=out.stride(0), stride_or=out.stride(1), IDX_S0=idx_strides[0], IDX_S1=idx_strides[1],
             scale=scale, threshold=threshold, inv_keep=inv_keep,
             HAS_DROPOUT=has_dropout, HAS_ROWSUM=rowsum is not None, USE_INT64=use_int64,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_K=skinny_block_k(cfg, a.dtype), BLOCK_R=block_r,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_K=block_k(cfg, a.dtype), BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
 
