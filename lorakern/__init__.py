@@ -1,8 +1,14 @@
 """lorakern: fused LoRA / QLoRA linear layers for PyTorch."""
 
 from .layers import FusedLoRALinear, lora_scaling
+from .nf4.format import NF4Weight
+from .nf4.ops import nf4_dequantize, nf4_matmul
 from .ops import lora_linear
+from .qlora import qlora_linear
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
-__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_reference", "lora_scaling", "__version__"]
+__all__ = [
+    "FusedLoRALinear", "NF4Weight", "lora_linear", "lora_linear_reference", "lora_scaling", "nf4_dequantize",
+    "nf4_matmul", "qlora_linear", "__version__",
+]

@@ -7,7 +7,11 @@ import math
 import torch
 from torch import nn
 
+from .nf4.format import NF4Weight
 from .ops import lora_linear
+from .qlora import qlora_linear
+
+BASE_QUANTS = (None, "nf4")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -22,16 +26,23 @@ class FusedLoRALinear(nn.Module):
     ``lora_B [out, r]``. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
     Initialised as PEFT does: A kaiming-uniform (a=sqrt(5)) or normal(std=1/r) for
     ``init_lora_weights="gaussian"``, B zeros, so a fresh layer equals its base layer.
+
+    QLoRA: with ``base_quant="nf4"`` the base weight is stored as :class:`lorakern.NF4Weight`
+    (``self.weight_nf4``, ``self.weight`` is None) in bitsandbytes' layout and state_dict keys;
+    ``blocksize`` and ``double_quant`` as in :meth:`NF4Weight.quantize`. Compute runs in the
+    original weight dtype (the LoRA parameters' dtype).
     """
 
     def __init__(
         self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
         lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
         init_lora_weights: bool | str = True, backend: str = "auto", device=None, dtype=None,
+        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False,
     ):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
+        weight = _maybe_quantize(base.weight, base_quant, blocksize, double_quant)
+        self._setup(weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
 
     def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend):
         if not isinstance(r, int) or r < 1:
@@ -41,13 +52,16 @@ class FusedLoRALinear(nn.Module):
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
         self.out_features, self.in_features = weight.shape
-        weight.requires_grad_(False)
-        self.weight = weight
+        if isinstance(weight, NF4Weight):
+            self.weight_nf4, self.weight = weight, None
+        else:
+            weight.requires_grad_(False)
+            self.weight_nf4, self.weight = None, weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
         self.bias = bias
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.use_rslora, self.backend = use_rslora, backend
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.merged = False
@@ -55,16 +69,33 @@ class FusedLoRALinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+        cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
         use_rslora: bool = False, init_lora_weights: bool | str = True, backend: str = "auto",
+        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False,
     ) -> FusedLoRALinear:
-        """Wrap ``linear``, sharing (not copying) its weight and bias; the weight is frozen in place."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        """Wrap ``linear``, sharing (not copying) its weight and bias; the weight is frozen in place.
+
+        ``linear`` is an ``nn.Linear`` (quantized to NF4 first when ``base_quant="nf4"``) or a
+        bitsandbytes ``Linear4bit`` with NF4 weights (wrapped as is, without re-quantizing).
+        """
+        if _is_bnb_linear4bit(linear):
+            weight = NF4Weight.from_bnb(linear)
+        elif isinstance(linear, nn.Linear):
+            weight = _maybe_quantize(linear.weight, base_quant, blocksize, double_quant)
+        else:
+            raise TypeError(f"linear: expected an nn.Linear or a bitsandbytes Linear4bit, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
+        self._setup(weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
         return self
+
+    @property
+    def base_quant(self) -> str | None:
+        return None if self.weight_nf4 is None else "nf4"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
@@ -77,37 +108,54 @@ class FusedLoRALinear(nn.Module):
         else:
             nn.init.zeros_(self.lora_B)
 
+    def _base_dtype(self) -> torch.dtype:
+        return self.compute_dtype if self.weight is None else self.weight.dtype
+
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` [out, in], computed in at least fp32, returned in the weight's dtype."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = torch.promote_types(self._base_dtype(), torch.float32)
         delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-        return delta.to(self.weight.dtype)
+        return delta.to(self._base_dtype())
+
+    def _no_inplace_merge(self):
+        if self.weight_nf4 is not None:
+            raise RuntimeError("merge/unmerge: the NF4 base cannot absorb the adapter without re-quantizing it; "
+                               "use to_linear() for a merged (dequantized) nn.Linear")
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (inference); forward is then a plain linear."""
+        self._no_inplace_merge()
         if not self.merged:
             self.weight.add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._no_inplace_merge()
         if self.merged:
             self.weight.sub_(self.delta_weight())
             self.merged = False
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new ``nn.Linear`` holding ``W + s B A`` (and a copy of the bias)."""
+        """A new ``nn.Linear`` holding ``W + s B A`` (and a copy of the bias); an NF4 base is
+        dequantized first."""
+        base = self.weight if self.weight_nf4 is None else self.weight_nf4.dequantize(self.compute_dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        weight = self.weight if self.merged else self.weight + self.delta_weight()
+                           device=base.device, dtype=base.dtype)
+        weight = base if self.merged else base + self.delta_weight()
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_nf4 is not None:
+            return qlora_linear(
+                x, self.weight_nf4, self.bias, self.lora_A, self.lora_B, self.scaling,
+                dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+            )
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(
@@ -120,4 +168,51 @@ class FusedLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
             f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+            + ("" if self.weight_nf4 is None else f", base_quant='nf4', blocksize={self.weight_nf4.blocksize}, "
+               f"double_quant={self.weight_nf4.double_quant}")
         )
+
+    # -- the NF4 base: moved with the module, saved under bitsandbytes' Linear4bit keys ----------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight_nf4 is not None:
+            # Only the device follows (module.half() must not cast the packed bytes or the absmax):
+            # learn the target device by applying fn to an empty probe.
+            device = fn(torch.empty(0, device=self.weight_nf4.device)).device
+            if device != self.weight_nf4.device:
+                self.weight_nf4 = self.weight_nf4.to(device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_nf4 is not None:
+            destination.update(self.weight_nf4.state_dict(prefix))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.weight_nf4 is not None:
+            keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+            if prefix + "weight" in state_dict:
+                loaded = NF4Weight.from_state_dict(state_dict, prefix)
+                if tuple(loaded.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{prefix}weight: NF4 shape {tuple(loaded.shape)} != "
+                                      f"{(self.out_features, self.in_features)}")
+                else:
+                    self.weight_nf4 = loaded.to(self.weight_nf4.device)
+            elif strict:
+                missing_keys.append(prefix + "weight")
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _maybe_quantize(weight: torch.Tensor, base_quant, blocksize: int, double_quant: bool):
+    if base_quant not in BASE_QUANTS:
+        raise ValueError(f"base_quant: expected one of {BASE_QUANTS}, got {base_quant!r}")
+    if base_quant is None:
+        return weight
+    return NF4Weight.quantize(weight.detach(), blocksize=blocksize, double_quant=double_quant)
+
+
+def _is_bnb_linear4bit(module) -> bool:
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)

@@ -1,0 +1,118 @@
+// pybind11 module lorakern._C: pointers, sizes and a stream in; nothing of torch. The Python side
+// (lorakern/nf4/native.py) validates every tensor (dtype, device, contiguity, sizes) before a call.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/nf4_cpu.h"
+#include "nf4_decode.h"
+#ifdef LORAKERN_WITH_CUDA
+#include "cuda/nf4_cuda.h"
+#endif
+
+namespace py = pybind11;
+using lorakern::Nf4Weight;
+namespace cpu = lorakern::cpu;
+
+namespace {
+
+// (packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols); 0 for "none".
+using WeightArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t, int64_t>;
+
+Nf4Weight make_weight(const WeightArgs& a) {
+    Nf4Weight w;
+    w.packed = reinterpret_cast<const uint8_t*>(std::get<0>(a));
+    w.absmax = reinterpret_cast<const void*>(std::get<1>(a));
+    w.nested_absmax = reinterpret_cast<const float*>(std::get<2>(a));
+    w.nested_code = reinterpret_cast<const float*>(std::get<3>(a));
+    w.offset = reinterpret_cast<const float*>(std::get<4>(a));
+    w.blocksize = std::get<5>(a);
+    w.rows = std::get<6>(a);
+    w.cols = std::get<7>(a);
+    if (w.packed == nullptr || w.absmax == nullptr) throw std::invalid_argument("packed and absmax are required");
+    if (w.blocksize < 32 || (w.blocksize & (w.blocksize - 1)) != 0)
+        throw std::invalid_argument("blocksize must be a power of two >= 32");
+    w.block_shift = 0;
+    while ((int64_t{1} << w.block_shift) < w.blocksize) ++w.block_shift;
+    return w;
+}
+
+std::vector<std::string> available_isas() {
+    std::vector<std::string> isas{"scalar"};
+#ifdef LORAKERN_X86
+    if (cpu::cpu_has_avx2()) isas.push_back("avx2");
+    if (cpu::cpu_has_avx512()) isas.push_back("avx512");
+#endif
+    return isas;
+}
+
+cpu::Kernels kernels_for(const std::string& isa) {
+    for (const auto& have : available_isas()) {
+        if (have != isa) continue;
+#ifdef LORAKERN_X86
+        if (isa == "avx512") return cpu::avx512_kernels();
+        if (isa == "avx2") return cpu::avx2_kernels();
+#endif
+        return cpu::scalar_kernels();
+    }
+    throw std::invalid_argument("isa '" + isa + "' is not available on this CPU");
+}
+
+void cpu_dequantize(const WeightArgs& wa, int64_t start, int64_t count, uintptr_t out, int out_dtype,
+                    const std::string& isa, int threads) {
+    const Nf4Weight w = make_weight(wa);
+    const cpu::Kernels k = kernels_for(isa);
+    py::gil_scoped_release nogil;
+    k.dequantize(w, start, count, reinterpret_cast<void*>(out), out_dtype, threads);
+}
+
+void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool transpose, const std::string& isa,
+                int threads) {
+    const Nf4Weight w = make_weight(wa);
+    const cpu::Kernels k = kernels_for(isa);
+    py::gil_scoped_release nogil;
+    k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose, threads);
+}
+
+#ifdef LORAKERN_WITH_CUDA
+void check_cuda(int code, const char* what) {
+    if (code != 0) throw std::runtime_error(std::string(what) + ": " + lorakern::cuda::error_string(code));
+}
+
+void cuda_dequantize(const WeightArgs& wa, int64_t numel, uintptr_t out, int out_dtype, uintptr_t stream) {
+    const Nf4Weight w = make_weight(wa);
+    check_cuda(lorakern::cuda::dequantize(w, numel, reinterpret_cast<void*>(out), out_dtype, stream),
+               "lorakern NF4 dequantize");
+}
+
+void cuda_gemv(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream) {
+    const Nf4Weight w = make_weight(wa);
+    check_cuda(lorakern::cuda::gemv(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype, stream),
+               "lorakern NF4 gemv");
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
+    m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
+    m.def("cpu_dequantize", &cpu_dequantize);
+    m.def("cpu_matmul", &cpu_matmul);
+#ifdef LORAKERN_WITH_CUDA
+    m.attr("with_cuda") = true;
+    m.def("cuda_dequantize", &cuda_dequantize);
+    m.def("cuda_gemv", &cuda_gemv);
+#else
+    m.attr("with_cuda") = false;
+#endif
+#ifdef _OPENMP
+    m.attr("with_openmp") = true;
+#else
+    m.attr("with_openmp") = false;
+#endif
+}

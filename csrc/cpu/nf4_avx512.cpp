@@ -1,0 +1,52 @@
+// AVX-512 NF4 kernels: the whole 16-entry table sits in one zmm register, so the lookup of 16
+// weights is one vpermps.
+#include <immintrin.h>
+
+#include "nf4_cpu_impl.h"
+
+namespace lorakern {
+namespace cpu {
+namespace {
+
+struct Avx512Vec {
+    using vec = __m512;
+    static constexpr int W = 16;
+    __m512 lut;
+    __m128i low_nibble;
+    Avx512Vec() {
+        alignas(64) static const float table[16] = {LK_NF4_VALUES};
+        lut = _mm512_load_ps(table);
+        low_nibble = _mm_set1_epi8(0x0F);
+    }
+    vec zero() const { return _mm512_setzero_ps(); }
+    vec set1(float f) const { return _mm512_set1_ps(f); }
+    vec load(const float* p) const { return _mm512_loadu_ps(p); }
+    void store(float* p, vec a) const { _mm512_storeu_ps(p, a); }
+    vec add(vec a, vec b) const { return _mm512_add_ps(a, b); }
+    vec fmadd(vec a, vec b, vec c) const { return _mm512_fmadd_ps(a, b, c); }
+    float hsum(vec a) const { return _mm512_reduce_add_ps(a); }
+    // out[0] = weights 0, 2, ..., 30 (high nibbles), out[1] = weights 1, 3, ..., 31 (low nibbles):
+    // vpermps reads only the low 4 bits of each index, so the low nibble needs no mask.
+    static int lane_source(int pos) { return pos < 16 ? 2 * pos : 2 * (pos - 16) + 1; }
+    void decode32_split(const uint8_t* p, vec scale, vec* out) const {
+        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        out[0] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), lut), scale);
+        out[1] = _mm512_mul_ps(_mm512_permutexvar_ps(d, lut), scale);
+    }
+    void decode32(const uint8_t* p, vec scale, vec* out) const {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibble);
+        const __m128i lo = _mm_and_si128(b, low_nibble);
+        const __m512i e0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));  // elements 0..15
+        const __m512i e1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));  // elements 16..31
+        out[0] = _mm512_mul_ps(_mm512_permutexvar_ps(e0, lut), scale);
+        out[1] = _mm512_mul_ps(_mm512_permutexvar_ps(e1, lut), scale);
+    }
+};
+
+}  // namespace
+
+Kernels avx512_kernels() { return impl::kernels<Avx512Vec>(); }
+
+}  // namespace cpu
+}  // namespace lorakern

@@ -1,0 +1,37 @@
+// The NF4 CPU backend: dequantize and small-M matmul, one implementation per ISA
+// (AVX-512, AVX2, plain C++), chosen at run time. Torch-free.
+#pragma once
+
+#include <stdint.h>
+
+#include "../nf4_decode.h"
+
+namespace lorakern {
+namespace cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// out[0:count] = W_flat[start:start+count] (decoded, in out_dtype). Parallel over threads.
+using DequantizeFn = void (*)(const Nf4Weight& w, int64_t start, int64_t count, void* out, int out_dtype,
+                              int threads);
+
+// transpose == false: y [M, rows] = x [M, cols] @ W^T
+// transpose == true:  y [M, cols] = x [M, rows] @ W        (the backward dX = dY W)
+// x, y float32, row-major and contiguous. Reads each packed byte once per tile of up to 8 rows of x.
+using MatmulFn = void (*)(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transpose,
+                          int threads);
+
+struct Kernels {
+    DequantizeFn dequantize;
+    MatmulFn matmul;
+};
+
+Kernels scalar_kernels();
+Kernels avx2_kernels();
+Kernels avx512_kernels();
+
+bool cpu_has_avx2();
+bool cpu_has_avx512();
+
+}  // namespace cpu
+}  // namespace lorakern

@@ -1,0 +1,33 @@
+// Plain C++ NF4 kernels: the path for any x86-64 (or other) CPU without AVX2.
+#include "nf4_cpu_impl.h"
+
+namespace lorakern {
+namespace cpu {
+namespace {
+
+struct ScalarVec {
+    using vec = float;
+    static constexpr int W = 1;
+    vec zero() const { return 0.0f; }
+    vec set1(float f) const { return f; }
+    vec load(const float* p) const { return *p; }
+    void store(float* p, vec a) const { *p = a; }
+    vec add(vec a, vec b) const { return a + b; }
+    vec fmadd(vec a, vec b, vec c) const { return a * b + c; }
+    float hsum(vec a) const { return a; }
+    static int lane_source(int pos) { return pos; }
+    void decode32_split(const uint8_t* p, vec scale, vec* out) const { decode32(p, scale, out); }
+    void decode32(const uint8_t* p, vec scale, vec* out) const {
+        for (int i = 0; i < 16; ++i) {
+            out[2 * i] = nf4_value(p[i] >> 4) * scale;
+            out[2 * i + 1] = nf4_value(p[i] & 0xF) * scale;
+        }
+    }
+};
+
+}  // namespace
+
+Kernels scalar_kernels() { return impl::kernels<ScalarVec>(); }
+
+}  // namespace cpu
+}  // namespace lorakern

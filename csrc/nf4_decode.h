@@ -1,0 +1,118 @@
+// NF4 decode shared by the CPU and CUDA code: the code table, the per-block scale (with double
+// quantization), and float -> bf16 / fp16 rounding. Torch-free: plain pointers and sizes.
+//
+// Layout (bitsandbytes'): element i of the flattened weight lives in byte i/2, high nibble when i
+// is even; its scale is block i/blocksize. With double quantization the scale itself is
+// code2[q[b]] * absmax2[b/256] + offset, rounded after the multiply and after the add (as
+// bitsandbytes computes it: no fused multiply-add, hence __fmul_rn/__fadd_rn on the device and
+// -ffp-contract=off on the host).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define LK_HD __host__ __device__ __forceinline__
+#else
+#define LK_HD inline
+#endif
+
+namespace lorakern {
+
+// The 16 NF4 values (QLoRA): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 at index 7.
+#define LK_NF4_VALUES                                                                              \
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,                     \
+        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,                \
+        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,   \
+        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f
+
+constexpr int kNestedBlocksize = 256;
+
+// Everything that describes one NF4 weight. absmax is float32 [n_blocks], or, when nested_absmax
+// is non-null, uint8 codes [n_blocks] into nested_code [256] scaled by nested_absmax [n_blocks/256]
+// plus *offset.
+struct Nf4Weight {
+    const uint8_t* packed;
+    const void* absmax;
+    const float* nested_absmax;
+    const float* nested_code;
+    const float* offset;
+    int64_t blocksize;
+    int block_shift;  // log2(blocksize): a 64-bit divide per lookup costs ~40 cycles on x86
+    int64_t rows;  // out_features
+    int64_t cols;  // in_features
+};
+
+LK_HD float nf4_value(int index) {
+    const float table[16] = {LK_NF4_VALUES};
+    return table[index & 0xF];
+}
+
+LK_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+LK_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+// The float32 scale of block b.
+LK_HD float block_scale(const Nf4Weight& w, int64_t b) {
+    if (w.nested_absmax == nullptr) return static_cast<const float*>(w.absmax)[b];
+    const uint8_t q = static_cast<const uint8_t*>(w.absmax)[b];
+    return add_rn(mul_rn(w.nested_code[q], w.nested_absmax[b >> 8]), *w.offset);  // b / 256
+}
+
+// The float32 scale of the block holding flattened element f.
+LK_HD float scale_of(const Nf4Weight& w, int64_t f) { return block_scale(w, f >> w.block_shift); }
+
+// The 4-bit code index of flattened element i.
+LK_HD int nf4_index(const uint8_t* packed, int64_t i) {
+    const uint8_t byte = packed[i >> 1];
+    return (i & 1) ? (byte & 0xF) : (byte >> 4);
+}
+
+// float -> bfloat16 bits, round to nearest even (torch's .to(torch.bfloat16)); NaN stays NaN.
+LK_HD uint16_t float_to_bf16_bits(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((v.u >> 16) | 0x40u);
+    v.u += 0x7FFFu + ((v.u >> 16) & 1u);
+    return static_cast<uint16_t>(v.u >> 16);
+}
+
+// float -> IEEE half bits, round to nearest even, with subnormals and overflow to inf.
+LK_HD uint16_t float_to_half_bits(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    const uint32_t sign = (v.u >> 16) & 0x8000u;
+    const uint32_t absu = v.u & 0x7FFFFFFFu;
+    if (absu > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+    if (absu >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: inf
+    if (absu < 0x38800000u) {  // below 2^-14: a subnormal half (or zero)
+        if (absu < 0x33000000u) return static_cast<uint16_t>(sign);  // below half the smallest subnormal
+        const uint32_t exp = absu >> 23;
+        const uint32_t mant = (absu & 0x7FFFFFu) | 0x800000u;
+        const uint32_t shift = 126u - exp;  // 14 + (127 - exp) - 10 - 1 + 1
+        uint32_t half = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1u);
+        const uint32_t halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (half & 1u))) half += 1u;
+        return static_cast<uint16_t>(sign | half);
+    }
+    uint32_t h = ((absu >> 13) - (112u << 10));  // rebias the exponent 127 -> 15
+    const uint32_t rem = absu & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1u;  // may carry into the exponent: fine
+    return static_cast<uint16_t>(sign | h);
+}
+
+enum OutDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+}  // namespace lorakern

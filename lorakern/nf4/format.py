@@ -1,0 +1,228 @@
+"""``NF4Weight``: a 4-bit NF4 weight in bitsandbytes' byte layout, and its state_dict.
+
+Memory per weight: 4 bits + 32 bits / blocksize of absmax (64: 4.5 bits, ~3.6x below bf16), or
+4 + 8/blocksize + 32/(blocksize*256) bits with double quantization (64: ~4.127 bits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .reference import (
+    BLOCKSIZES,
+    NESTED_BLOCKSIZE,
+    dequantize_nf4,
+    dynamic_code,
+    nested_absmax_values,
+    nf4_code,
+    quantize_blockwise_8bit,
+    quantize_nf4,
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QS_KEY = "quant_state.bitsandbytes__nf4"  # bitsandbytes packs the non-tensor items here
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class NF4Weight:
+    """A frozen weight stored as NF4, byte-compatible with ``bitsandbytes.functional.quantize_4bit``.
+
+    Attributes:
+        packed: ``uint8 [ceil(numel/2)]``, two code indices per byte, high nibble first.
+        absmax: ``float32 [n_blocks]``, or ``uint8 [n_blocks]`` when double-quantized.
+        nested_absmax: ``float32 [ceil(n_blocks/256)]`` (double quantization only).
+        nested_code: ``float32 [256]`` bitsandbytes' dynamic code (double quantization only).
+        offset: ``float32 []`` the mean subtracted from absmax before it was quantized (double only).
+        shape: the original shape; dtype: the original (and compute) dtype; blocksize.
+    """
+
+    def __init__(
+        self, packed, absmax, shape: Sequence[int], dtype: torch.dtype, blocksize: int,
+        nested_absmax=None, nested_code=None, offset=None,
+    ):
+        self.packed, self.absmax = packed, absmax
+        self.nested_absmax, self.nested_code, self.offset = nested_absmax, nested_code, offset
+        self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, int(blocksize)
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
+        """Quantize ``weight`` (fp16/bf16/fp32, any shape) blockwise to NF4."""
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
+            got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise TypeError(f"weight: expected a float16, bfloat16 or float32 tensor, got {got}")
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize: expected one of {BLOCKSIZES}, got {blocksize}")
+        if weight.numel() == 0:
+            raise ValueError(f"weight: expected a non-empty tensor, got shape {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError("weight: contains inf or NaN; NF4 cannot represent it")
+        with torch.no_grad():
+            packed, absmax = quantize_nf4(weight.detach(), blocksize)
+            if not double_quant:
+                return cls(packed, absmax, weight.shape, weight.dtype, blocksize)
+            offset = absmax.mean()
+            code = dynamic_code(weight.device)
+            q, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
+        return cls(packed, q, weight.shape, weight.dtype, blocksize, nested_absmax, code, offset)
+
+    @classmethod
+    def from_bnb(cls, obj) -> NF4Weight:
+        """Wrap a bitsandbytes ``Params4bit`` or ``Linear4bit`` (NF4, quantized) without re-quantizing."""
+        weight = getattr(obj, "weight", obj)
+        qs = getattr(weight, "quant_state", None)
+        if qs is None:
+            raise ValueError("from_bnb: expected a quantized bitsandbytes Params4bit or Linear4bit "
+                             "(move it to a device or call .quantize first); it has no quant_state")
+        if qs.quant_type != "nf4":
+            raise ValueError(f"from_bnb: only quant_type 'nf4' is supported, got {qs.quant_type!r}")
+        packed = weight.data.reshape(-1)
+        if packed.dtype != torch.uint8:  # quant_storage other than uint8: the bytes are the same
+            packed = packed.view(torch.uint8)
+        if qs.nested:
+            if qs.state2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"from_bnb: nested blocksize {qs.state2.blocksize} is not {NESTED_BLOCKSIZE}")
+            return cls(packed, qs.absmax, qs.shape, qs.dtype, qs.blocksize,
+                       qs.state2.absmax, qs.state2.code, torch.as_tensor(qs.offset, dtype=torch.float32))
+        return cls(packed, qs.absmax, qs.shape, qs.dtype, qs.blocksize)
+
+    # -- the format -----------------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_code, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def validate(self) -> None:
+        """Check that the pieces describe one consistent NF4 tensor; raise naming what is wrong."""
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {self.dtype}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize: expected one of {BLOCKSIZES}, got {self.blocksize}")
+        if self.numel == 0:
+            raise ValueError(f"shape: expected a non-empty shape, got {tuple(self.shape)}")
+        p = self.packed
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8:
+            raise TypeError(f"packed: expected a uint8 tensor, got {getattr(p, 'dtype', type(p).__name__)}")
+        if p.dim() != 1 or not p.is_contiguous():
+            raise ValueError(f"packed: expected a contiguous 1-D tensor, got shape {tuple(p.shape)}")
+        if p.numel() != -(-self.numel // 2):
+            raise ValueError(f"packed: expected {-(-self.numel // 2)} bytes for shape {tuple(self.shape)}, "
+                             f"got {p.numel()}")
+        a = self.absmax
+        want = torch.uint8 if self.double_quant else torch.float32
+        if not isinstance(a, torch.Tensor) or a.dtype != want:
+            raise TypeError(f"absmax: expected {want} (double_quant={self.double_quant}), "
+                            f"got {getattr(a, 'dtype', type(a).__name__)}")
+        if a.dim() != 1 or a.numel() != self.n_blocks or not a.is_contiguous():
+            raise ValueError(f"absmax: expected a contiguous 1-D tensor of {self.n_blocks} blocks "
+                             f"(numel {self.numel} / blocksize {self.blocksize}), got shape {tuple(a.shape)}")
+        tensors = {"absmax": a}
+        if self.double_quant:
+            n2 = -(-self.n_blocks // NESTED_BLOCKSIZE)
+            checks = (("nested_absmax", self.nested_absmax, (n2,)), ("nested_code", self.nested_code, (256,)),
+                      ("offset", self.offset, ()))
+            for name, t, shape in checks:
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                    raise TypeError(f"{name}: expected a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+                if tuple(t.shape) != shape or not t.is_contiguous():
+                    raise ValueError(f"{name}: expected a contiguous tensor of shape {list(shape)}, "
+                                     f"got {tuple(t.shape)}")
+                tensors[name] = t
+        elif self.nested_code is not None or self.offset is not None:
+            raise ValueError("nested_code / offset given without nested_absmax")
+        for name, t in tensors.items():
+            if t.device != p.device:
+                raise ValueError(f"{name}: expected device {p.device} (the device of packed), got {t.device}")
+
+    def absmax_float(self) -> torch.Tensor:
+        """The per-block float32 scales (decoding the double quantization if any)."""
+        if not self.double_quant:
+            return self.absmax
+        return nested_absmax_values(self.absmax, self.nested_absmax, self.nested_code, self.offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+        """The weight in ``dtype`` (default: the original dtype), shape ``self.shape``."""
+        from .ops import nf4_dequantize
+
+        return nf4_dequantize(self, dtype or self.dtype, backend=backend)
+
+    def dequantize_reference(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self.packed, self.absmax_float(), self.blocksize, self.shape, dtype or self.dtype)
+
+    def to(self, device) -> NF4Weight:
+        move = lambda t: None if t is None else t.to(device)
+        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
+                         move(self.nested_absmax), move(self.nested_code), move(self.offset))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"packed": self.packed, "absmax": self.absmax, "nested_absmax": self.nested_absmax,
+                 "nested_code": self.nested_code, "offset": self.offset}
+        return {k: v for k, v in named.items() if v is not None}
+
+    # -- serialization: bitsandbytes' Linear4bit keys --------------------------------------------
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The keys bitsandbytes' ``Linear4bit`` writes for its weight (``prefix`` + ``weight``,
+        ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*`` and the packed JSON item)."""
+        key = prefix + "weight"
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                "shape": list(self.shape)}
+        out = {key: self.packed.view(-1, 1), f"{key}.absmax": self.absmax, f"{key}.quant_map": nf4_code(self.device)}
+        if self.double_quant:
+            out[f"{key}.nested_absmax"] = self.nested_absmax
+            out[f"{key}.nested_quant_map"] = self.nested_code.clone()
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset.item())
+        data = json.dumps(meta).encode("utf-8")
+        out[f"{key}.{_QS_KEY}"] = torch.tensor(list(data), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict, prefix: str = "") -> NF4Weight:
+        """Inverse of :meth:`state_dict`; also reads a bitsandbytes ``Linear4bit`` state_dict."""
+        key = prefix + "weight"
+        need = [key, f"{key}.absmax", f"{key}.{_QS_KEY}"]
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise KeyError(f"state_dict: missing NF4 keys {missing}")
+        meta = json.loads(bytes(state[f"{key}.{_QS_KEY}"].cpu().tolist()).decode("utf-8"))
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"state_dict: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+        quant_map = state.get(f"{key}.quant_map")
+        if quant_map is not None and not torch.equal(quant_map.float().cpu(), nf4_code()):
+            raise ValueError(f"state_dict: {key}.quant_map is not the NF4 code")
+        dtype = getattr(torch, meta["dtype"])
+        packed = state[key].reshape(-1)
+        if "nested_offset" in meta:
+            if meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
+                raise ValueError(f"state_dict: nested_blocksize {meta.get('nested_blocksize')} is not 256")
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
+            return cls(packed, state[f"{key}.absmax"], meta["shape"], dtype, meta["blocksize"],
+                       state[f"{key}.nested_absmax"], state[f"{key}.nested_quant_map"].float(), offset)
+        return cls(packed, state[f"{key}.absmax"], meta["shape"], dtype, meta["blocksize"])
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device}, bytes={self.nbytes()})")
+

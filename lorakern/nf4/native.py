@@ -1,0 +1,111 @@
+"""The bridge to ``lorakern._C``: load it once, pick the CPU path, pass pointers.
+
+Every function here takes tensors that ``ops.py`` has already validated (dtype, device,
+contiguity, sizes); the C++ side trusts them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .format import NF4Weight
+
+ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" or "avx512" (tests cover each path this way)
+OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+_loaded: list = []  # [(module or None, reason or None)] once tried; a plain list so torch.compile traces it
+
+
+def _load():
+    if not _loaded:
+        try:
+            from .. import _C
+
+            _loaded.append((_C, None))
+        except ImportError as exc:
+            _loaded.append((None, f"lorakern._C is not built ({exc}); reinstall with a C++ compiler present "
+                                  "(pip install -e .)"))
+    return _loaded[0]
+
+
+def extension():
+    """The ``lorakern._C`` module, or None."""
+    return _load()[0]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the native kernels cannot serve tensors on ``device``; None when they can."""
+    C, reason = _load()
+    if C is None:
+        return reason
+    if device.type == "cuda" and not C.with_cuda:
+        return ("lorakern._C was built without CUDA (nvcc was not found at install time); reinstall with "
+                "CUDA_HOME pointing at a CUDA toolkit, or LORAKERN_CUDA=1 to make that an error")
+    if device.type not in ("cpu", "cuda"):
+        return f"no native NF4 kernels for device type {device.type!r}"
+    return None
+
+
+def cpu_isa() -> str:
+    """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available), else the widest one."""
+    C = extension()
+    have = C.available_isas()
+    forced = os.environ.get(ISA_ENV)
+    if forced:
+        if forced not in have:
+            raise RuntimeError(f"{ISA_ENV}={forced!r}: this CPU/build offers {have}")
+        return forced
+    return have[-1]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def weight_args(w: NF4Weight, rows: int, cols: int) -> tuple:
+    return (_ptr(w.packed), _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code), _ptr(w.offset),
+            w.blocksize, rows, cols)
+
+
+def _shape2d(w: NF4Weight) -> tuple[int, int]:
+    return (w.shape[0], w.numel // w.shape[0]) if len(w.shape) >= 2 else (1, w.numel)
+
+
+def dequantize_into(w: NF4Weight, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """``out.view(-1)[:] = W_flat[start : start + out.numel()]`` (out contiguous, fp32/bf16/fp16)."""
+    rows, cols = _shape2d(w)
+    args = weight_args(w, rows, cols)
+    if out.device.type == "cuda":
+        if start != 0:
+            raise ValueError("the CUDA dequantize writes whole weights (start must be 0)")
+        stream = torch.cuda.current_stream(out.device).cuda_stream
+        extension().cuda_dequantize(args, out.numel(), out.data_ptr(), OUT_DTYPES[out.dtype], stream)
+    else:
+        extension().cpu_dequantize(args, start, out.numel(), out.data_ptr(), OUT_DTYPES[out.dtype], cpu_isa(),
+                                   torch.get_num_threads())
+    return out
+
+
+def cpu_matmul(x: torch.Tensor, w: NF4Weight, transpose: bool) -> torch.Tensor:
+    """Fused dequant-matmul on the CPU for small M: ``x [M, in] @ W^T`` or ``x [M, out] @ W``,
+    float32 in and out."""
+    rows, cols = w.shape
+    x = x.float().contiguous()
+    y = x.new_empty(x.shape[0], rows if not transpose else cols)
+    extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), x.shape[0], y.data_ptr(), transpose,
+                           cpu_isa(), torch.get_num_threads())
+    return y
+
+
+def cuda_gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """Fused dequant-GEMV on the GPU for small M: ``x [M, in] @ W^T`` in x's dtype (fp32 accumulation)."""
+    rows, cols = w.shape
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], rows)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    extension().cuda_gemv(weight_args(w, rows, cols), x.data_ptr(), x.shape[0], y.data_ptr(), OUT_DTYPES[x.dtype],
+                          stream)
+    return y

@@ -1,0 +1,167 @@
+"""QLoRA linear: ``y = x W^T + bias + s * (dropout(x) A^T) B^T`` with W stored as NF4.
+
+Data flows as in :mod:`.ops`: ``qlora_linear`` (checks, autocast, backend choice) ->
+``lorakern::qlora_fwd`` / ``lorakern::qlora_bwd`` (custom ops with fake impls and registered
+autograd) -> the NF4 matmul (:mod:`.nf4.ops`) for the base and the LoRA math of :mod:`.reference`.
+
+Saved for backward: x, h [M, r], the 0-d seed and the NF4 tensors themselves (4.5 bits per
+weight): the dequantized W is never kept, backward decodes it again for ``dX = dY W``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .dropout import apply_dropout, draw_seed
+from .nf4.format import NF4Weight
+from .nf4.ops import _check_weight, nf4_matmul_op, resolve_nf4_backend
+from .reference import lora_backward_reference
+
+
+@torch.library.custom_op("lorakern::qlora_fwd", mutates_args=())
+def qlora_fwd(
+    x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
+    offset: Tensor | None, blocksize: int, out_features: int, bias: Tensor | None, lora_A: Tensor,
+    lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``x [M, in]`` -> ``(y [M, out], h [M, r])``, the base ``x W^T`` from the NF4 kernels."""
+    in_features = x.shape[1]
+    y = nf4_matmul_op(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features,
+                      in_features, False, backend)
+    h = apply_dropout(x, dropout_p, seed) @ lora_A.t()
+    if bias is not None:
+        y = y + bias
+    y = y + (h @ lora_B.t()) * scaling
+    return y.contiguous(), h.contiguous()
+
+
+@qlora_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A, lora_B,
+      scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lorakern::qlora_bwd", mutates_args=())
+def qlora_bwd(
+    dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
+    nested_code: Tensor | None, offset: Tensor | None, blocksize: int, lora_A: Tensor, lora_B: Tensor,
+    h: Tensor, scaling: float, dropout_p: float, seed: Tensor | None,
+    needs_dx: bool, needs_dlora: bool, needs_dbias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grads ``(dx [M, in], dA [r, in], dB [out, r], dbias [out])`` (one not asked for is empty):
+    the LoRA terms as in :func:`lorakern.reference.lora_backward_reference`, and ``dY W`` of the
+    base through the NF4 kernels' transposed product."""
+    _, dA, dB, dbias = lora_backward_reference(
+        dy, x, None, lora_A, lora_B, h, scaling, dropout_p, seed, False, needs_dlora, needs_dbias
+    )
+    dx = dy.new_empty(0)
+    if needs_dx:
+        out_features, in_features = dy.shape[1], x.shape[1]
+        dx = nf4_matmul_op(dy, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features,
+                           in_features, True, backend)
+        dx = dx + apply_dropout((dy @ lora_B) * scaling @ lora_A, dropout_p, seed)
+    return dx.contiguous(), dA.contiguous(), dB.contiguous(), dbias.contiguous()
+
+
+@qlora_bwd.register_fake
+def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, h, scaling,
+      dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
+    def maybe(flag, *shape, like):
+        return like.new_empty(shape if flag else (0,))
+
+    return (
+        maybe(needs_dx, *x.shape, like=dy),
+        maybe(needs_dlora, *lora_A.shape, like=lora_A),
+        maybe(needs_dlora, *lora_B.shape, like=lora_B),
+        maybe(needs_dbias, dy.shape[1], like=dy),
+    )
+
+
+_N_INPUTS = 15  # of qlora_fwd
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, nested_absmax, nested_code, offset, blocksize, _, _, lora_A, lora_B,
+     scaling, dropout_p, seed, backend) = inputs
+    _, h = output
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, h, seed)
+    ctx.blocksize, ctx.scaling, ctx.dropout_p, ctx.backend = blocksize, scaling, dropout_p, backend
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh):
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, h, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    needs_dx, needs_dbias, needs_dlora = needs[0], needs[8], needs[9] or needs[10]
+    dx, dA, dB, dbias = torch.ops.lorakern.qlora_bwd(
+        dy, x, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B, h,
+        ctx.scaling, ctx.dropout_p, seed, needs_dx, needs_dlora, needs_dbias, ctx.backend,
+    )
+    grads = [None] * _N_INPUTS
+    grads[0] = dx if needs_dx else None
+    grads[8] = dbias if needs_dbias else None
+    grads[9] = dA if needs[9] else None
+    grads[10] = dB if needs[10] else None
+    return tuple(grads)
+
+
+qlora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def qlora_linear(
+    x: Tensor, weight: NF4Weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    dropout_p: float = 0.0, training: bool = True, backend: str = "auto",
+) -> Tensor:
+    """QLoRA linear on ``x [..., in]`` -> ``[..., out]`` with an NF4 base ``weight [out, in]``.
+
+    Computed in x's dtype (the base weight is decoded to it; under ``torch.autocast`` everything is
+    cast to the autocast dtype first). ``backend``: "auto", "native" or "reference" (see
+    :func:`lorakern.nf4.ops.resolve_nf4_backend`). Gradients flow to x, bias, lora_A and lora_B;
+    the 4-bit weight never gets one.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape [..., in_features]")
+    _check_weight(weight, x.device)
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
+    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+    if lora_A.dim() != 2 or r < 1 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A: expected shape [r, {in_features}] with r >= 1, got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias: expected shape [{out_features}], got {tuple(bias.shape)}")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    device_type = x.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    for name, t in {"x": x, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}.items():
+        if t is None:
+            continue
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+        if not autocasting and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    if autocasting:
+        dtype = torch.get_autocast_dtype(device_type)
+        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+    chosen = resolve_nf4_backend(backend, x.device)
+    x2d = x.reshape(-1, in_features)
+    y, _ = torch.ops.lorakern.qlora_fwd(
+        x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+        weight.blocksize, out_features, bias, lora_A, lora_B, float(scaling), p, seed, chosen,
+    )
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,122 @@
+"""The native NF4 kernels (lorakern._C) against the pure-torch reference, every CPU path forced."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import assert_close_like_torch
+
+from lorakern import NF4Weight, nf4_dequantize, nf4_matmul
+from lorakern.nf4 import native
+from lorakern.nf4.ops import SMALL_M
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (out, in, blocksize): in a multiple of 64 (the vector fast path), in odd / not a multiple of the
+# blocksize (blocks straddle rows, rows start mid-byte), in < blocksize, out = 1.
+SHAPES = [(48, 256, 64), (33, 320, 128), (17, 53, 64), (9, 96, 64), (31, 40, 128), (1, 4096, 4096), (70, 64, 32)]
+
+
+def isas():
+    C = native.extension()
+    return C.available_isas() if C is not None else []
+
+
+def test_extension_is_built_where_a_compiler_exists():
+    # CI has g++: a silently skipped native build would make every test below vacuous.
+    if shutil.which("c++") or shutil.which("g++"):
+        assert native.extension() is not None, native.unavailable_reason(torch.device("cpu"))
+        assert "scalar" in isas()
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    if request.param not in isas():
+        pytest.skip(f"{request.param} not available on this CPU / build")
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_bit_exact(isa, dtype, double_quant):
+    for out_f, in_f, bs in SHAPES:
+        w = NF4Weight.quantize(torch.randn(out_f, in_f, dtype=dtype), bs, double_quant)
+        for out_dtype in DTYPES:
+            got = nf4_dequantize(w, out_dtype, backend="native")
+            want = w.dequantize_reference(out_dtype)
+            assert torch.equal(got, want), f"{isa} {(out_f, in_f, bs)} -> {out_dtype}"
+
+
+def test_dequantize_any_start_and_count(isa):
+    w = NF4Weight.quantize(torch.randn(13, 77), 32, double_quant=True)
+    full = w.dequantize_reference(torch.float32).reshape(-1)
+    for start, count in [(0, 1), (1, 31), (5, 64), (31, 33), (33, 900), (1000, 1)]:
+        out = torch.empty(count)
+        native.dequantize_into(w, out, start=start)
+        assert torch.equal(out, full[start:start + count]), (start, count)
+
+
+def _check_matmul(w, x, transpose, dtype, where):
+    w64 = w.dequantize_reference(torch.float64)
+    ref = x.double() @ (w64 if transpose else w64.t())
+    torch_same = x @ (w.dequantize_reference(dtype) if transpose else w.dequantize_reference(dtype).t())
+    got = nf4_matmul(x, w, transpose=transpose, backend="native")
+    assert got.dtype == dtype
+    assert_close_like_torch(where, got, ref, torch_same, dtype)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_vs_float64(isa, dtype, double_quant, transpose):
+    for out_f, in_f, bs in SHAPES:
+        w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
+        k = out_f if transpose else in_f
+        for M in (1, 3, 8, 13, SMALL_M, SMALL_M + 1, 40):  # fused kernel up to SMALL_M, tiled above
+            x = torch.randn(M, k, dtype=dtype)
+            _check_matmul(w, x, transpose, dtype, f"{isa} {(out_f, in_f, bs)} M={M} T={transpose}")
+
+
+def test_matmul_empty_3d_and_noncontiguous():
+    w = NF4Weight.quantize(torch.randn(24, 128), 64)
+    assert nf4_matmul(torch.randn(0, 128), w, backend="native").shape == (0, 24)
+    x = torch.randn(2, 3, 256)[..., ::2]  # 3-D, non-contiguous
+    got = nf4_matmul(x, w, backend="native")
+    want = x.double() @ w.dequantize_reference(torch.float64).t()
+    assert got.shape == (2, 3, 24)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_opcheck():
+    w = NF4Weight.quantize(torch.randn(24, 128), 64, double_quant=True)
+    args = (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize)
+    for backend in ("reference", "native"):
+        torch.library.opcheck(torch.ops.lorakern.nf4_dequantize, (*args, [24, 128], torch.bfloat16, backend))
+        for M, transpose in ((3, False), (3, True), (40, False)):
+            x = torch.randn(M, 24 if transpose else 128)
+            torch.library.opcheck(torch.ops.lorakern.nf4_matmul, (x, *args, 24, 128, transpose, backend))
+
+
+def test_errors(monkeypatch):
+    w = NF4Weight.quantize(torch.randn(24, 128), 64)
+    with pytest.raises(ValueError, match="x: expected last dim 128"):
+        nf4_matmul(torch.randn(3, 100), w)
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32"):
+        nf4_matmul(torch.randn(3, 128).double(), w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nf4_matmul(torch.randn(3, 128), w, backend="cuda")
+    with pytest.raises(TypeError, match="weight: expected an lorakern.NF4Weight"):
+        nf4_matmul(torch.randn(3, 128), torch.randn(24, 128))
+    monkeypatch.setenv(native.ISA_ENV, "avx9000")
+    with pytest.raises(RuntimeError, match="LORAKERN_CPU_ISA='avx9000'"):
+        nf4_matmul(torch.randn(3, 128), w, backend="native")
+
+
+def test_explicit_native_on_cuda_without_cuda_build_raises(monkeypatch):
+    C = native.extension()
+    if C is None or C.with_cuda:
+        pytest.skip("needs a CPU-only build")
+    reason = native.unavailable_reason(torch.device("cuda"))
+    assert "built without CUDA" in reason and "CUDA_HOME" in reason
