@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton kernel for real GPU targets, with a resource report.
+"""Ahead-of-time compilation of every Triton and CUDA kernel for real GPU targets, with a resource report.
 
 The Triton interpreter checks arithmetic but accepts programs no GPU compiles (``tl.dot`` with an
 inner dimension below 16, for one). This module drives the real launchers on "meta" tensors under
@@ -6,7 +6,9 @@ inner dimension below 16, for one). This module drives the real launchers on "me
 candidate configs that a launch on a GPU can use), compiles each for sm_80 / sm_90 with Triton's
 own compiler and ptxas, and reads registers, spills, shared memory and the MMA instruction.
 
-    python -m lorakern.aot --arch 80,90 --json aot.json [--full]
+    python -m lorakern.aot --arch 80,90 --json aot.json [--full] [--no-cuda]
+
+The .cu kernels under csrc/ are compiled with nvcc in the same run (see :mod:`lorakern.aot_cuda`).
 
 Exits non-zero on any failed compile, any spill, shared memory over the arch's limit, or a
 16-bit / TF32 tensor-core tile of 64+ rows on sm_90 that does not use wgmma (tiles of 16 or 32
@@ -189,6 +191,10 @@ def violations(rec) -> list[str]:
         out.append(f"spills {rec['spill_bytes']} bytes")
     if rec["shared_bytes"] > SHARED_LIMIT[rec["arch"]]:
         out.append(f"shared {rec['shared_bytes']} > {SHARED_LIMIT[rec['arch']]}")
+    if rec.get("cuda"):  # nvcc-compiled SIMT kernels: no local memory, no MMA rule (see aot_cuda)
+        if rec["stack_bytes"]:
+            out.append(f"stack frame {rec['stack_bytes']} bytes (local memory)")
+        return out
     tensor_cores = rec["dtype"] != "fp32" or rec["variant"].get("PRECISION") == "tf32"
     if rec["arch"] >= 90 and tensor_cores and rec["config"]["BLOCK_M"] >= 64 and rec["mma"] != "wgmma":
         out.append(f"sm_90 tile of {rec['config']['BLOCK_M']} rows uses {rec['mma']}, not wgmma")
@@ -253,11 +259,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="sweep every dtype, rank, variant and shape class")
     parser.add_argument("--markdown", help="write the summary as a markdown table to this file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc compiles of csrc/**/*.cu")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     t0 = time.time()
     jobs = collect_jobs(archs, args.full)
-    print(f"lorakern.aot: {len(jobs)} distinct compiles for sm_{', sm_'.join(map(str, archs))}", flush=True)
+    print(f"lorakern.aot: {len(jobs)} distinct Triton compiles for sm_{', sm_'.join(map(str, archs))}", flush=True)
     records = []
     with futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for i, rec in enumerate(pool.map(run_job, jobs, chunksize=4), 1):
@@ -266,6 +273,16 @@ def main(argv=None) -> int:
                 print(f"  {i}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
     for job, rec in zip(jobs, records):
         rec["roles"], rec["ranks"] = sorted(job["roles"]), sorted(job["ranks"])
+    if not args.no_cuda:
+        from .aot_cuda import cuda_records
+
+        cuda, skipped = cuda_records(archs)
+        print(f"lorakern.aot: {skipped}" if skipped else f"lorakern.aot: {len(cuda)} CUDA kernel instantiations "
+              f"compiled with nvcc ({time.time() - t0:.0f} s)", flush=True)
+        for rec in cuda:
+            rec["roles"], rec["ranks"] = [], []
+        records += cuda
+    for rec in records:
         rec["violations"] = violations(rec)
     print(summarize(records))
     bad = [r for r in records if r["violations"]]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,8 +59,30 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     recs = json.loads(out.read_text())
     assert all(r["ok"] and not r["violations"] for r in recs)
     kernels = {(r["kernel"], r["arch"]) for r in recs}
-    assert kernels == {(k, a) for k in ("lora_matmul_kernel", "skinny_kernel") for a in (80, 90)}
+    names = ["lora_matmul_kernel", "skinny_kernel"]
+    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+        names += ["dequantize_kernel", "gemv_kernel"]  # the NF4 .cu kernels, compiled by nvcc
+    assert kernels == {(k, a) for k in names for a in (80, 90)}
     assert {1, 8, 16, 256} <= {rank for r in recs for rank in r["ranks"]}
     assert {"fp16", "bf16", "fp32"} == {r["dtype"] for r in recs}
     assert any(r["mma"] == "wgmma" for r in recs if r["arch"] == 90)
     assert {"h", "y", "dh", "dB", "dA", "dx"} == {role for r in recs for role in r["roles"]}
+
+
+GEMV = "_ZN8lorakern4cuda12_GLOBAL__N_111gemv_kernelI6__halfLi8EEEvNS_9Nf4WeightEPKT_lPS5_l"
+PTXAS_SAMPLE = f"""\
+ptxas info    : Compiling entry function '{GEMV}' for 'sm_90a'
+ptxas info    : Function properties for {GEMV}
+    64 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 72 registers, used 1 barriers, 64 bytes smem, 448 bytes cmem[0]
+"""
+
+
+def test_ptxas_report_parsing_and_rules():
+    from lorakern.aot import violations
+    from lorakern.aot_cuda import parse_ptxas
+
+    (rec,) = parse_ptxas(PTXAS_SAMPLE, 90, "csrc/cuda/nf4_cuda.cu")
+    assert rec["kernel"] == "gemv_kernel" and rec["dtype"] == "fp16" and rec["config"]["template"] == "__half, 8"
+    assert (rec["regs"], rec["spill_bytes"], rec["stack_bytes"], rec["shared_bytes"]) == (72, 12, 64, 64)
+    assert violations(rec) == ["spills 12 bytes", "stack frame 64 bytes (local memory)"]
