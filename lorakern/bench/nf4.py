@@ -1,0 +1,99 @@
+"""The 4-bit suite: a QLoRA layer's forward (eval, the decode/serving case) against dense and
+bitsandbytes baselines, and NF4 dequantize alone.
+
+Providers (op ``nf4_linear``, mode ``fwd``):
+- fp32, bf16: ``nn.Linear`` with a dense weight in that dtype (x in the same dtype);
+- nf4, nf4-dq: ``FusedLoRALinear(base_quant="nf4")`` (double quantization for nf4-dq), r=16
+  adapter, eval mode, computing in the suite's dtype (fp32 on CPU, bf16 on CUDA);
+- bnb: bitsandbytes' ``Linear4bit`` (NF4), same compute dtype, when installed.
+Op ``nf4_dequantize``: the NF4 weight decoded to the suite dtype, provider ``nf4`` (and ``bnb``).
+
+The floor of a memory-bound call is the bytes it must read (the weight as stored) divided by the
+device's copy bandwidth measured in the same run; records carry ``weight_bytes`` and ``floor_ms``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lorakern
+
+from .providers import Shape
+
+NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
+ADAPTER_R = 16
+
+
+def available() -> list[str]:
+    names = list(NF4_PROVIDERS)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        names.remove("bnb")
+    return names
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted), best of five."""
+    from .timing import measure
+
+    n = (256 << 20) // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    med, q20, _ = measure(lambda: dst.copy_(src), device, 0.2)
+    return 2 * src.numel() * 4 / (q20 * 1e-3)
+
+
+def make_linear(provider: str, in_f: int, out_f: int, compute_dtype, device) -> nn.Module:
+    """The module for ``provider`` (weights random; deterministic in the global torch seed)."""
+    dense = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.float32)
+    dense.weight.requires_grad_(False)
+    if provider in ("fp32", "bf16"):
+        return dense.to({"fp32": torch.float32, "bf16": torch.bfloat16}[provider]).eval()
+    if provider in ("nf4", "nf4-dq"):
+        layer = lorakern.FusedLoRALinear.from_linear(
+            dense.to(compute_dtype), r=ADAPTER_R, lora_alpha=2 * ADAPTER_R, base_quant="nf4",
+            double_quant=provider == "nf4-dq", init_lora_weights=False)
+        return layer.eval()
+    if provider == "bnb":
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+        q.load_state_dict(dense.to(compute_dtype).state_dict())
+        return q.to(device).eval()
+    raise ValueError(f"unknown NF4-suite provider {provider!r}; choose from {available()}")
+
+
+def weight_bytes(provider: str, module: nn.Module) -> int:
+    if provider in ("fp32", "bf16"):
+        return module.weight.numel() * module.weight.element_size()
+    if provider in ("nf4", "nf4-dq"):
+        return module.weight_nf4.nbytes()
+    qs = module.weight.quant_state  # bnb
+    return module.weight.numel() + qs.absmax.numel() * qs.absmax.element_size()
+
+
+def input_dtype(provider: str, compute_dtype):
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(provider, compute_dtype)
+
+
+def shapes(device: torch.device, quick: bool) -> list[Shape]:
+    from .cli import LLAMA3_8B
+
+    if quick:
+        return [Shape(M, 512, 256, ADAPTER_R) for M in (1, 16)]
+    Ms = (1, 4, 16, 256, 4096) if device.type == "cuda" else (1, 4, 16, 256)
+    return [Shape(M, k, n, ADAPTER_R) for (k, n) in LLAMA3_8B for M in Ms]
+
+
+def dequantize_step(provider: str, module: nn.Module, compute_dtype):
+    if provider in ("nf4", "nf4-dq"):
+        w = module.weight_nf4
+        return lambda: w.dequantize(compute_dtype)
+    if provider == "bnb":
+        import bitsandbytes.functional as F
+
+        data, qs = module.weight.data, module.weight.quant_state
+        return lambda: F.dequantize_4bit(data, qs)
+    return None
