@@ -28,8 +28,9 @@ import tempfile
 import time
 from itertools import product
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (set before triton is imported)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":  # compile, never interpret (before triton is imported; not on a plain import,
+    os.environ["TRITON_INTERPRET"] = "0"  # which must not switch an interpreting process, e.g. the tests)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 

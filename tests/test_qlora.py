@@ -167,3 +167,12 @@ def test_compile_fullgraph_qlora_matches_eager():
     torch.testing.assert_close(y, y_eager)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_inference_path_equals_autograd_path():
+    # Under no_grad the layer skips the custom op's dispatcher (same body); results must not change.
+    layer = FusedLoRALinear(128, 40, r=8, lora_alpha=16, base_quant="nf4", init_lora_weights=False).eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x), rtol=0, atol=0)

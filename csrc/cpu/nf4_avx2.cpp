@@ -31,25 +31,32 @@ struct Avx2Vec {
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         return _mm_cvtss_f32(s);
     }
-    vec lookup(__m128i idx8) const { return lookup32(_mm256_cvtepu8_epi32(idx8)); }  // 8 indices, low 8 bytes
+    struct Table {
+        __m256 lo, hi;
+    };
+    Table scaled(float scale) const {
+        const __m256 s = _mm256_set1_ps(scale);
+        return {_mm256_mul_ps(lut_lo, s), _mm256_mul_ps(lut_hi, s)};
+    }
+    vec lookup(__m128i idx8) const { return lookup32(_mm256_cvtepu8_epi32(idx8), {lut_lo, lut_hi}); }
     // Index in the low 4 bits of each lane (higher bits ignored): permutes read bits 0-2, the blend
     // reads bit 3 moved to the sign.
-    vec lookup32(__m256i idx) const {
-        const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-        const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+    vec lookup32(__m256i idx, const Table& t) const {
+        const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);
+        const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
         return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
     }
     // out = [weights 0,2..14], [1,3..15], [16,18..30], [17,19..31]: high / low nibbles of the same
     // widened bytes, no unpacks.
     static int lane_source(int pos) { return 16 * (pos / 16) + 2 * (pos % 8) + (pos / 8) % 2; }
-    void decode32_split(const uint8_t* p, vec scale, vec* out) const {
+    void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         const __m256i d0 = _mm256_cvtepu8_epi32(b);
         const __m256i d1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-        out[0] = _mm256_mul_ps(lookup32(_mm256_srli_epi32(d0, 4)), scale);
-        out[1] = _mm256_mul_ps(lookup32(d0), scale);
-        out[2] = _mm256_mul_ps(lookup32(_mm256_srli_epi32(d1, 4)), scale);
-        out[3] = _mm256_mul_ps(lookup32(d1), scale);
+        out[0] = lookup32(_mm256_srli_epi32(d0, 4), t);
+        out[1] = lookup32(d0, t);
+        out[2] = lookup32(_mm256_srli_epi32(d1, 4), t);
+        out[3] = lookup32(d1, t);
     }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

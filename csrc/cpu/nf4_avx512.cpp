@@ -27,11 +27,13 @@ struct Avx512Vec {
     float hsum(vec a) const { return _mm512_reduce_add_ps(a); }
     // out[0] = weights 0, 2, ..., 30 (high nibbles), out[1] = weights 1, 3, ..., 31 (low nibbles):
     // vpermps reads only the low 4 bits of each index, so the low nibble needs no mask.
+    using Table = __m512;
+    Table scaled(float scale) const { return _mm512_mul_ps(lut, _mm512_set1_ps(scale)); }
     static int lane_source(int pos) { return pos < 16 ? 2 * pos : 2 * (pos - 16) + 1; }
-    void decode32_split(const uint8_t* p, vec scale, vec* out) const {
+    void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
         const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        out[0] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), lut), scale);
-        out[1] = _mm512_mul_ps(_mm512_permutexvar_ps(d, lut), scale);
+        out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), t);
+        out[1] = _mm512_permutexvar_ps(d, t);
     }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -4,7 +4,9 @@
 // V provides: vec, W (lanes), zero(), set1(f), load(p), store(p, v), add, fmadd(a, b, c), hsum(v),
 //   decode32(bytes, scale, out): 16 packed bytes -> 32 weights in order (code[index] * scale,
 //     float32, one rounding, like the reference) as 32 / W vectors;
-//   decode32_split(bytes, scale, out): the same 32 weights in a lane order of V's choosing,
+//   scaled(scale) -> Table: the 16 code values times scale (one rounding each: bit-identical to multiplying
+//     after the lookup), so the matmul pays one multiply per block instead of one per 16 weights;
+//   decode32_split(bytes, table, out): the same 32 weights in a lane order of V's choosing,
 //     lane_source(pos) naming the weight at position pos; matmul permutes x to match once per call.
 //
 // Decode (M = 1, 4096 x 4096): 16.8M weights in 8.4 MB of bytes + 1 MB of absmax. At ~20 GB/s
@@ -26,6 +28,8 @@ namespace cpu {
 namespace impl {
 
 constexpr int kMTile = 8;      // rows of x sharing one decode: 8 x 2 accumulators + 2 weights in 32 zmm
+constexpr int64_t kRowBlock = 16;  // weight rows per task, sharing one L1-resident x tile
+constexpr int64_t kKBlock = 512;   // columns of the x tile (a multiple of 64)
 constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
 
 // Element-by-element decode of W_flat[start:start+count) into float32: any alignment.
@@ -82,12 +86,12 @@ void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int
     }
 }
 
-// y[m, n] = sum_k x[m, k] W[n, k] for MT rows of x, one output row n. K % 64 == 0 (fast path);
-// x is in V's split lane order (see permute_x). MT <= 2 keeps two 32-weight steps in flight so
-// M = 1 has 4 independent FMA chains (AVX-512); larger tiles have enough chains from their rows.
+// out[m] += sum_{k in [k0, k0+klen)} x[m, k] W[n, k] for MT rows of x, one output row n.
+// K % 64 == 0 (fast path); x is in V's split lane order (see permute_x). MT <= 2 keeps two 32-weight
+// steps in flight so M = 1 has 4 independent FMA chains (AVX-512); larger tiles get theirs from rows.
 template <class V, int MT>
-inline void row_dot_fast(const V& v, const Nf4Weight& w, int64_t n, const float* x, int64_t ldx, float* y,
-                         int64_t ldy) {
+inline void row_dot_fast(const V& v, const Nf4Weight& w, int64_t n, const float* x, int64_t ldx, int64_t k0,
+                         int64_t klen, float* out) {
     constexpr int J = 32 / V::W;
     constexpr int U = MT <= 2 ? 2 : 1;
     const int64_t K = w.cols;
@@ -97,13 +101,13 @@ inline void row_dot_fast(const V& v, const Nf4Weight& w, int64_t n, const float*
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < U * J; ++j) acc[m][j] = v.zero();
     const bool shared_scale = w.blocksize >= 32 * U;  // both steps of an iteration in one block
-    for (int64_t k = 0; k < K; k += 32 * U) {
-        typename V::vec scale = v.set1(scale_of(w, f0 + k));
+    for (int64_t k = k0; k < k0 + klen; k += 32 * U) {
+        typename V::Table tab = v.scaled(scale_of(w, f0 + k));
         for (int u = 0; u < U; ++u) {
             const int64_t kk = k + 32 * u;
-            if (u && !shared_scale) scale = v.set1(scale_of(w, f0 + kk));
+            if (u && !shared_scale) tab = v.scaled(scale_of(w, f0 + kk));
             typename V::vec wv[J];
-            v.decode32_split(row + kk / 2, scale, wv);
+            v.decode32_split(row + kk / 2, tab, wv);
             for (int m = 0; m < MT; ++m)
                 for (int j = 0; j < J; ++j)
                     acc[m][u * J + j] = v.fmadd(wv[j], v.load(x + m * ldx + kk + j * V::W), acc[m][u * J + j]);
@@ -112,8 +116,24 @@ inline void row_dot_fast(const V& v, const Nf4Weight& w, int64_t n, const float*
     for (int m = 0; m < MT; ++m) {
         typename V::vec s = acc[m][0];
         for (int j = 1; j < U * J; ++j) s = v.add(s, acc[m][j]);
-        y[m * ldy] = v.hsum(s);
+        out[m] += v.hsum(s);
     }
+}
+
+// y[m0:m0+MT, n0:n0+rows] for one tile of x rows. With MT > 2 the K loop is cut into kKBlock pieces
+// so the x tile (8 rows x 512 x 4 B = 16 KB) stays in L1 while kRowBlock weight rows stream past it;
+// unblocked, 8 rows of a 4096-wide x (128 KB) would be re-read from L2 for every weight row.
+template <class V, int MT>
+inline void tile_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows, const float* x, float* y) {
+    const int64_t K = w.cols, N = w.rows;
+    const int64_t kb = MT <= 2 ? K : kKBlock;
+    float part[kRowBlock][MT] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t klen = std::min(kb, K - k0);
+        for (int64_t i = 0; i < rows; ++i) row_dot_fast<V, MT>(v, w, n0 + i, x, K, k0, klen, part[i]);
+    }
+    for (int64_t i = 0; i < rows; ++i)
+        for (int m = 0; m < MT; ++m) y[m * N + n0 + i] = part[i][m];
 }
 
 // x [M, K] -> the same values with every 32-chunk in V's split lane order.
@@ -142,9 +162,24 @@ inline void row_dot_generic(const V& v, const Nf4Weight& w, int64_t n, const flo
     }
 }
 
-template <class V, int MT>
-inline void tile_rows(const V& v, const Nf4Weight& w, int64_t n, const float* x, float* y) {
-    row_dot_fast<V, MT>(v, w, n, x, w.cols, y, w.rows);
+template <class V>
+inline void rows_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows, const float* x, int64_t M,
+                       float* y) {
+    const int64_t K = w.cols, N = w.rows;
+    int64_t m0 = 0;
+    for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, kMTile>(v, w, n0, rows, x + m0 * K, y + m0 * N);
+    const float* xt = x + m0 * K;
+    float* yt = y + m0 * N;
+    switch (M - m0) {
+        case 7: tile_block<V, 7>(v, w, n0, rows, xt, yt); break;
+        case 6: tile_block<V, 6>(v, w, n0, rows, xt, yt); break;
+        case 5: tile_block<V, 5>(v, w, n0, rows, xt, yt); break;
+        case 4: tile_block<V, 4>(v, w, n0, rows, xt, yt); break;
+        case 3: tile_block<V, 3>(v, w, n0, rows, xt, yt); break;
+        case 2: tile_block<V, 2>(v, w, n0, rows, xt, yt); break;
+        case 1: tile_block<V, 1>(v, w, n0, rows, xt, yt); break;
+        default: break;
+    }
 }
 
 // y [M, N] = x [M, K] @ W^T
@@ -156,32 +191,22 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, float* y, int thre
     if (fast) {
         xs = new float[M * K];
         permute_x<V>(x, M, K, xs);
-        x = xs;
-    }
-#pragma omp parallel num_threads(threads)
-    {
-        V v;
-        float* rowbuf = fast ? nullptr : new float[K];
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
-            if (!fast) {
-                row_dot_generic(v, w, n, x, M, y + n, N, rowbuf);
-                continue;
-            }
-            int64_t m0 = 0;
-            for (; m0 + kMTile <= M; m0 += kMTile) tile_rows<V, kMTile>(v, w, n, x + m0 * K, y + m0 * N + n);
-            switch (M - m0) {
-                case 7: tile_rows<V, 7>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 6: tile_rows<V, 6>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 5: tile_rows<V, 5>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 4: tile_rows<V, 4>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 3: tile_rows<V, 3>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 2: tile_rows<V, 2>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                case 1: tile_rows<V, 1>(v, w, n, x + m0 * K, y + m0 * N + n); break;
-                default: break;
-            }
+        const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            V v;
+            const int64_t n0 = b * kRowBlock;
+            rows_block(v, w, n0, std::min(kRowBlock, N - n0), xs, M, y);
         }
-        delete[] rowbuf;
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            V v;
+            float* rowbuf = new float[K];
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, y + n, N, rowbuf);
+            delete[] rowbuf;
+        }
     }
     delete[] xs;
 }

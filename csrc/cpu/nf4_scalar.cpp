@@ -15,8 +15,21 @@ struct ScalarVec {
     vec add(vec a, vec b) const { return a + b; }
     vec fmadd(vec a, vec b, vec c) const { return a * b + c; }
     float hsum(vec a) const { return a; }
+    struct Table {
+        float v[16];
+    };
+    Table scaled(float scale) const {
+        Table t;
+        for (int i = 0; i < 16; ++i) t.v[i] = nf4_value(i) * scale;
+        return t;
+    }
     static int lane_source(int pos) { return pos; }
-    void decode32_split(const uint8_t* p, vec scale, vec* out) const { decode32(p, scale, out); }
+    void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
+        for (int i = 0; i < 16; ++i) {
+            out[2 * i] = t.v[p[i] >> 4];
+            out[2 * i + 1] = t.v[p[i] & 0xF];
+        }
+    }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         for (int i = 0; i < 16; ++i) {
             out[2 * i] = nf4_value(p[i] >> 4) * scale;

@@ -52,6 +52,16 @@ class NF4Weight:
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, int(blocksize)
         self.validate()
 
+    @classmethod
+    def _trusted(cls, packed, absmax, shape, dtype, blocksize, nested_absmax=None, nested_code=None,
+                 offset=None) -> NF4Weight:
+        """Rebuild from pieces of an already validated NF4Weight (inside ops), skipping the checks."""
+        self = cls.__new__(cls)
+        self.packed, self.absmax = packed, absmax
+        self.nested_absmax, self.nested_code, self.offset = nested_absmax, nested_code, offset
+        self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, int(blocksize)
+        return self
+
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

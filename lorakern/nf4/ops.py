@@ -42,7 +42,10 @@ def resolve_nf4_backend(backend: str, device: torch.device) -> str:
 
 
 def _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype) -> NF4Weight:
-    return NF4Weight(packed, absmax, shape, dtype, blocksize, nested_absmax, nested_code, offset)
+    w = NF4Weight._trusted(packed, absmax, shape, dtype, blocksize, nested_absmax, nested_code, offset)
+    if not torch.compiler.is_compiling():
+        w.validate()  # the ops are public (torch.ops.lorakern.*): never hand unchecked pointers to C++
+    return w
 
 
 @torch.library.custom_op("lorakern::nf4_dequantize", mutates_args=())
@@ -90,6 +93,12 @@ def nf4_matmul_op(
 ) -> Tensor:
     """``x [M, in] @ W^T -> [M, out]``, or with ``transpose`` ``x [M, out] @ W -> [M, in]``."""
     w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features], x.dtype)
+    return matmul_impl(x, w, transpose, backend)
+
+
+def matmul_impl(x: Tensor, w: NF4Weight, transpose: bool, backend: str) -> Tensor:
+    """The body of ``lorakern::nf4_matmul`` (x 2-D, w checked), callable without the dispatcher."""
+    out_features, in_features = w.shape
     if backend != "native":
         return nf4_matmul_reference(x, w, transpose).contiguous()
     M = x.shape[0]

@@ -144,5 +144,5 @@ def nested_absmax_values(q, nested_absmax, nested_code, offset) -> torch.Tensor:
 def nf4_matmul_reference(x: torch.Tensor, weight, transpose: bool = False) -> torch.Tensor:
     """``x [M, in] @ W^T -> [M, out]`` (or, with ``transpose``, ``dy [M, out] @ W -> [M, in]``),
     W dequantized to ``x.dtype`` first, as bitsandbytes' ``matmul_4bit`` does."""
-    w = weight.dequantize(x.dtype)
+    w = weight.dequantize_reference(x.dtype)
     return x @ w if transpose else x @ w.t()
