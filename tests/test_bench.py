@@ -50,3 +50,33 @@ def test_flops_formula():
     s = cli.Shape(8, 16, 32, 4)
     assert flops("base", "fwd", s) == 2 * 8 * 32 * 16
     assert flops("fused", "fwd", s) == 2 * 8 * 32 * 16 + 2 * 8 * 4 * (16 + 32)
+
+
+def _readme_table_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "readme_table.py"
+    spec = importlib.util.spec_from_file_location("readme_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_table_generated_from_records(tmp_path):
+    rt = _readme_table_module()
+    env = {"device": "cpu", "device_name": "TestCPU", "threads": 2, "torch": "2.13.0", "lorakern": "0.1.0",
+           "commit": "abc1234", "date": "2026-11-23T00:00:00Z"}
+    recs = [{**env, "op": "nf4_linear", "provider": p, "in_features": 4096, "out_features": 1024, "M": 1,
+             "median_ms": t} for p, t in (("fp32", 2.0), ("nf4", 0.5), ("bnb", 10.0))]
+    recs.append({**env, "op": "lora_linear", "provider": "fused", "in_features": 64, "out_features": 64, "r": 8,
+                 "M": 16, "mode": "fwd", "median_ms": 0.1, "ratio_to_base": 1.25, "ratio_to_unfused": 0.8})
+    text = rt.render(recs)
+    assert "TestCPU (cpu, 2 threads), 2026-11-23" in text and "commit abc1234" in text
+    assert "| 4096 -> 1024 | 1 | 2.000 | 0.500 | 10.000 | 4.00 | 20.0 |" in text
+    assert "| 64 -> 64 | 8 | 16 | fwd | 0.100 | 1.25 | 0.80 |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- perf:cpu:begin -->\nold\n<!-- perf:cpu:end -->\nb\n")
+    rt.write(str(readme), "cpu", text)
+    content = readme.read_text()
+    assert "old" not in content and "| 4.00 |" in content and content.startswith("a\n") and content.endswith("b\n")

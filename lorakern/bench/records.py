@@ -34,12 +34,33 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
+        name = _cpu_name()
     return {
         "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "triton": triton_version, "lorakern": lorakern.__version__, "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux) and the NF4 kernel path lorakern picks on it."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from ..nf4 import native
+
+        if native.extension() is not None:
+            name += f" [{native.cpu_isa()}]"
+    except Exception:  # noqa: BLE001 - a name is best effort
+        pass
+    return name
 
 
 def validate(record: dict) -> None:

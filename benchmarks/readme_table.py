@@ -1,0 +1,116 @@
+"""README's performance tables, generated from committed results files (benchmarks/results/*.jsonl).
+
+    python benchmarks/readme_table.py benchmarks/results/<file>.jsonl [...]            # print
+    python benchmarks/readme_table.py benchmarks/results/<file>.jsonl --write README.md  # replace the
+        block between <!-- perf:<device>:begin --> and <!-- perf:<device>:end --> in README.md
+
+Every number in a table comes from one file, i.e. one run on one machine: times are medians, ratios are
+against providers measured in that same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _header(recs: list[dict]) -> str:
+    r = recs[0]
+    return (f"Measured on {r['device_name']} ({r['device']}, {r['threads']} threads), {r['date'][:10]}, "
+            f"torch {r['torch']}, lorakern {r['lorakern']} (commit {r['commit']}).")
+
+
+def nf4_table(recs: list[dict]) -> str:
+    rows = [r for r in recs if r["op"] == "nf4_linear"]
+    if not rows:
+        return ""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    base = "bf16" if "bf16" in providers and rows[0]["device"] == "cuda" else "fp32"
+    by_key = defaultdict(dict)
+    for r in rows:
+        by_key[(r["in_features"], r["out_features"], r["M"])][r["provider"]] = r
+    head = "| in -> out | M | " + " | ".join(f"{p} ms" for p in providers) + f" | speedup vs {base} |"
+    if "bnb" in providers:
+        head += " speedup vs bnb |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (k, n, m), cell in sorted(by_key.items()):
+        times = " | ".join(f"{cell[p]['median_ms']:.3f}" if p in cell else "-" for p in providers)
+        line = f"| {k} -> {n} | {m} | {times} |"
+        nf4 = cell.get("nf4")
+        line += f" {cell[base]['median_ms'] / nf4['median_ms']:.2f} |" if nf4 and base in cell else " - |"
+        if "bnb" in providers:
+            line += f" {cell['bnb']['median_ms'] / nf4['median_ms']:.1f} |" if nf4 and "bnb" in cell else " - |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def lora_table(recs: list[dict]) -> str:
+    rows = [r for r in recs if r["op"] == "lora_linear"]
+    if not rows:
+        return ""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    by_key = defaultdict(dict)
+    for r in rows:
+        by_key[(r["in_features"], r["out_features"], r["r"], r["M"], r["mode"])][r["provider"]] = r
+    head = ("| in -> out | r | M | mode | " + " | ".join(f"{p} ms" for p in providers)
+            + " | fused / base | fused / unfused |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (k, n, rank, m, mode), cell in sorted(by_key.items()):
+        times = " | ".join(f"{cell[p]['median_ms']:.3f}" if p in cell else "-" for p in providers)
+        f = cell.get("fused")
+        rb = f"{f['ratio_to_base']:.2f}" if f and f.get("ratio_to_base") else "-"
+        ru = f"{f['ratio_to_unfused']:.2f}" if f and f.get("ratio_to_unfused") else "-"
+        lines.append(f"| {k} -> {n} | {rank} | {m} | {mode} | {times} | {rb} | {ru} |")
+    return "\n".join(lines)
+
+
+def render(recs: list[dict]) -> str:
+    parts = [_header(recs)]
+    nf4 = nf4_table(recs)
+    if nf4:
+        parts += ["", "QLoRA layer, eval forward (NF4 base, blocksize 64, r=16 adapter; `nf4-dq`: double "
+                      "quantization) against dense `nn.Linear` and bitsandbytes' `Linear4bit`. Speedup = the "
+                      "other provider's median time / nf4's (above 1: nf4 is faster):", "", nf4]
+    lora = lora_table(recs)
+    if lora:
+        parts += ["", "LoRA layer (`fused` = lorakern on this device's automatic backend):", "", lora]
+    return "\n".join(parts)
+
+
+def write(readme: str, device: str, text: str) -> None:
+    begin, end = f"<!-- perf:{device}:begin -->", f"<!-- perf:{device}:end -->"
+    with open(readme) as f:
+        content = f.read()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{readme}: markers {begin} / {end} not found")
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    content = pattern.sub(lambda _: f"{begin}\n{text}\n{end}", content)
+    with open(readme, "w") as f:
+        f.write(content)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--write", help="README to update in place")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        recs = load(path)
+        text = render(recs)
+        if args.write:
+            write(args.write, recs[0]["device"], text)
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
