@@ -242,6 +242,10 @@ def summarize(records) -> str:
     return "\n".join(lines)
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes // 1024} KiB" if nbytes >= 1024 else f"{nbytes} B"
+
+
 def markdown(records) -> str:
     """The "verified targets" table of README, from the records."""
     rows = _per_kernel(records)
@@ -249,7 +253,7 @@ def markdown(records) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for (kernel, arch), row in sorted(rows.items()):
         lines.append(f"| `{kernel}` | sm_{arch} | {row['n']} | {row['fail']} | {row['regs']} | "
-                     f"{row['shared'] // 1024} KiB | {row['spill']} B | {', '.join(sorted(row['mma']))} |")
+                     f"{_size(row['shared'])} | {row['spill']} B | {', '.join(sorted(row['mma']))} |")
     return "\n".join(lines)
 
 
