@@ -55,8 +55,8 @@ def lora_bwd(
     return tuple(g.contiguous() for g in grads)
 
 
-@lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
+def fake_grads(dy, x, lora_A, lora_B, needs_dx: bool, needs_dlora: bool, needs_dbias: bool):
+    """Shapes of a backward op's ``(dx, dA, dB, dbias)``: an entry not asked for is empty."""
     def maybe(flag, *shape, like):
         return like.new_empty(shape if flag else (0,))
 
@@ -64,8 +64,13 @@ def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, need
         maybe(needs_dx, *x.shape, like=dy),
         maybe(needs_dlora, *lora_A.shape, like=lora_A),
         maybe(needs_dlora, *lora_B.shape, like=lora_B),
-        maybe(needs_dbias, weight.shape[0], like=dy),
+        maybe(needs_dbias, dy.shape[1], like=dy),
     )
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
+    return fake_grads(dy, x, lora_A, lora_B, needs_dx, needs_dlora, needs_dbias)
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,6 +18,7 @@ from torch import Tensor
 from .dropout import apply_dropout, draw_seed
 from .nf4.format import NF4Weight
 from .nf4.ops import _check_weight, _weight, matmul_impl, resolve_nf4_backend
+from .ops import fake_grads
 from .reference import lora_backward_reference
 
 
@@ -74,15 +75,7 @@ def qlora_bwd(
 @qlora_bwd.register_fake
 def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, h, scaling,
       dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
-    def maybe(flag, *shape, like):
-        return like.new_empty(shape if flag else (0,))
-
-    return (
-        maybe(needs_dx, *x.shape, like=dy),
-        maybe(needs_dlora, *lora_A.shape, like=lora_A),
-        maybe(needs_dlora, *lora_B.shape, like=lora_B),
-        maybe(needs_dbias, dy.shape[1], like=dy),
-    )
+    return fake_grads(dy, x, lora_A, lora_B, needs_dx, needs_dlora, needs_dbias)
 
 
 _N_INPUTS = 15  # of qlora_fwd
