@@ -1,5 +1,6 @@
 """lorakern: fused LoRA / QLoRA linear layers for PyTorch."""
 
+from . import integrations
 from .layers import FusedLoRALinear, lora_scaling
 from .nf4.format import NF4Weight
 from .nf4.ops import nf4_dequantize, nf4_matmul
@@ -9,6 +10,6 @@ from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
 __all__ = [
-    "FusedLoRALinear", "NF4Weight", "lora_linear", "lora_linear_reference", "lora_scaling", "nf4_dequantize",
-    "nf4_matmul", "qlora_linear", "__version__",
+    "FusedLoRALinear", "NF4Weight", "integrations", "lora_linear", "lora_linear_reference", "lora_scaling",
+    "nf4_dequantize", "nf4_matmul", "qlora_linear", "__version__",
 ]

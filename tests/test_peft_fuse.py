@@ -1,0 +1,162 @@
+"""lorakern.integrations.peft.fuse / unfuse on real PEFT models: same outputs, grads, Parameters,
+state_dicts and saved adapters as plain PEFT; unsupported layers and calls left to PEFT."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+from lorakern.integrations.peft import fuse, is_fused, unfuse  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, dim=48, hidden=72):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.emb = nn.Embedding(10, dim)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.q(x)))) + x
+
+
+def make_model(seed=0, **cfg):
+    torch.manual_seed(seed)
+    base = Block()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"], lora_dropout=0.0,
+                             init_lora_weights=False, **cfg)
+    return peft.get_peft_model(base, config)
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad()
+    y = model(x)
+    (y.square().mean()).backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fuse_matches_peft_outputs_and_grads(monkeypatch):
+    import lorakern.integrations.peft as integration
+
+    calls = []
+    real = integration.lora_linear
+    monkeypatch.setattr(integration, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model()
+    x = torch.randn(3, 5, 48)
+    y_ref, g_ref = outputs_and_grads(model, x)
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    assert fuse(model) == 3
+    assert all(is_fused(m) for n, m in model.named_modules() if n.endswith((".q", ".up", ".down")))
+    y, g = outputs_and_grads(model, x)
+    assert len(calls) == 3, "the fused op must serve all three layers"
+    torch.testing.assert_close(y, y_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], msg=n)
+    assert all(p is params_before[n] for n, p in model.named_parameters()), "Parameters must be the same objects"
+    assert list(model.state_dict()) == keys_before
+    assert unfuse(model) == 3
+    torch.testing.assert_close(outputs_and_grads(model, x)[0], y_ref)
+    assert len(calls) == 3, "unfused: PEFT's forward again"
+
+
+def test_optimizer_built_before_fuse_trains_the_same():
+    x = torch.randn(4, 48)
+    losses = []
+    for do_fuse in (False, True):
+        model = make_model(seed=1)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        if do_fuse:
+            fuse(model)
+        run = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]))
+
+
+def test_save_pretrained_round_trips_with_plain_peft(tmp_path):
+    model = make_model(seed=2)
+    fuse(model)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        model.base_model.model.q.lora_B["default"].weight.normal_()
+        y_fused = model(x)
+    model.save_pretrained(tmp_path / "fused")
+    torch.manual_seed(2)
+    plain = peft.PeftModel.from_pretrained(Block(), tmp_path / "fused")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), y_fused)
+    # ...and the other way: plain PEFT's adapter into a fused model.
+    plain.save_pretrained(tmp_path / "plain")
+    torch.manual_seed(2)
+    again = peft.PeftModel.from_pretrained(Block(), tmp_path / "plain")
+    fuse(again)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y_fused)
+
+
+def test_unsupported_layers_and_calls_fall_back_to_peft():
+    model = make_model(use_dora=True)
+    with pytest.warns(UserWarning, match="left to PEFT .*DoRA"):
+        assert fuse(model) == 0
+    # Two adapters active on a layer: PEFT's forward, with a warning, same result as unfused.
+    model = make_model()
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        want = model(x)
+        fuse(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = model(x)
+    torch.testing.assert_close(got, want)
+    assert any("2 active adapters" in str(w.message) for w in caught)
+    # Disabled adapters: the base model, as in PEFT.
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(x), model.base_model.model.down(
+            torch.relu(model.base_model.model.up.base_layer(model.base_model.model.q.base_layer(x)))) + x)
+
+
+def test_bnb_linear4bit_base_is_fused(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    import lorakern.integrations.peft as integration
+
+    calls = []
+    real = integration.qlora_linear
+    monkeypatch.setattr(integration, "qlora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(3)
+    dense = nn.Linear(128, 64)
+    net = Net()
+    net.proj.load_state_dict(dense.state_dict())
+    net = net.to("cpu")
+    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"],
+                                                     init_lora_weights=False))
+    x = torch.randn(5, 128)
+    y_ref, g_ref = outputs_and_grads(model, x)
+    assert fuse(model) == 1
+    y, g = outputs_and_grads(model, x)
+    assert calls == [1]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
