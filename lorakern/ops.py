@@ -170,4 +170,4 @@ def lora_linear(
     x2d = x.reshape(-1, x.shape[-1])  # a view unless the leading dims cannot be merged
     chosen = resolve_backend(backend, x2d, lora_A.shape[0])
     y, _ = torch.ops.lorakern.lora_fwd(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # 2-D: no view (FSDP2 hooks)

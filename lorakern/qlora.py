@@ -163,9 +163,9 @@ def qlora_linear(
     if not differentiable and not torch.compiler.is_compiling():
         # Inference (the decode loop): the same body without the dispatcher's ~0.1 ms per call.
         y, _ = forward_impl(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-        return y.reshape(*x.shape[:-1], out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
     y, _ = torch.ops.lorakern.qlora_fwd(
         x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
         weight.blocksize, out_features, bias, lora_A, lora_B, float(scaling), p, seed, chosen,
     )
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -160,3 +160,51 @@ def test_bnb_linear4bit_base_is_fused(monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for n in g_ref:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tiny_llama_with_gradient_checkpointing_and_autocast(autocast):
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.LlamaForCausalLM(cfg)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                               init_lora_weights=False)
+        return peft.get_peft_model(model, lora).train()
+
+    ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(5))
+    results = []
+    for do_fuse in (False, True):
+        model = build()
+        if do_fuse:
+            assert fuse(model) == 8
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l0, **tol)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], msg=n, **tol)
+
+
+@pytest.mark.slow
+def test_fused_peft_model_compiles_fullgraph():
+    model = make_model(seed=4)
+    fuse(model)
+    x = torch.randn(2, 3, 48)
+    y_eager, g_eager = outputs_and_grads(model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    model.zero_grad()
+    y = compiled(x)
+    y.square().mean().backward()
+    torch.testing.assert_close(y.detach(), y_eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-5, atol=1e-5, msg=n)

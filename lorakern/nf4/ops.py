@@ -156,4 +156,4 @@ def nf4_matmul(x: Tensor, w: NF4Weight, transpose: bool = False, backend: str = 
     chosen = resolve_nf4_backend(backend, x.device)
     x2d = x.reshape(-1, k)
     y = torch.ops.lorakern.nf4_matmul(x2d, *_op_args(w), out_features, in_features, transpose, chosen)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
