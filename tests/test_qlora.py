@@ -31,11 +31,21 @@ def grads_of(fn, inputs, dy):
     return [out] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
+def needs_triton(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from lorakern.backend import interpreting
+
+        if not (interpreting() or torch.cuda.is_available()):
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qlora_matches_float64_reference(dtype, double_quant, p, backend):
+    needs_triton(backend)
     s = 0.7
     for M, K, N, r in [(1, 128, 40, 8), (13, 64, 33, 1), (37, 96, 17, 33), (3, 53, 9, 4)]:
         x, w, b, a, bb = qlora_inputs(M, K, N, r, dtype, double_quant, blocksize=64 if K % 2 else 32)
@@ -70,7 +80,10 @@ def test_opcheck_qlora_ops():
     x, w, b, a, bb = qlora_inputs(6, 128, 24, 8, torch.float32, double_quant=True)
     seed = torch.tensor(1234)
     nf4 = (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize)
-    for backend in ("reference", "native"):
+    from lorakern.backend import interpreting
+
+    backends = ("reference", "native") + (("triton",) if interpreting() or torch.cuda.is_available() else ())
+    for backend in backends:
         args = (x, *nf4, 24, b, a.requires_grad_(), bb.requires_grad_(), 0.5, 0.2, seed, backend)
         torch.library.opcheck(torch.ops.lorakern.qlora_fwd, args)
         _, h = torch.ops.lorakern.qlora_fwd(*args)
@@ -176,3 +189,20 @@ def test_inference_path_equals_autograd_path():
     with torch.no_grad():
         fast = layer(x)
     torch.testing.assert_close(fast, layer(x), rtol=0, atol=0)
+
+
+def test_triton_backend_runs_the_triton_kernels(monkeypatch):
+    needs_triton("triton")
+    import lorakern.triton.lora_bwd as bwd
+    import lorakern.triton.lora_fwd as fwd
+
+    calls = []
+    for mod, name in ((fwd, "lora_forward_triton"), (bwd, "lora_backward_triton")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    x, w, b, a, bb = qlora_inputs(20, 64, 24, 4, torch.float32)
+    a.requires_grad_()
+    qlora_linear(x, w, b, a, bb, 1.0, backend="triton").sum().backward()
+    assert calls == ["lora_forward_triton", "lora_backward_triton"]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qlora_linear(x, w, b, a, bb, 1.0, backend="cuda")
