@@ -10,7 +10,7 @@ from lorakern.bench import cli, records
 @pytest.mark.slow
 def test_cli_quick_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "lora",
                    "--providers", "base,unfused,fused", "--modes", "fwd,fwd+bwd"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -27,6 +27,30 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     for mode in ("fwd", "fwd_bwd"):
         png = tmp_path / f"lora_linear_{mode}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cli_quick_nf4_suite(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "nf4",
+                   "--providers", "fp32,nf4,nf4-dq"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "floor ms" in out and "nf4_dequantize" in out
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    linear = [r for r in recs if r["op"] == "nf4_linear"]
+    assert len(linear) == 2 * 3  # quick shapes (M = 1, 16) x providers
+    assert len([r for r in recs if r["op"] == "nf4_dequantize"]) == 2  # nf4, nf4-dq
+    for rec in recs:
+        records.validate(rec)
+        assert rec["median_ms"] > 0 and rec["floor_ms"] > 0 and rec["weight_bytes"] > 0
+    for rec in linear:
+        if rec["provider"] == "fp32":
+            assert rec["ratio_to_base"] == 1.0
+    nf4_bytes = {r["weight_bytes"] for r in linear if r["provider"] == "nf4"}
+    fp32_bytes = {r["weight_bytes"] for r in linear if r["provider"] == "fp32"}
+    assert max(nf4_bytes) * 7 < min(fp32_bytes)  # 4.5 bits vs 32 per weight
+    assert (tmp_path / "nf4_linear_fwd.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_record_schema_rejects_missing_fields():

@@ -114,9 +114,27 @@ def test_errors(monkeypatch):
         nf4_matmul(torch.randn(3, 128), w, backend="native")
 
 
-def test_explicit_native_on_cuda_without_cuda_build_raises(monkeypatch):
+def test_without_the_extension_auto_falls_back_once_and_native_raises(monkeypatch):
+    # As after an install on a machine without a C++ compiler: lorakern._C is missing.
+    from lorakern import backend
+
+    monkeypatch.setattr(native, "_loaded", [(None, "lorakern._C is not built (test)")])
+    monkeypatch.setattr(backend, "_warned", set())
+    w = NF4Weight.quantize(torch.randn(24, 128), 64)
+    x = torch.randn(3, 128)
+    with pytest.warns(UserWarning, match="NF4 uses the pure-torch reference path .*not built"):
+        got = nf4_matmul(x, w)
+    torch.testing.assert_close(got, x @ w.dequantize_reference().t())
+    with pytest.raises(RuntimeError, match="backend='native' cannot serve cpu tensors: lorakern._C is not built"):
+        nf4_matmul(x, w, backend="native")
+
+
+def test_cpu_only_build_names_the_fix_for_cuda(monkeypatch):
+    from lorakern.nf4.ops import resolve_nf4_backend
+
     C = native.extension()
-    if C is None or C.with_cuda:
-        pytest.skip("needs a CPU-only build")
-    reason = native.unavailable_reason(torch.device("cuda"))
-    assert "built without CUDA" in reason and "CUDA_HOME" in reason
+    if C is None:
+        pytest.skip("extension not built")
+    monkeypatch.setattr(C, "with_cuda", False)
+    with pytest.raises(RuntimeError, match="built without CUDA .*CUDA_HOME"):
+        resolve_nf4_backend("native", torch.device("cuda"))
