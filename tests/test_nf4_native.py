@@ -138,3 +138,25 @@ def test_cpu_only_build_names_the_fix_for_cuda(monkeypatch):
     monkeypatch.setattr(C, "with_cuda", False)
     with pytest.raises(RuntimeError, match="built without CUDA .*CUDA_HOME"):
         resolve_nf4_backend("native", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_dequantize_bit_exact_and_gemv(dtype, double_quant):
+    if native.unavailable_reason(torch.device("cuda")) is not None:
+        pytest.fail(native.unavailable_reason(torch.device("cuda")))
+    for out_f, in_f, bs in SHAPES:
+        w = NF4Weight.quantize(torch.randn(out_f, in_f, dtype=dtype) / in_f**0.5, bs, double_quant)
+        wc = w.to("cuda")
+        for out_dtype in DTYPES:
+            got = nf4_dequantize(wc, out_dtype, backend="native")
+            assert torch.equal(got.cpu(), w.dequantize_reference(out_dtype)), (out_f, in_f, bs, out_dtype)
+        for M in (1, 3, 8, 9, SMALL_M, SMALL_M + 1, 64):
+            for transpose in (False, True):
+                x = torch.randn(M, out_f if transpose else in_f, dtype=dtype, device="cuda")
+                w64 = wc.dequantize_reference(torch.float64)
+                ref = x.double() @ (w64 if transpose else w64.t())
+                same = x @ (wc.dequantize_reference(dtype) if transpose else wc.dequantize_reference(dtype).t())
+                got = nf4_matmul(x, wc, transpose=transpose, backend="native")
+                assert_close_like_torch(f"cuda {(out_f, in_f, bs)} M={M} T={transpose}", got, ref, same, dtype)

@@ -206,3 +206,24 @@ def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     assert calls == ["lora_forward_triton", "lora_backward_triton"]
     with pytest.raises(ValueError, match="backend must be one of"):
         qlora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qlora_layer_on_cuda(dtype):
+    # auto picks the CUDA GEMV for M <= 16 and the Triton path above: both against float64.
+    for M in (1, 16, 300):
+        x, w, b, a, bb = qlora_inputs(M, 256, 192, 16, dtype, double_quant=True)
+        x, b, a, bb = (t.cuda() for t in (x, b, a, bb))
+        w = w.to("cuda")
+        dy = torch.randn(M, 192, dtype=dtype, device="cuda")
+        got = grads_of(lambda x_, b_, a_, bb_, w=w: qlora_linear(x_, w, b_, a_, bb_, 0.5), (x, b, a, bb), dy)
+        w64 = w.dequantize_reference(torch.float64)
+
+        def ref(x_, b_, a_, bb_, w64=w64):
+            return lora_linear_reference(x_, w64.to(x_.dtype), b_, a_, bb_, 0.5)
+
+        want = grads_of(ref, [t.double() for t in (x, b, a, bb)], dy)
+        same = grads_of(ref, (x, b, a, bb), dy)
+        for name, g, w_, t in zip(("y", "dx", "dbias", "dA", "dB"), got, want, same):
+            assert_close_like_torch(f"cuda {name} M={M}", g, w_, t, dtype)
