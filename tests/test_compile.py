@@ -33,3 +33,22 @@ def test_compile_fullgraph_two_layers_matches_eager():
     torch.testing.assert_close(y, y_eager)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base_quant", [None, "nf4"])
+def test_compile_fullgraph_on_cuda(base_quant):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.bfloat16, device="cuda", init_lora_weights=False, base_quant=base_quant)
+    model = nn.Sequential(lorakern.FusedLoRALinear(256, 384, r=16, lora_alpha=32, **kw), nn.ReLU(),
+                          lorakern.FusedLoRALinear(384, 128, r=8, lora_alpha=8, **kw))
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    y_eager = model(x)
+    y_eager.float().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    y = torch.compile(model, fullgraph=True)(x)
+    y.float().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, g)
