@@ -44,25 +44,29 @@ BWD_ROLES = ("dh", "dB", "dA", "dx")
 def _shape_specs(full: bool):
     """(dtype, r, bias, dropout, M, K, N, tf32) combinations whose launches are compiled.
 
-    Default (a covering subset): every dtype at r = 8, 32, 64, 256 (every BLOCK_R the launchers
-    use: 16, 32, 64, 128), r=1 and r=16 in bf16 too (Triton specializes an int equal to 1 or a
-    multiple of 16, which changes register use), with and without dropout, M=1 (decode configs),
-    M=64 (medium) and M=4096 (large), plus unaligned shapes at r = 8, 32, 64. --full: every dtype x
-    rank in (1, 8, 16, 32, 64, 128, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096, 2**20:
-    int64 offsets) x aligned/unaligned K, N x TF32 on/off for fp32."""
+    Default (a covering subset for CI): every dtype at r = 8 and 32 (BLOCK_R 16 and 32, a rank
+    that is and is not a multiple of 16), 16-bit at r = 64 or 256 (the skinny kernel's BLOCK_R
+    64), bf16 also at r = 1, 16 (Triton specializes an int
+    equal to 1 or divisible by 16); with and without bias and dropout; M=1 (decode configs), 64
+    (medium), 4096 (large) on 4096 x 4096, and unaligned shapes (M=4095, 4097 x 11001: no
+    divisibility hints, the unaligned configs) at r = 1, 8, 32. int64 offsets (M=2**20), every
+    rank in every dtype and TF32 are --full's. --full: every
+    dtype x rank in (1, 8, 16, 32, 64, 128, 256) x bias x dropout x M in (1, 16, 64, 4095, 4096,
+    2**20) x aligned/unaligned x TF32 on/off for fp32."""
     if full:
         ranks = {d: (1, 8, 16, 32, 64, 128, 256) for d in DTYPES}
-        Ms, shapes, biases = (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001)), (True, False)
-    else:
-        ranks = {"fp16": (8, 32, 64, 256), "bf16": (1, 8, 16, 32, 64, 256), "fp32": (8, 32, 64, 256)}
-        Ms, shapes, biases = (1, 64, 4096), ((4096, 4096),), (True,)
+        for dtype in DTYPES:
+            for r, bias, p, M, (K, N) in product(ranks[dtype], (True, False), (0.0, 0.1),
+                                                 (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001))):
+                for tf32 in ((False, True) if dtype == "fp32" else (False,)):
+                    yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32)
+        return
+    ranks = {"fp16": (8, 32, 64), "bf16": (1, 8, 16, 32, 256), "fp32": (8, 32)}
     for dtype in DTYPES:
-        for r, bias, p, M, (K, N) in product(ranks[dtype], biases, (0.0, 0.1), Ms, shapes):
-            for tf32 in ((False, True) if dtype == "fp32" and full else (False,)):
-                yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32)
-    if not full:  # unaligned shapes (no divisibility-by-16 hint: the launchers' unaligned configs)
-        for dtype, r, p in product(DTYPES, (8, 32, 64), (0.0, 0.1)):
-            yield dict(dtype=dtype, r=r, bias=True, dropout=p, M=4095, K=4097, N=11001, tf32=False)
+        for r, bias, p, M in product(ranks[dtype], (True, False), (0.0, 0.1), (1, 64, 4096)):
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False)
+        for r, bias, p in product((1, 8, 32), (True, False), (0.0, 0.1)):  # rank == 1, odd, % 16
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False)
 
 
 def record(spec) -> list:

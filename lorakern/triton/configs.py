@@ -45,13 +45,20 @@ MATMUL_LARGE = (  # 64x128x64 tiles spilled 8-32 B on sm_80 (with 3 or 4 stages,
     MatmulConfig(128, 128, 64, 8, 3),
     MatmulConfig(64, 64, 64, 4, 4),
 )
-MATMUL_FP32 = (  # M > 16 in fp32: without TF32 its dot runs on FMA units with both operand tiles
-    MatmulConfig(64, 64, 64, 4, 3),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
-    MatmulConfig(32, 64, 64, 4, 3),  # spilled 8-184 B
+MATMUL_LARGE_DROPOUT = (  # dx with dropout: the mask's hash temporaries live beside the 128x128
+    MatmulConfig(128, 128, 64, 8, 2),  # accumulator; 3 stages spilled 64 B on sm_80 (int64 offsets)
+    MatmulConfig(64, 64, 64, 4, 4),
 )
+MATMUL_FP32 = (  # M > 16 in fp32: without TF32 its dot runs on FMA units with both operand tiles
+    MatmulConfig(64, 64, 64, 8, 2),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
+    MatmulConfig(32, 64, 64, 8, 3),  # spilled 8-184 B; 64x64 and 32x64 with 4 warps still 8-84 B
+)  # (--full sweep: no bias, int64 offsets), so 8 warps, and 2 stages at 64x64 (16 B otherwise)
 MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16 elements: loads are scalar, one
     MatmulConfig(64, 64, 32, 4, 2),   # 64-bit address per element and stage (64x128x64 tiles
-    MatmulConfig(32, 64, 32, 4, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B)
+    MatmulConfig(32, 64, 32, 8, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B;
+)                                     # 32x64 with 4 warps 12 B on sm_90)
+MATMUL_UNALIGNED_FP32 = (  # fp32's FMA dot: 64x64 spilled 12-36 B, 32x64 up to 76 B (4 or 8 warps)
+    MatmulConfig(16, 64, 32, 4, 2),
 )
 MATMUL_MEDIUM = (  # 16 < M <= 64: one row panel, so narrow column panels for more programs
     MatmulConfig(64, 64, 64, 4, 4),
@@ -66,22 +73,28 @@ SKINNY = (
     SkinnyConfig(32, 64, 4, 3),
     SkinnyConfig(16, 64, 4, 3),
 )
-MAX_BLOCK_R = 128
+# 128 rank columns in one skinny program spilled 8-644 B in the --full sweep (unaligned shapes,
+# dropout; 16-bit, every BLOCK_M), so r > 64 takes several programs (x is read r/64 times for h).
+MAX_BLOCK_R = 64
 
 
-def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple[MatmulConfig, ...]:
-    if not aligned:  # fp32's FMA dot spilled 12-36 B with the 64x64 unaligned tile on sm_80
-        return MATMUL_UNALIGNED[1:] if dtype == torch.float32 else MATMUL_UNALIGNED
+def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.bfloat16,
+                      dropout: bool = False) -> tuple[MatmulConfig, ...]:
+    if not aligned:
+        return MATMUL_UNALIGNED_FP32 if dtype == torch.float32 else MATMUL_UNALIGNED
     if M <= 16:
         return MATMUL_DECODE
     if dtype == torch.float32:
         return MATMUL_FP32
-    return MATMUL_MEDIUM if M <= 64 else MATMUL_LARGE
+    if M <= 64:
+        return MATMUL_MEDIUM
+    return MATMUL_LARGE_DROPOUT if dropout else MATMUL_LARGE
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
     """Every distinct matmul config the launcher can choose."""
-    return tuple(dict.fromkeys(MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_FP32 + MATMUL_UNALIGNED))
+    return tuple(dict.fromkeys(MATMUL_DECODE + MATMUL_MEDIUM + MATMUL_LARGE + MATMUL_LARGE_DROPOUT + MATMUL_FP32
+                               + MATMUL_UNALIGNED + MATMUL_UNALIGNED_FP32))
 
 
 def block_k(cfg: MatmulConfig | SkinnyConfig, dtype: torch.dtype) -> int:
@@ -90,10 +103,10 @@ def block_k(cfg: MatmulConfig | SkinnyConfig, dtype: torch.dtype) -> int:
 
 
 def matmul_block_r(r_pad: int, dtype: torch.dtype) -> int:
-    """Rank chunk of the K-concatenated tail: all of it up to 64, else steps of 64 (16-bit);
-    fp32 takes steps of 32, since without TF32 its dot runs on FMA units with both tiles in
-    registers (64-wide chunks spilled 5-40 KiB at r=256 on sm_80)."""
-    return min(r_pad, 32 if dtype == torch.float32 else 64)
+    """Rank chunk of the K-concatenated tail: all of it up to 32, else steps of 32. fp32's FMA dot
+    spilled 5-40 KiB with 64-wide chunks at r=256 on sm_80; 16-bit spilled 24 B at 64 (64x64 tile,
+    4 stages, int64 offsets, sm_80). 32 more rank columns per step cost one more K-step of 64."""
+    return min(r_pad, 32)
 
 
 def skinny_block_r(r_pad: int, dtype: torch.dtype) -> int:

@@ -92,7 +92,7 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
 
     # Triton specializes ints divisible by 16; without that hint loads are scalar (see configs).
     aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
-    candidates = (config,) if config is not None else matmul_candidates(M, aligned, a.dtype)
+    candidates = (config,) if config is not None else matmul_candidates(M, aligned, a.dtype, dropout=has_dropout)
     key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned)
     return _run(lora_matmul_kernel, key, candidates, call, a.device)
 
