@@ -130,13 +130,7 @@ inline void tile_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows,
     float part[kRowBlock][MT] = {};
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
-        for (int64_t i = 0; i < rows; ++i) {
-            if (kb < K && k0 + kb < K) {  // the same rows' next K block: 16 short streams the hardware
-                const uint8_t* next = w.packed + ((n0 + i) * K + k0 + kb) / 2;  // prefetcher misses
-                for (int64_t b = 0; b < kb / 2; b += 64) __builtin_prefetch(next + b, 0, 3);
-            }
-            row_dot_fast<V, MT>(v, w, n0 + i, x, K, k0, klen, part[i]);
-        }
+        for (int64_t i = 0; i < rows; ++i) row_dot_fast<V, MT>(v, w, n0 + i, x, K, k0, klen, part[i]);
     }
     for (int64_t i = 0; i < rows; ++i)
         for (int m = 0; m < MT; ++m) y[m * N + n0 + i] = part[i][m];

@@ -50,15 +50,15 @@ MATMUL_LARGE_DROPOUT = (  # dx with dropout: the mask's hash temporaries live be
     MatmulConfig(64, 64, 64, 4, 4),
 )
 MATMUL_FP32 = (  # M > 16 in fp32: without TF32 its dot runs on FMA units with both operand tiles
-    MatmulConfig(64, 64, 64, 8, 2),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
-    MatmulConfig(32, 64, 64, 8, 3),  # spilled 8-184 B; 64x64 and 32x64 with 4 warps still 8-84 B
-)  # (--full sweep: no bias, int64 offsets), so 8 warps, and 2 stages at 64x64 (16 B otherwise)
+    MatmulConfig(32, 64, 64, 8, 3),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
+)  # spilled 8-184 B; the --full sweep (no bias, int64 offsets, TF32) found 64x64 spilling 8-84 B on
+#    4 warps and 8-40 B on 8 warps with 2 stages, 32x64 on 4 warps 8-60 B: 32x64 on 8 warps is clean
 MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16 elements: loads are scalar, one
     MatmulConfig(64, 64, 32, 4, 2),   # 64-bit address per element and stage (64x128x64 tiles
     MatmulConfig(32, 64, 32, 8, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B;
 )                                     # 32x64 with 4 warps 12 B on sm_90)
-MATMUL_UNALIGNED_FP32 = (  # fp32's FMA dot: 64x64 spilled 12-36 B, 32x64 up to 76 B (4 or 8 warps)
-    MatmulConfig(16, 64, 32, 4, 2),
+MATMUL_UNALIGNED_FP32 = (  # fp32's FMA dot: 64x64 spilled 12-36 B, 32x64 up to 76 B (4 or 8 warps),
+    MatmulConfig(16, 64, 32, 8, 2),  # 16x64 on 4 warps 8 B (TF32, int64 offsets)
 )
 MATMUL_MEDIUM = (  # 16 < M <= 64: one row panel, so narrow column panels for more programs
     MatmulConfig(64, 64, 64, 4, 4),
