@@ -39,9 +39,9 @@ if X86:
     CPU_SOURCES += [
         ("csrc/cpu/nf4_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
         # gcc 12's avx512fintrin.h self-initialises "undefined" vectors (__Y = __Y): a known false
-        # -Wmaybe-uninitialized inside the intrinsics, not in our code.
+        # -W(maybe-)uninitialized inside the intrinsics, not in our code.
         ("csrc/cpu/nf4_avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
-                                     "-Wno-maybe-uninitialized"]),
+                                     "-Wno-maybe-uninitialized", "-Wno-uninitialized"]),
     ]
 CUDA_SOURCES = ["csrc/cuda/nf4_cuda.cu"]
 
