@@ -4,6 +4,7 @@ whole batch."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -70,9 +71,14 @@ def _worker(rank, world, port, mode, base_quant, out_path):
             final[n] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
         if rank == 0:
             torch.save({n: t.clone() for n, t in final.items()}, out_path)
+        del wrapped, model, final
+        gc.collect()  # DDP's reducer / FSDP's state hold the process group: release them first
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter teardown: c10d/gloo threads still being torn down at exit sometimes
+    # abort the process (std::terminate) after the work is done and checked; errors above still raise.
+    os._exit(0)
 
 
 def _free_port() -> int:
