@@ -5,7 +5,8 @@ binary, chosen at run time) and, when nvcc is found, the CUDA kernels. The sourc
 torch headers, so the build needs only a C++17 compiler, pybind11 and ninja (and nvcc for CUDA).
 
 Environment:
-    LORAKERN_CUDA=0|1          skip / require the CUDA backend (default: build it when nvcc is found)
+    LORAKERN_CUDA=0|1          skip / require the CUDA backend (default: build it when nvcc is found,
+                               and fall back to a CPU-only extension if that compile fails)
     LORAKERN_CUDA_ARCHS        e.g. "80;90a" (default), semicolon-separated compute capabilities
     LORAKERN_REQUIRE_NATIVE=1  fail the install if the extension does not build (default: warn and
                                install the pure-Python package, which falls back to torch)
@@ -103,14 +104,23 @@ class NinjaBuildExt(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         try:
-            self._build(ext)
+            self._build(ext, with_cuda=os.environ.get("LORAKERN_CUDA") != "0")
+            return
         except Exception as exc:  # noqa: BLE001 - a missing compiler must not break the install
-            if os.environ.get("LORAKERN_REQUIRE_NATIVE") == "1":
-                raise
-            warnings.warn(f"lorakern: the native extension was not built ({exc}); "
-                          "the package will use its pure-torch NF4 path", stacklevel=1)
+            first = exc
+        if os.environ.get("LORAKERN_CUDA") != "1" and os.environ.get("LORAKERN_REQUIRE_NATIVE") != "1":
+            try:  # a CUDA toolchain that fails must not cost the CPU kernels
+                self._build(ext, with_cuda=False)
+                warnings.warn(f"lorakern: built without the CUDA kernels ({first})", stacklevel=1)
+                return
+            except Exception as exc:  # noqa: BLE001
+                first = exc
+        if os.environ.get("LORAKERN_REQUIRE_NATIVE") == "1" or os.environ.get("LORAKERN_CUDA") == "1":
+            raise first
+        warnings.warn(f"lorakern: the native extension was not built ({first}); "
+                      "the package will use its pure-torch NF4 path", stacklevel=1)
 
-    def _build(self, ext: Extension) -> None:
+    def _build(self, ext: Extension, with_cuda: bool) -> None:
         import pybind11
 
         ninja = shutil.which("ninja")
@@ -140,7 +150,7 @@ class NinjaBuildExt(build_ext):
             cflags.append("-DLORAKERN_X86")
         ldflags = ["-shared"] + (["-fopenmp"] if openmp else [])
 
-        cuda = None if os.environ.get("LORAKERN_CUDA") == "0" else find_cuda()
+        cuda = find_cuda() if with_cuda else None
         if os.environ.get("LORAKERN_CUDA") == "1" and cuda is None:
             raise RuntimeError("LORAKERN_CUDA=1 but nvcc was not found (set CUDA_HOME)")
         nvcc = None
