@@ -92,16 +92,15 @@ def compile_cu(path: Path, arch: int, nvcc: str) -> list[dict]:
     source = str(path.relative_to(include.parent)) if include else path.name
     warnings = [ln for ln in text.splitlines() if "warning" in ln.lower()]
     if proc.returncode != 0 or warnings:
-        return [{"kernel": path.stem, "arch": arch, "dtype": None, "r": None, "config": {},
-                 "variant": {"source": source}, "ok": False, "cuda": True,
-                 "error": ("\n".join(warnings) or text)[-2000:], "regs": 0, "spill_bytes": 0, "stack_bytes": 0,
-                 "shared_bytes": 0, "mma": "none"}]
-    recs = parse_ptxas(text, arch, source)
-    if not recs:
-        return [{"kernel": path.stem, "arch": arch, "dtype": None, "r": None, "config": {}, "cuda": True,
-                 "variant": {"source": source}, "ok": False, "error": "ptxas printed no per-kernel report",
-                 "regs": 0, "spill_bytes": 0, "stack_bytes": 0, "shared_bytes": 0, "mma": "none"}]
-    return recs
+        return [_failed(path, arch, source, ("\n".join(warnings) or text)[-2000:])]
+    return parse_ptxas(text, arch, source) or [_failed(path, arch, source, "ptxas printed no per-kernel report")]
+
+
+def _failed(path: Path, arch: int, source: str, error: str) -> dict:
+    """The one record of a .cu file that did not compile cleanly for ``arch``."""
+    return {"kernel": path.stem, "arch": arch, "dtype": None, "r": None, "config": {}, "variant": {"source": source},
+            "ok": False, "cuda": True, "error": error, "regs": 0, "spill_bytes": 0, "stack_bytes": 0,
+            "shared_bytes": 0, "mma": "none"}
 
 
 def cuda_records(archs: list[int]) -> tuple[list[dict], str | None]:

@@ -104,12 +104,19 @@ def _backward(ctx, dy, _dh):
 lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool):
+def check_x(x) -> None:
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x: expected a tensor of shape [..., in_features]")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
+
+
+def check_adapter_args(
+    x, out_features: int, in_features: int, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool,
+    base: dict | None = None, dtypes: tuple | None = None,
+) -> None:
+    """The checks every LoRA entry point shares (dense or NF4 base): x's last dim, the shapes of
+    lora_A [r, in], lora_B [out, r] and bias [out], dropout_p and scaling, and that x, the ``base``
+    tensors, bias, lora_A and lora_B share x's device and (outside autocast) dtype. ``dtypes``: the
+    allowed dtypes (default: any floating point)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
@@ -121,22 +128,37 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasti
         raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias: expected shape [{out_features}], got {tuple(bias.shape)}")
-    if weight.requires_grad:
-        raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite number, got {scaling}")
-    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    named = {"x": x, **(base or {}), "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     for name, t in named.items():
         if t is None:
             continue
-        if not t.is_floating_point():
+        if dtypes is None and not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
         if not autocasting and t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+
+
+def autocast_to(dtype: torch.dtype, *tensors):
+    """``tensors`` cast to the autocast ``dtype`` (None stays None), as nn.Linear's inputs are."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool):
+    check_x(x)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.requires_grad:
+        raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
+    check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, autocasting,
+                       base={"weight": weight})
 
 
 def lora_linear(
@@ -162,9 +184,8 @@ def lora_linear(
     autocasting = torch.is_autocast_enabled(device_type)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting)
     if autocasting:
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, lora_A, lora_B = autocast_to(torch.get_autocast_dtype(device_type), x, weight, bias,
+                                                      lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     x2d = x.reshape(-1, x.shape[-1])  # a view unless the leading dims cannot be merged

@@ -16,8 +16,6 @@ weight): the dequantized W is never kept, backward decodes it again for ``dX = d
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -26,7 +24,7 @@ from .dropout import apply_dropout, draw_seed
 from .nf4 import native
 from .nf4.format import NF4Weight
 from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl, resolve_nf4_backend
-from .ops import fake_grads
+from .ops import autocast_to, check_adapter_args, check_x, fake_grads
 from .reference import lora_backward_reference
 
 QLORA_BACKENDS = ("auto", "reference", "native", "triton")
@@ -101,11 +99,10 @@ def qlora_bwd(
     the LoRA terms as in :func:`lorakern.reference.lora_backward_reference`, and ``dY W`` of the
     base through the NF4 kernels' transposed product (or, with "triton", all of it by the fused
     Triton backward on W decoded again: W is never saved)."""
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [dy.shape[1], x.shape[1]], dy.dtype)
     if backend == "triton":
         from .triton.lora_bwd import lora_backward_triton
 
-        w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [dy.shape[1], x.shape[1]],
-                    dy.dtype)
         grads = lora_backward_triton(dy, x, _decoded(w, dy.dtype), lora_A, lora_B, h, scaling, dropout_p, seed,
                                      needs_dx, needs_dlora, needs_dbias)
         return tuple(g.contiguous() for g in grads)
@@ -114,8 +111,6 @@ def qlora_bwd(
     )
     dx = dy.new_empty(0)
     if needs_dx:
-        w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [dy.shape[1], x.shape[1]],
-                    dy.dtype)
         dx = matmul_impl(dy, w, True, backend)
         dx = dx + apply_dropout((dy @ lora_B) * scaling @ lora_A, dropout_p, seed)
     return dx.contiguous(), dA.contiguous(), dB.contiguous(), dbias.contiguous()
@@ -169,40 +164,18 @@ def qlora_linear(
     :func:`resolve_qlora_backend`). Gradients flow to x, bias, lora_A and lora_B;
     the 4-bit weight never gets one.
     """
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError("x: expected a tensor of shape [..., in_features]")
+    check_x(x)
     _check_weight(weight, x.device)
     if len(weight.shape) != 2:
         raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
-    r = lora_A.shape[0] if lora_A.dim() == 2 else -1
-    if lora_A.dim() != 2 or r < 1 or lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A: expected shape [r, {in_features}] with r >= 1, got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias: expected shape [{out_features}], got {tuple(bias.shape)}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite number, got {scaling}")
     device_type = x.device.type
     autocasting = torch.is_autocast_enabled(device_type)
-    for name, t in {"x": x, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}.items():
-        if t is None:
-            continue
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-        if not autocasting and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    check_adapter_args(x, out_features, in_features, bias, lora_A, lora_B, scaling, dropout_p, autocasting,
+                       dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    r = lora_A.shape[0]
     if autocasting:
-        dtype = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, bias, lora_A, lora_B = autocast_to(torch.get_autocast_dtype(device_type), x, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     x2d = x.reshape(-1, in_features)
