@@ -30,7 +30,6 @@ namespace impl {
 constexpr int kMTile = 8;      // rows of x sharing one decode: 8 x 2 accumulators + 2 weights in 32 zmm
 constexpr int64_t kRowBlock = 16;  // weight rows per task, sharing one L1-resident x tile
 constexpr int64_t kKBlock = 512;   // columns of the x tile (a multiple of 64)
-constexpr int64_t kMaxSegmentBlocks = 1024;  // decoded block scales per row segment (K <= 32768 at 32)
 constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
 
 // Element-by-element decode of W_flat[start:start+count) into float32: any alignment.
@@ -87,79 +86,148 @@ void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int
     }
 }
 
-// out[m] += sum_{k in [k0, k0+klen)} x[m, k] W[n, k] for MT rows of x, one output row n.
-// K % 64 == 0 (fast path); x is in V's split lane order (see permute_x). MT <= 2 keeps two 32-weight
-// steps in flight so M = 1 has 4 independent FMA chains (AVX-512); larger tiles get theirs from rows.
+// Block scales for the matmul walk, two sources behind one interface: enter(b) before using
+// blocks of b's group, group_end(b) the first block after it, scale(b) the float32 scale.
+// Plain: the float absmax itself. Nested (double quantization): the 256 possible scales of the
+// group (code2[q] * absmax2[g] + offset, rounded as block_scale does) built into a table when
+// the walk enters the group, so the FMA loop pays one byte load per block either way. Decoding
+// each block's scale in the loop instead (load, multiply, add) cost +15% at M = 1: its scalar
+// multiply and add take the two vector ports the decode and FMAs are bound by.
+struct PlainScales {
+    const float* absmax;
+    explicit PlainScales(const Nf4Weight& w) : absmax(static_cast<const float*>(w.absmax)) {}
+    void enter(int64_t) {}
+    int64_t group_end(int64_t) const { return INT64_MAX; }
+    float scale(int64_t b) const { return absmax[b]; }
+};
+
+struct NestedScales {
+    const uint8_t* q;
+    const Nf4Weight& w;
+    int64_t group = -1;
+    alignas(64) float table[256];
+    explicit NestedScales(const Nf4Weight& w_) : q(static_cast<const uint8_t*>(w_.absmax)), w(w_) {}
+    void enter(int64_t b) {
+        const int64_t g = b / kNestedBlocksize;
+        if (g == group) return;
+        group = g;
+        const float a = w.nested_absmax[g], off = *w.offset;
+        for (int i = 0; i < 256; ++i) table[i] = add_rn(mul_rn(w.nested_code[i], a), off);
+    }
+    int64_t group_end(int64_t b) const { return (b / kNestedBlocksize + 1) * kNestedBlocksize; }
+    float scale(int64_t b) const { return table[q[b]]; }
+};
+
+// One step: 32 weights at p (16 bytes) decoded with table t, FMA'd against MT rows of the x
+// panel at xp ([MT][32] floats, split lane order) into acc [MT][J].
 template <class V, int MT>
-inline void row_dot_fast(const V& v, const Nf4Weight& w, int64_t n, const float* x, int64_t ldx, int64_t k0,
-                         int64_t klen, float* out) {
+__attribute__((always_inline)) inline void step(const V& v, const uint8_t* p, const typename V::Table& t,
+                                                const float* xp, typename V::vec* acc) {
+    constexpr int J = 32 / V::W;
+    typename V::vec wv[J];
+    v.decode32_split(p, t, wv);
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < J; ++j) acc[m * J + j] = v.fmadd(wv[j], v.load(xp + m * 32 + j * V::W), acc[m * J + j]);
+}
+
+// Software prefetch of the packed bytes, one per block (a 64-byte line holds two 64-blocks). Without it
+// M = 1 from DRAM (4096 x 4096, 40 weights rotating past a 260 MB L3) took the decode time plus
+// the transfer time, 0.66 ms: the hardware prefetchers did not run far enough ahead of a loop this
+// dense in compute. Rows of x <= 2 walk each weight row once, front to back: 4 KB ahead (measured:
+// 1 KB 0.53 ms, 2 KB 0.49, 4 KB 0.47, 16 KB 0.48). More rows walk a 16-row block in 512-column
+// slices: the same slice 4 rows down (M = 16: none 3.03 ms, 1 row 2.90, 4 rows 2.67, 16 rows 2.68).
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetchRows = 4;
+
+// acc += W_flat[f, f + len) . x panel, f and len multiples of 32 (a piece of one weight row);
+// xp is the panel at the piece's first column ([len / 32][MT][32]). acc holds U sets of [MT][J]
+// accumulators; with U == 2 consecutive steps alternate between them (M <= 2: four independent
+// FMA chains per row of x, so the 4-cycle FMA latency never binds).
+template <class V, int MT, int U, class S>
+__attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4Weight& w, int64_t f, int64_t len,
+                                                   const float* xp, typename V::vec* acc) {
+    constexpr int J = 32 / V::W;
+    constexpr int64_t XS = MT * 32;  // panel floats per step
+    const uint8_t* p = w.packed + f / 2;
+    const int sh = w.block_shift;
+    const int64_t end = f + len;
+    if (((f | len) & (w.blocksize - 1)) == 0 && w.blocksize >= 32 * U) {
+        // Whole blocks, each a multiple of U steps: the common case, kept free of per-step
+        // bookkeeping (scalar instructions here share ports with the vector decode).
+        const int64_t steps = w.blocksize / 32;
+        for (int64_t b = f >> sh, b1 = end >> sh; b < b1;) {
+            sc.enter(b);
+            for (const int64_t ge = std::min(b1, sc.group_end(b)); b < ge; ++b) {
+                __builtin_prefetch(p + (MT <= 2 ? kPrefetchBytes : kPrefetchRows * w.cols / 2));
+                const typename V::Table t = v.scaled(sc.scale(b));
+                for (int64_t s = 0; s < steps; s += U) {
+                    for (int u = 0; u < U; ++u) step<V, MT>(v, p + 16 * u, t, xp + XS * u, acc + u * MT * J);
+                    p += 16 * U;
+                    xp += XS * U;
+                }
+            }
+        }
+        return;
+    }
+    // Pieces of blocks (rows starting mid-block, k-blocks inside a large block, blocksize 32 with U == 2).
+    while (f < end) {
+        const int64_t b = f >> sh;
+        sc.enter(b);
+        const int64_t stop = std::min(end, (b + 1) << sh);
+        const typename V::Table t = v.scaled(sc.scale(b));
+        for (; f < stop; f += 32, p += 16, xp += XS) step<V, MT>(v, p, t, xp, acc);
+    }
+}
+
+// y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
+// loop is cut into kKBlock pieces so the panel slice (8 rows x 512 x 4 B = 16 KB) stays in L1
+// while kRowBlock weight rows stream past it; each row's accumulators wait in `keep` between
+// slices (as vectors: a horizontal sum per row and slice cost ~30% at M = 16).
+template <class V, class S, int MT>
+inline void tile_block(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
+                       float* y) {
     constexpr int J = 32 / V::W;
     constexpr int U = MT <= 2 ? 2 : 1;
-    const int64_t K = w.cols;
-    const uint8_t* row = w.packed + n * K / 2;
-    const int64_t f0 = n * K;
-    typename V::vec acc[MT][U * J];
-    for (int m = 0; m < MT; ++m)
-        for (int j = 0; j < U * J; ++j) acc[m][j] = v.zero();
-    const bool shared_scale = w.blocksize >= 32 * U;  // both steps of an iteration in one block
-    // The segment's block scales up front when its blocks are whole: the absmax array itself, or
-    // (double quantization) decoded in one loop before the FMA loop. Double quantization still
-    // costs ~10% at M = 1 (measured; the decode itself is not the cause: gathers, or constant
-    // scales, in this loop give the same time).
-    const float* seg = nullptr;
-    float decoded[kMaxSegmentBlocks];
-    const int s = w.block_shift;
-    if (((f0 + k0) & (w.blocksize - 1)) == 0 && (klen & (w.blocksize - 1)) == 0) {
-        const int64_t b0 = (f0 + k0) >> s, nb = klen >> s;
-        if (w.nested_absmax == nullptr) {
-            seg = static_cast<const float*>(w.absmax) + b0;
-        } else if (nb <= kMaxSegmentBlocks) {
-            for (int64_t b = 0; b < nb; ++b) decoded[b] = block_scale(w, b0 + b);
-            seg = decoded;
-        }
-    }
-    for (int64_t k = k0; k < k0 + klen; k += 32 * U) {
-        typename V::Table tab = v.scaled(seg ? seg[(k - k0) >> s] : scale_of(w, f0 + k));
-        for (int u = 0; u < U; ++u) {
-            const int64_t kk = k + 32 * u;
-            if (u && !shared_scale) tab = v.scaled(seg ? seg[(kk - k0) >> s] : scale_of(w, f0 + kk));
-            typename V::vec wv[J];
-            v.decode32_split(row + kk / 2, tab, wv);
-            for (int m = 0; m < MT; ++m)
-                for (int j = 0; j < J; ++j)
-                    acc[m][u * J + j] = v.fmadd(wv[j], v.load(x + m * ldx + kk + j * V::W), acc[m][u * J + j]);
-        }
-    }
-    for (int m = 0; m < MT; ++m) {
-        typename V::vec s = acc[m][0];
-        for (int j = 1; j < U * J; ++j) s = v.add(s, acc[m][j]);
-        out[m] += v.hsum(s);
-    }
-}
-
-// y[m0:m0+MT, n0:n0+rows] for one tile of x rows. With MT > 2 the K loop is cut into kKBlock pieces
-// so the x tile (8 rows x 512 x 4 B = 16 KB) stays in L1 while kRowBlock weight rows stream past it;
-// unblocked, 8 rows of a 4096-wide x (128 KB) would be re-read from L2 for every weight row.
-template <class V, int MT>
-inline void tile_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows, const float* x, float* y) {
+    constexpr int A = MT * J;
+    using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
     const int64_t kb = MT <= 2 ? K : kKBlock;
-    float part[kRowBlock][MT] = {};
+    vec keep[MT <= 2 ? 1 : kRowBlock][A];
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
-        for (int64_t i = 0; i < rows; ++i) row_dot_fast<V, MT>(v, w, n0 + i, x, K, k0, klen, part[i]);
+        const bool first = k0 == 0, last = k0 + kb >= K;
+        for (int64_t i = 0; i < rows; ++i) {
+            vec acc[U * A];
+            for (int a = 0; a < U * A; ++a) acc[a] = (first || a >= A) ? v.zero() : keep[i][a];
+            segment<V, MT, U>(v, sc, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc);
+            for (int a = 0; a < A; ++a)
+                for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
+            if (!last) {
+                for (int a = 0; a < A; ++a) keep[i][a] = acc[a];
+                continue;
+            }
+            for (int m = 0; m < MT; ++m) {
+                vec s = acc[m * J];
+                for (int j = 1; j < J; ++j) s = v.add(s, acc[m * J + j]);
+                y[m * N + n0 + i] = v.hsum(s);
+            }
+        }
     }
-    for (int64_t i = 0; i < rows; ++i)
-        for (int m = 0; m < MT; ++m) y[m * N + n0 + i] = part[i][m];
 }
 
-// x [M, K] -> the same values with every 32-chunk in V's split lane order.
+// x [M, K] -> panels: tiles of kMTile rows (the last one shorter), each [K / 32][rows][32] with
+// every 32-chunk in V's split lane order, so a step reads one contiguous run of x.
 template <class V>
-inline void permute_x(const float* x, int64_t M, int64_t K, float* out) {
+inline void pack_x(const float* x, int64_t M, int64_t K, float* out) {
     int src[32];
     for (int p = 0; p < 32; ++p) src[p] = V::lane_source(p);
-    for (int64_t i = 0; i < M * K; i += 32)
-        for (int p = 0; p < 32; ++p) out[i + p] = x[i + src[p]];
+    for (int64_t m0 = 0; m0 < M; m0 += kMTile) {
+        const int64_t mt = std::min<int64_t>(kMTile, M - m0);
+        float* panel = out + m0 * K;
+        for (int64_t c = 0; c < K / 32; ++c)
+            for (int64_t m = 0; m < mt; ++m)
+                for (int p = 0; p < 32; ++p) panel[(c * mt + m) * 32 + p] = x[(m0 + m) * K + c * 32 + src[p]];
+    }
 }
 
 // Any K: decode the row into a float buffer first, then dot products.
@@ -179,23 +247,39 @@ inline void row_dot_generic(const V& v, const Nf4Weight& w, int64_t n, const flo
     }
 }
 
-template <class V>
-inline void rows_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows, const float* x, int64_t M,
+template <class V, class S>
+inline void rows_block(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xs, int64_t M,
                        float* y) {
     const int64_t K = w.cols, N = w.rows;
     int64_t m0 = 0;
-    for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, kMTile>(v, w, n0, rows, x + m0 * K, y + m0 * N);
-    const float* xt = x + m0 * K;
+    for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, S, kMTile>(v, sc, w, n0, rows, xs + m0 * K, y + m0 * N);
+    const float* xt = xs + m0 * K;
     float* yt = y + m0 * N;
     switch (M - m0) {
-        case 7: tile_block<V, 7>(v, w, n0, rows, xt, yt); break;
-        case 6: tile_block<V, 6>(v, w, n0, rows, xt, yt); break;
-        case 5: tile_block<V, 5>(v, w, n0, rows, xt, yt); break;
-        case 4: tile_block<V, 4>(v, w, n0, rows, xt, yt); break;
-        case 3: tile_block<V, 3>(v, w, n0, rows, xt, yt); break;
-        case 2: tile_block<V, 2>(v, w, n0, rows, xt, yt); break;
-        case 1: tile_block<V, 1>(v, w, n0, rows, xt, yt); break;
+        case 7: tile_block<V, S, 7>(v, sc, w, n0, rows, xt, yt); break;
+        case 6: tile_block<V, S, 6>(v, sc, w, n0, rows, xt, yt); break;
+        case 5: tile_block<V, S, 5>(v, sc, w, n0, rows, xt, yt); break;
+        case 4: tile_block<V, S, 4>(v, sc, w, n0, rows, xt, yt); break;
+        case 3: tile_block<V, S, 3>(v, sc, w, n0, rows, xt, yt); break;
+        case 2: tile_block<V, S, 2>(v, sc, w, n0, rows, xt, yt); break;
+        case 1: tile_block<V, S, 1>(v, sc, w, n0, rows, xt, yt); break;
         default: break;
+    }
+}
+
+template <class V, class S>
+void matmul_nt_fast(const Nf4Weight& w, const float* xs, int64_t M, float* y, int threads) {
+    const int64_t N = w.rows;
+    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel num_threads(threads)
+    {
+        V v;
+        S sc(w);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t n0 = b * kRowBlock;
+            rows_block(v, sc, w, n0, std::min(kRowBlock, N - n0), xs, M, y);
+        }
     }
 }
 
@@ -203,29 +287,24 @@ inline void rows_block(const V& v, const Nf4Weight& w, int64_t n0, int64_t rows,
 template <class V>
 void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
-    const bool fast = K % 64 == 0;
-    float* xs = nullptr;
-    if (fast) {
-        xs = new float[M * K];
-        permute_x<V>(x, M, K, xs);
-        const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            V v;
-            const int64_t n0 = b * kRowBlock;
-            rows_block(v, w, n0, std::min(kRowBlock, N - n0), xs, M, y);
-        }
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-            V v;
-            float* rowbuf = new float[K];
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, y + n, N, rowbuf);
-            delete[] rowbuf;
-        }
+    if (K % 32 == 0) {
+        float* xs = new float[M * K];
+        pack_x<V>(x, M, K, xs);
+        if (w.nested_absmax == nullptr)
+            matmul_nt_fast<V, PlainScales>(w, xs, M, y, threads);
+        else
+            matmul_nt_fast<V, NestedScales>(w, xs, M, y, threads);
+        delete[] xs;
+        return;
     }
-    delete[] xs;
+#pragma omp parallel num_threads(threads)
+    {
+        V v;
+        float* rowbuf = new float[K];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, y + n, N, rowbuf);
+        delete[] rowbuf;
+    }
 }
 
 // y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
