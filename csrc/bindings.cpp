@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -70,12 +71,27 @@ void cpu_dequantize(const WeightArgs& wa, int64_t start, int64_t count, uintptr_
     k.dequantize(w, start, count, reinterpret_cast<void*>(out), out_dtype, threads);
 }
 
+// (A, B, bias or 0, scaling, r, h): the LoRA term of the forward (see cpu::LoraTerm).
+using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, uintptr_t>;
+
 void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool transpose, const std::string& isa,
-                int threads) {
+                int threads, const std::optional<LoraArgs>& lora_args) {
     const Nf4Weight w = make_weight(wa);
     const cpu::Kernels k = kernels_for(isa);
+    cpu::LoraTerm lora{};
+    if (lora_args) {
+        if (transpose) throw std::invalid_argument("the LoRA term is for the forward (transpose=False) only");
+        lora.A = reinterpret_cast<const float*>(std::get<0>(*lora_args));
+        lora.B = reinterpret_cast<const float*>(std::get<1>(*lora_args));
+        lora.bias = reinterpret_cast<const float*>(std::get<2>(*lora_args));
+        lora.scaling = static_cast<float>(std::get<3>(*lora_args));
+        lora.r = std::get<4>(*lora_args);
+        lora.h = reinterpret_cast<float*>(std::get<5>(*lora_args));
+        if (!lora.A || !lora.B || !lora.h || lora.r < 1) throw std::invalid_argument("LoRA term: A, B, h and r >= 1 required");
+    }
     py::gil_scoped_release nogil;
-    k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose, threads);
+    k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose,
+             lora_args ? &lora : nullptr, threads);
 }
 
 #ifdef LORAKERN_WITH_CUDA
@@ -102,7 +118,8 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
     m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
     m.def("cpu_dequantize", &cpu_dequantize);
-    m.def("cpu_matmul", &cpu_matmul);
+    m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
+          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none());
 #ifdef LORAKERN_WITH_CUDA
     m.attr("with_cuda") = true;
     m.def("cuda_dequantize", &cuda_dequantize);

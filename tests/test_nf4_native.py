@@ -163,3 +163,31 @@ def test_cuda_dequantize_bit_exact_and_gemv(dtype, double_quant):
                 same = x @ (wc.dequantize_reference(dtype) if transpose else wc.dequantize_reference(dtype).t())
                 got = nf4_matmul(x, wc, transpose=transpose, backend="native")
                 assert_close_like_torch(f"cuda {(out_f, in_f, bs)} M={M} T={transpose}", got, ref, same, dtype)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
+    # The small-M CPU forward with the LoRA term and bias folded into the kernel: tiles of 8 rows of
+    # x with weight rows in pairs, remainder tiles, r below / at / across the vector width, no bias.
+    s = 0.7
+    for out_f, in_f, bs in SHAPES:
+        w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
+        w64 = w.dequantize_reference(torch.float64)
+        for M, r, with_bias in ((1, 16, True), (2, 1, True), (3, 17, False), (8, 8, True), (9, 40, True),
+                                (SMALL_M, 16, False)):
+            x = torch.randn(M, in_f)
+            A = torch.randn(r, in_f) / in_f**0.5
+            B = torch.randn(out_f, r) / r**0.5
+            bias = torch.randn(out_f) if with_bias else None
+            y, h = native.cpu_qlora_forward(x, w, bias, A, B, s)
+
+            def forward(x, A, B, bias, wt):
+                h = x @ A.t()
+                y = x @ wt.t() + s * (h @ B.t())
+                return (y if bias is None else y + bias), h
+
+            want = forward(x.double(), A.double(), B.double(), None if bias is None else bias.double(), w64)
+            same = forward(x, A, B, bias, w64.float())
+            where = f"{isa} {(out_f, in_f, bs)} M={M} r={r} bias={with_bias}"
+            assert_close_like_torch(f"y {where}", y, want[0], same[0], torch.float32)
+            assert_close_like_torch(f"h {where}", h, want[1], same[1], torch.float32)

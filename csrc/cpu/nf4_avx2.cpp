@@ -20,6 +20,10 @@ struct Avx2Vec {
         low_nibble = _mm_set1_epi8(0x0F);
     }
     vec zero() const { return _mm256_setzero_ps(); }
+    vec in_register(vec a) const {
+        __asm__("" : "+v"(a));
+        return a;
+    }
     vec set1(float f) const { return _mm256_set1_ps(f); }
     vec load(const float* p) const { return _mm256_loadu_ps(p); }
     void store(float* p, vec a) const { _mm256_storeu_ps(p, a); }

@@ -19,6 +19,10 @@ struct Avx512Vec {
         low_nibble = _mm_set1_epi8(0x0F);
     }
     vec zero() const { return _mm512_setzero_ps(); }
+    vec in_register(vec a) const {
+        __asm__("" : "+v"(a));
+        return a;
+    }
     vec set1(float f) const { return _mm512_set1_ps(f); }
     vec load(const float* p) const { return _mm512_loadu_ps(p); }
     void store(float* p, vec a) const { _mm512_storeu_ps(p, a); }

@@ -15,11 +15,24 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 using DequantizeFn = void (*)(const Nf4Weight& w, int64_t start, int64_t count, void* out, int out_dtype,
                               int threads);
 
-// transpose == false: y [M, rows] = x [M, cols] @ W^T
-// transpose == true:  y [M, cols] = x [M, rows] @ W        (the backward dX = dY W)
+// The LoRA term the forward adds as it writes each output, so the layer is one call:
+// y = x W^T + bias + scaling * h B^T with h = x A^T [M, r] computed first and written to h.
+// A [r, cols], B [rows, r], bias [rows] (or null), h [M, r]: float32, row-major, contiguous.
+struct LoraTerm {
+    const float* A;
+    const float* B;
+    const float* bias;
+    float scaling;
+    int64_t r;
+    float* h;
+    float* scaled_h = nullptr;  // the kernel's own: scaling * h, so the term joins the FMA accumulators
+};
+
+// transpose == false: y [M, rows] = x [M, cols] @ W^T (+ the LoRA term when lora is non-null)
+// transpose == true:  y [M, cols] = x [M, rows] @ W        (the backward dX = dY W; lora must be null)
 // x, y float32, row-major and contiguous. Reads each packed byte once per tile of up to 8 rows of x.
 using MatmulFn = void (*)(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transpose,
-                          int threads);
+                          const LoraTerm* lora, int threads);
 
 struct Kernels {
     DequantizeFn dequantize;

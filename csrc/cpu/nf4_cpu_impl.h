@@ -6,6 +6,7 @@
 //     float32, one rounding, like the reference) as 32 / W vectors;
 //   scaled(scale) -> Table: the 16 code values times scale (one rounding each: bit-identical to multiplying
 //     after the lookup), so the matmul pays one multiply per block instead of one per 16 weights;
+//   in_register(v): v, kept in a register (the compiler would fold a load into each FMA using it);
 //   decode32_split(bytes, table, out): the same 32 weights in a lane order of V's choosing,
 //     lane_source(pos) naming the weight at position pos; matmul permutes x to match once per call.
 //
@@ -27,9 +28,11 @@ namespace lorakern {
 namespace cpu {
 namespace impl {
 
-constexpr int kMTile = 8;      // rows of x sharing one decode: 8 x 2 accumulators + 2 weights in 32 zmm
+constexpr int kMTile = 8;      // rows of x sharing one decode: 2 weight rows x 8 accumulators + 4 weights + 2 tables
 constexpr int64_t kRowBlock = 16;  // weight rows per task, sharing one L1-resident x tile
-constexpr int64_t kKBlock = 512;   // columns of the x tile (a multiple of 64)
+// Columns of x per slice when MT > 2: the panel slice, MT x kb x 4 B, stays near 16 KB (L1 is
+// 48 KB); a multiple of 256 so blocks up to 256 never straddle a slice.
+constexpr int64_t slice_columns(int MT) { return 4096 / MT / 256 * 256 > 256 ? 4096 / MT / 256 * 256 : 256; }
 constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
 
 // Element-by-element decode of W_flat[start:start+count) into float32: any alignment.
@@ -118,16 +121,26 @@ struct NestedScales {
     float scale(int64_t b) const { return table[q[b]]; }
 };
 
+// Accumulators per row of x: one per vector of a step (J) for small tiles, where the FMA latency
+// (4 cycles) would otherwise bind; one for MT >= 8, where a step's 2 x MT FMAs take longer than a
+// chain of J dependent FMAs, so two weight rows' accumulators fit the register file.
+template <class V, int MT>
+constexpr int acc_per_row() { return MT >= 8 ? 1 : 32 / V::W; }
+
 // One step: 32 weights at p (16 bytes) decoded with table t, FMA'd against MT rows of the x
-// panel at xp ([MT][32] floats, split lane order) into acc [MT][J].
+// panel at xp ([MT][32] floats, split lane order) into acc [MT][acc_per_row].
 template <class V, int MT>
 __attribute__((always_inline)) inline void step(const V& v, const uint8_t* p, const typename V::Table& t,
                                                 const float* xp, typename V::vec* acc) {
     constexpr int J = 32 / V::W;
+    constexpr int AJ = acc_per_row<V, MT>();
     typename V::vec wv[J];
     v.decode32_split(p, t, wv);
     for (int m = 0; m < MT; ++m)
-        for (int j = 0; j < J; ++j) acc[m * J + j] = v.fmadd(wv[j], v.load(xp + m * 32 + j * V::W), acc[m * J + j]);
+        for (int j = 0; j < J; ++j) {
+            typename V::vec& a = acc[m * AJ + (AJ == 1 ? 0 : j)];
+            a = v.fmadd(wv[j], v.load(xp + m * 32 + j * V::W), a);
+        }
 }
 
 // Software prefetch of the packed bytes, one per block (a 64-byte line holds two 64-blocks). Without it
@@ -146,7 +159,7 @@ constexpr int64_t kPrefetchRows = 4;
 template <class V, int MT, int U, class S>
 __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4Weight& w, int64_t f, int64_t len,
                                                    const float* xp, typename V::vec* acc) {
-    constexpr int J = 32 / V::W;
+    constexpr int A = MT * acc_per_row<V, MT>();  // accumulators per set
     constexpr int64_t XS = MT * 32;  // panel floats per step
     const uint8_t* p = w.packed + f / 2;
     const int sh = w.block_shift;
@@ -161,7 +174,7 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
                 __builtin_prefetch(p + (MT <= 2 ? kPrefetchBytes : kPrefetchRows * w.cols / 2));
                 const typename V::Table t = v.scaled(sc.scale(b));
                 for (int64_t s = 0; s < steps; s += U) {
-                    for (int u = 0; u < U; ++u) step<V, MT>(v, p + 16 * u, t, xp + XS * u, acc + u * MT * J);
+                    for (int u = 0; u < U; ++u) step<V, MT>(v, p + 16 * u, t, xp + XS * u, acc + u * A);
                     p += 16 * U;
                     xp += XS * U;
                 }
@@ -179,38 +192,156 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
     }
 }
 
-// y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
-// loop is cut into kKBlock pieces so the panel slice (8 rows x 512 x 4 B = 16 KB) stays in L1
-// while kRowBlock weight rows stream past it; each row's accumulators wait in `keep` between
-// slices (as vectors: a horizontal sum per row and slice cost ~30% at M = 16).
-template <class V, class S, int MT>
-inline void tile_block(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
-                       float* y) {
+// sum_k a[k] b[k], vectorized (two accumulator chains) with a scalar tail.
+template <class V>
+inline float dot(const V& v, const float* a, const float* b, int64_t n) {
+    typename V::vec acc0 = v.zero(), acc1 = v.zero();
+    int64_t k = 0;
+    for (; k + 2 * V::W <= n; k += 2 * V::W) {
+        acc0 = v.fmadd(v.load(a + k), v.load(b + k), acc0);
+        acc1 = v.fmadd(v.load(a + k + V::W), v.load(b + k + V::W), acc1);
+    }
+    if (k + V::W <= n) {
+        acc0 = v.fmadd(v.load(a + k), v.load(b + k), acc0);
+        k += V::W;
+    }
+    float s = v.hsum(v.add(acc0, acc1));
+    for (; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+// h = x A^T [M, r] (and scaled_h = scaling * h): one dot product of length K per (m, j), split over
+// the threads of the enclosing parallel region (r x K x M FMAs: 64K at r = 16, M = 1, K = 4096,
+// ~1% of the decode).
+template <class V>
+inline void lora_h(const V& v, const LoraTerm* lora, const float* x, int64_t M, int64_t K) {
+    if (lora == nullptr) return;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * lora->r; ++i) {
+        lora->h[i] = dot(v, x + (i / lora->r) * K, lora->A + (i % lora->r) * K, K);
+        lora->scaled_h[i] = lora->scaling * lora->h[i];
+    }
+}
+
+// Output (m, n)'s LoRA term and bias: scaled_h[m] . B[n] added into the accumulator vector s
+// (whole vectors; a horizontal sum per output for the term alone cost ~0.15 ms at M = 16 on 4096
+// outputs), the rest (r % W elements, and the bias) returned as a scalar. 0 without a LoRA term.
+template <class V>
+inline float lora_into(const V& v, const LoraTerm* lora, int64_t m, int64_t n, typename V::vec& s) {
+    if (lora == nullptr) return 0.0f;
+    const float* h = lora->scaled_h + m * lora->r;
+    const float* b = lora->B + n * lora->r;
+    int64_t j = 0;
+    for (; j + V::W <= lora->r; j += V::W) s = v.fmadd(v.load(h + j), v.load(b + j), s);
+    float rest = lora->bias ? lora->bias[n] : 0.0f;
+    for (; j < lora->r; ++j) rest += h[j] * b[j];
+    return rest;
+}
+
+// One step for two weight rows at once (p0, p1 with tables t0, t1) against the same MT rows of
+// x: each x vector is loaded once for two FMAs. At M = 16 the FMAs with a memory operand were
+// the limit (32 per step from the 16 KB panel: ~22 cycles measured against 16 for the FMAs
+// alone); loading x into a register for two rows halves those loads.
+template <class V, int MT>
+__attribute__((always_inline)) inline void step_pair(const V& v, const uint8_t* p0, const uint8_t* p1,
+                                                     const typename V::Table& t0, const typename V::Table& t1,
+                                                     const float* xp, typename V::vec* acc0, typename V::vec* acc1) {
+    static_assert(acc_per_row<V, MT>() == 1, "pairs keep one accumulator per row of x");
     constexpr int J = 32 / V::W;
+    typename V::vec w0[J], w1[J];
+    v.decode32_split(p0, t0, w0);
+    v.decode32_split(p1, t1, w1);
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < J; ++j) {
+            const typename V::vec xv = v.in_register(v.load(xp + m * 32 + j * V::W));
+            acc0[m] = v.fmadd(w0[j], xv, acc0[m]);
+            acc1[m] = v.fmadd(w1[j], xv, acc1[m]);
+        }
+}
+
+// segment() for weight rows n and n + 1 together, over whole blocks only (the caller checks that
+// K and the slice are multiples of the blocksize, so both rows' pieces are whole blocks).
+template <class V, int MT, class S>
+__attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
+                                                        int64_t len, const float* xp, typename V::vec* acc0,
+                                                        typename V::vec* acc1) {
+    const int64_t row_bytes = w.cols / 2;
+    const int sh = w.block_shift;
+    const int64_t d = w.cols >> sh;  // blocks per row: row n + 1's block for row n's block b is b + d
+    const int64_t steps = w.blocksize / 32;
+    const uint8_t* p = w.packed + f / 2;
+    for (int64_t b = f >> sh, b1 = (f + len) >> sh; b < b1;) {
+        sc0.enter(b);
+        sc1.enter(b + d);
+        for (const int64_t ge = std::min(b1, std::min(sc0.group_end(b), sc1.group_end(b + d) - d)); b < ge; ++b) {
+            __builtin_prefetch(p + kPrefetchRows * row_bytes);
+            __builtin_prefetch(p + (kPrefetchRows + 1) * row_bytes);
+            const typename V::Table t0 = v.scaled(sc0.scale(b)), t1 = v.scaled(sc1.scale(b + d));
+            if (steps == 2) {  // blocksize 64, the default: unrolled, so the tables stay in registers
+                step_pair<V, MT>(v, p, p + row_bytes, t0, t1, xp, acc0, acc1);
+                step_pair<V, MT>(v, p + 16, p + 16 + row_bytes, t0, t1, xp + MT * 32, acc0, acc1);
+                p += 32;
+                xp += 2 * MT * 32;
+                continue;
+            }
+            for (int64_t s = 0; s < steps; ++s, p += 16, xp += MT * 32)
+                step_pair<V, MT>(v, p, p + row_bytes, t0, t1, xp, acc0, acc1);
+        }
+    }
+}
+
+// y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
+// loop is cut into slices so the panel slice stays in L1 while kRowBlock weight rows stream past
+// it; each row's accumulators wait in `keep` between slices (as vectors: a horizontal sum per row
+// and slice cost ~30% at M = 16). Full tiles (MT = kMTile) take weight rows in pairs where the
+// blocks allow (K and the slice multiples of the blocksize).
+template <class V, class S, int MT>
+inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
+                       const LoraTerm* lora, int64_t m0, float* y) {
+    constexpr int AJ = acc_per_row<V, MT>();
     constexpr int U = MT <= 2 ? 2 : 1;
-    constexpr int A = MT * J;
+    constexpr int A = MT * AJ;
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
-    const int64_t kb = MT <= 2 ? K : kKBlock;
+    const int64_t kb = MT <= 2 ? K : slice_columns(MT);
+    const bool pairs = AJ == 1 && K % w.blocksize == 0 && kb % w.blocksize == 0;
     vec keep[MT <= 2 ? 1 : kRowBlock][A];
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
         const bool first = k0 == 0, last = k0 + kb >= K;
-        for (int64_t i = 0; i < rows; ++i) {
+        // Row i's accumulators (A vectors, U sets summed) -> keep, or (last slice) y.
+        auto finish = [&](int64_t i, vec* acc) {
+            if (!last) {
+                for (int a = 0; a < A; ++a) keep[i][a] = acc[a];
+                return;
+            }
+            for (int m = 0; m < MT; ++m) {
+                vec s = acc[m * AJ];
+                for (int j = 1; j < AJ; ++j) s = v.add(s, acc[m * AJ + j]);
+                const float rest = lora_into(v, lora, m0 + m, n0 + i, s);
+                y[m * N + n0 + i] = v.hsum(s) + rest;
+            }
+        };
+        int64_t i = 0;
+        if constexpr (AJ == 1) {
+            for (; pairs && i + 2 <= rows; i += 2) {
+                vec acc0[A], acc1[A];
+                for (int a = 0; a < A; ++a) {
+                    acc0[a] = first ? v.zero() : keep[i][a];
+                    acc1[a] = first ? v.zero() : keep[i + 1][a];
+                }
+                segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
+                finish(i, acc0);
+                finish(i + 1, acc1);
+            }
+        }
+        for (; i < rows; ++i) {
             vec acc[U * A];
             for (int a = 0; a < U * A; ++a) acc[a] = (first || a >= A) ? v.zero() : keep[i][a];
             segment<V, MT, U>(v, sc, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc);
             for (int a = 0; a < A; ++a)
                 for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
-            if (!last) {
-                for (int a = 0; a < A; ++a) keep[i][a] = acc[a];
-                continue;
-            }
-            for (int m = 0; m < MT; ++m) {
-                vec s = acc[m * J];
-                for (int j = 1; j < J; ++j) s = v.add(s, acc[m * J + j]);
-                y[m * N + n0 + i] = v.hsum(s);
-            }
+            finish(i, acc);
         }
     }
 }
@@ -232,79 +363,87 @@ inline void pack_x(const float* x, int64_t M, int64_t K, float* out) {
 
 // Any K: decode the row into a float buffer first, then dot products.
 template <class V>
-inline void row_dot_generic(const V& v, const Nf4Weight& w, int64_t n, const float* x, int64_t M, float* y,
-                            int64_t ldy, float* rowbuf) {
+inline void row_dot_generic(const V& v, const Nf4Weight& w, int64_t n, const float* x, int64_t M,
+                            const LoraTerm* lora, float* y, int64_t ldy, float* rowbuf) {
     const int64_t K = w.cols;
     decode_generic(w, n * K, K, rowbuf);
     for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K;
-        typename V::vec acc = v.zero();
-        int64_t k = 0;
-        for (; k + V::W <= K; k += V::W) acc = v.fmadd(v.load(rowbuf + k), v.load(xm + k), acc);
-        float s = v.hsum(acc);
-        for (; k < K; ++k) s += rowbuf[k] * xm[k];
-        y[m * ldy] = s;
+        typename V::vec s = v.zero();
+        const float rest = lora_into(v, lora, m, n, s);
+        y[m * ldy] = dot(v, rowbuf, x + m * K, K) + v.hsum(s) + rest;
     }
 }
 
 template <class V, class S>
-inline void rows_block(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xs, int64_t M,
-                       float* y) {
+inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xs, int64_t M,
+                       const LoraTerm* lora, float* y) {
     const int64_t K = w.cols, N = w.rows;
     int64_t m0 = 0;
-    for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, S, kMTile>(v, sc, w, n0, rows, xs + m0 * K, y + m0 * N);
+    for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, S, kMTile>(v, sc, sc1, w, n0, rows, xs + m0 * K, lora, m0, y + m0 * N);
     const float* xt = xs + m0 * K;
     float* yt = y + m0 * N;
     switch (M - m0) {
-        case 7: tile_block<V, S, 7>(v, sc, w, n0, rows, xt, yt); break;
-        case 6: tile_block<V, S, 6>(v, sc, w, n0, rows, xt, yt); break;
-        case 5: tile_block<V, S, 5>(v, sc, w, n0, rows, xt, yt); break;
-        case 4: tile_block<V, S, 4>(v, sc, w, n0, rows, xt, yt); break;
-        case 3: tile_block<V, S, 3>(v, sc, w, n0, rows, xt, yt); break;
-        case 2: tile_block<V, S, 2>(v, sc, w, n0, rows, xt, yt); break;
-        case 1: tile_block<V, S, 1>(v, sc, w, n0, rows, xt, yt); break;
+        case 7: tile_block<V, S, 7>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 6: tile_block<V, S, 6>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 5: tile_block<V, S, 5>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 4: tile_block<V, S, 4>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 3: tile_block<V, S, 3>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 2: tile_block<V, S, 2>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 1: tile_block<V, S, 1>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
         default: break;
     }
 }
 
 template <class V, class S>
-void matmul_nt_fast(const Nf4Weight& w, const float* xs, int64_t M, float* y, int threads) {
+void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t M, const LoraTerm* lora, float* y,
+                    int threads) {
     const int64_t N = w.rows;
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel num_threads(threads)
     {
         V v;
-        S sc(w);
+        S sc(w), sc1(w);  // the walk's block scales for a row and (pairs) the next one
+        lora_h(v, lora, x, M, w.cols);  // ends in a barrier: h is complete before any output
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t n0 = b * kRowBlock;
-            rows_block(v, sc, w, n0, std::min(kRowBlock, N - n0), xs, M, y);
+            rows_block(v, sc, sc1, w, n0, std::min(kRowBlock, N - n0), xs, M, lora, y);
         }
     }
 }
 
 // y [M, N] = x [M, K] @ W^T
 template <class V>
-void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
+void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lora_in, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
+    LoraTerm term;
+    float* scaled_h = nullptr;
+    if (lora_in != nullptr) {
+        term = *lora_in;
+        term.scaled_h = scaled_h = new float[M * term.r];
+    }
+    const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
         float* xs = new float[M * K];
         pack_x<V>(x, M, K, xs);
         if (w.nested_absmax == nullptr)
-            matmul_nt_fast<V, PlainScales>(w, xs, M, y, threads);
+            matmul_nt_fast<V, PlainScales>(w, x, xs, M, lora, y, threads);
         else
-            matmul_nt_fast<V, NestedScales>(w, xs, M, y, threads);
+            matmul_nt_fast<V, NestedScales>(w, x, xs, M, lora, y, threads);
         delete[] xs;
+        delete[] scaled_h;
         return;
     }
 #pragma omp parallel num_threads(threads)
     {
         V v;
         float* rowbuf = new float[K];
+        lora_h(v, lora, x, M, K);
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, y + n, N, rowbuf);
+        for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, lora, y + n, N, rowbuf);
         delete[] rowbuf;
     }
+    delete[] scaled_h;
 }
 
 // y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
@@ -350,12 +489,13 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
 }
 
 template <class V>
-void matmul(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transpose, int threads) {
+void matmul(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transpose, const LoraTerm* lora,
+            int threads) {
     if (M <= 0) return;
     if (transpose)
         matmul_t<V>(w, x, M, y, threads);
     else
-        matmul_nt<V>(w, x, M, y, threads);
+        matmul_nt<V>(w, x, M, lora, y, threads);
 }
 
 template <class V>

@@ -9,6 +9,7 @@ struct ScalarVec {
     using vec = float;
     static constexpr int W = 1;
     vec zero() const { return 0.0f; }
+    vec in_register(vec a) const { return a; }
     vec set1(float f) const { return f; }
     vec load(const float* p) const { return *p; }
     void store(float* p, vec a) const { *p = a; }

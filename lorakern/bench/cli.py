@@ -119,19 +119,24 @@ def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=Tru
         group = []
         for provider in providers:
             torch.manual_seed(0)
-            module = nf4_suite.make_linear(provider, k, n, compute_dtype, device)
-            wbytes = nf4_suite.weight_bytes(provider, module)
+            first = nf4_suite.make_linear(provider, k, n, compute_dtype, device)
+            wbytes = nf4_suite.weight_bytes(provider, first)
+            copies = nf4_suite.weight_copies(device, wbytes)
+            modules = [first] + [nf4_suite.make_linear(provider, k, n, compute_dtype, device) for _ in range(copies - 1)]
             xdtype = nf4_suite.input_dtype(provider, compute_dtype)
             common = {"provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
-                      "dtype": name_of[xdtype], "weight_bytes": wbytes, "ratio_to_unfused": None,
-                      "saved_bytes": None, **env}
+                      "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
+                      "ratio_to_unfused": None, "saved_bytes": None, **env}
             for s in group_shapes:
                 x = torch.randn(s.M, k, device=device, dtype=xdtype)
 
-                def step(module=module, x=x):
-                    with torch.no_grad():
-                        return module(x)
+                def forward(module, x=x):
+                    def call():
+                        with torch.no_grad():
+                            return module(x)
+                    return call
 
+                step = nf4_suite.rotating([forward(m) for m in modules])
                 med, q20, q80 = measure(step, device, min_run_time)
                 group.append({**common, "op": "nf4_linear", "mode": "fwd", "M": s.M,
                               "r": s.r if provider.startswith("nf4") else 0,
@@ -141,15 +146,16 @@ def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=Tru
                               "peak_mem_bytes": peak_memory(step, device)})
                 if bar is not None:
                     bar.update(1)
-            deq = nf4_suite.dequantize_step(provider, module, compute_dtype)
-            if deq is not None:
+            deqs = [nf4_suite.dequantize_step(provider, m, compute_dtype) for m in modules]
+            if deqs[0] is not None:
+                deq = nf4_suite.rotating(deqs)
                 med, q20, q80 = measure(deq, device, min_run_time)
                 moved = wbytes + n * k * torch.tensor([], dtype=compute_dtype).element_size()
                 group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
                               "dtype": name_of[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                               "tflops": 0.0, "gbps": moved / (med * 1e-3) / 1e9, "floor_ms": moved / bandwidth * 1e3,
                               "peak_mem_bytes": peak_memory(deq, device)})
-            del module
+            del modules, first, deqs
         for rec in group:
             peers = {r["provider"]: r["median_ms"] for r in group if r["op"] == rec["op"] and r["M"] == rec["M"]}
             rec["ratio_to_base"] = rec["median_ms"] / peers[base_name] if base_name in peers else None

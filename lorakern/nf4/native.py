@@ -100,6 +100,21 @@ def cpu_matmul(x: torch.Tensor, w: NF4Weight, transpose: bool) -> torch.Tensor:
     return y
 
 
+def cpu_qlora_forward(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
+    ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All float32
+    and contiguous (the caller checks)."""
+    rows, cols = w.shape
+    M, r = x.shape[0], lora_A.shape[0]
+    y = x.new_empty(M, rows)
+    h = x.new_empty(M, r)
+    lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr())
+    extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
+                           torch.get_num_threads(), lora)
+    return y, h
+
+
 def cuda_gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """Fused dequant-GEMV on the GPU for small M: ``x [M, in] @ W^T`` in x's dtype (fp32 accumulation)."""
     rows, cols = w.shape
