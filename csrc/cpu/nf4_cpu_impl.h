@@ -241,30 +241,34 @@ inline float lora_into(const V& v, const LoraTerm* lora, int64_t m, int64_t n, t
 // One step for two weight rows at once (p0, p1 with tables t0, t1) against the same MT rows of
 // x: each x vector is loaded once for two FMAs. At M = 16 the FMAs with a memory operand were
 // the limit (32 per step from the 16 KB panel: ~22 cycles measured against 16 for the FMAs
-// alone); loading x into a register for two rows halves those loads.
+// alone); at M = 1 with in = 14336 the x row (56 KB) no longer fits L1 and is read from L2 for
+// every weight row. Loading x into a register for two rows halves those loads.
 template <class V, int MT>
 __attribute__((always_inline)) inline void step_pair(const V& v, const uint8_t* p0, const uint8_t* p1,
                                                      const typename V::Table& t0, const typename V::Table& t1,
                                                      const float* xp, typename V::vec* acc0, typename V::vec* acc1) {
-    static_assert(acc_per_row<V, MT>() == 1, "pairs keep one accumulator per row of x");
     constexpr int J = 32 / V::W;
+    constexpr int AJ = acc_per_row<V, MT>();
     typename V::vec w0[J], w1[J];
     v.decode32_split(p0, t0, w0);
     v.decode32_split(p1, t1, w1);
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < J; ++j) {
             const typename V::vec xv = v.in_register(v.load(xp + m * 32 + j * V::W));
-            acc0[m] = v.fmadd(w0[j], xv, acc0[m]);
-            acc1[m] = v.fmadd(w1[j], xv, acc1[m]);
+            const int a = m * AJ + (AJ == 1 ? 0 : j);
+            acc0[a] = v.fmadd(w0[j], xv, acc0[a]);
+            acc1[a] = v.fmadd(w1[j], xv, acc1[a]);
         }
 }
 
 // segment() for weight rows n and n + 1 together, over whole blocks only (the caller checks that
 // K and the slice are multiples of the blocksize, so both rows' pieces are whole blocks).
+// Prefetch: the same columns `ahead` rows down (rows walked whole, M <= 2: the next pair).
 template <class V, int MT, class S>
 __attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
                                                         int64_t len, const float* xp, typename V::vec* acc0,
                                                         typename V::vec* acc1) {
+    constexpr int64_t ahead = MT <= 2 ? 2 : kPrefetchRows;
     const int64_t row_bytes = w.cols / 2;
     const int sh = w.block_shift;
     const int64_t d = w.cols >> sh;  // blocks per row: row n + 1's block for row n's block b is b + d
@@ -274,8 +278,8 @@ __attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& s
         sc0.enter(b);
         sc1.enter(b + d);
         for (const int64_t ge = std::min(b1, std::min(sc0.group_end(b), sc1.group_end(b + d) - d)); b < ge; ++b) {
-            __builtin_prefetch(p + kPrefetchRows * row_bytes);
-            __builtin_prefetch(p + (kPrefetchRows + 1) * row_bytes);
+            __builtin_prefetch(p + ahead * row_bytes);
+            __builtin_prefetch(p + (ahead + 1) * row_bytes);
             const typename V::Table t0 = v.scaled(sc0.scale(b)), t1 = v.scaled(sc1.scale(b + d));
             if (steps == 2) {  // blocksize 64, the default: unrolled, so the tables stay in registers
                 step_pair<V, MT>(v, p, p + row_bytes, t0, t1, xp, acc0, acc1);
@@ -293,8 +297,8 @@ __attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& s
 // y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
 // loop is cut into slices so the panel slice stays in L1 while kRowBlock weight rows stream past
 // it; each row's accumulators wait in `keep` between slices (as vectors: a horizontal sum per row
-// and slice cost ~30% at M = 16). Full tiles (MT = kMTile) take weight rows in pairs where the
-// blocks allow (K and the slice multiples of the blocksize).
+// and slice cost ~30% at M = 16). Weight rows go in pairs where the blocks allow (K and the slice
+// multiples of the blocksize), else one at a time.
 template <class V, class S, int MT>
 inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
                        const LoraTerm* lora, int64_t m0, float* y) {
@@ -304,7 +308,7 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
     const int64_t kb = MT <= 2 ? K : slice_columns(MT);
-    const bool pairs = AJ == 1 && K % w.blocksize == 0 && kb % w.blocksize == 0;
+    const bool pairs = K % w.blocksize == 0 && kb % w.blocksize == 0;
     vec keep[MT <= 2 ? 1 : kRowBlock][A];
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
@@ -323,17 +327,15 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
             }
         };
         int64_t i = 0;
-        if constexpr (AJ == 1) {
-            for (; pairs && i + 2 <= rows; i += 2) {
-                vec acc0[A], acc1[A];
-                for (int a = 0; a < A; ++a) {
-                    acc0[a] = first ? v.zero() : keep[i][a];
-                    acc1[a] = first ? v.zero() : keep[i + 1][a];
-                }
-                segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
-                finish(i, acc0);
-                finish(i + 1, acc1);
+        for (; pairs && i + 2 <= rows; i += 2) {
+            vec acc0[A], acc1[A];
+            for (int a = 0; a < A; ++a) {
+                acc0[a] = first ? v.zero() : keep[i][a];
+                acc1[a] = first ? v.zero() : keep[i + 1][a];
             }
+            segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
+            finish(i, acc0);
+            finish(i + 1, acc1);
         }
         for (; i < rows; ++i) {
             vec acc[U * A];
