@@ -122,7 +122,8 @@ def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=Tru
             first = nf4_suite.make_linear(provider, k, n, compute_dtype, device)
             wbytes = nf4_suite.weight_bytes(provider, first)
             copies = nf4_suite.weight_copies(device, wbytes)
-            modules = [first] + [nf4_suite.make_linear(provider, k, n, compute_dtype, device) for _ in range(copies - 1)]
+            modules = [first] + [nf4_suite.make_linear(provider, k, n, compute_dtype, device)
+                                 for _ in range(copies - 1)]
             xdtype = nf4_suite.input_dtype(provider, compute_dtype)
             common = {"provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
                       "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
