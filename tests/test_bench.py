@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from lorakern.bench import cli, records
+from lorakern.bench import nf4 as nf4_suite
 
 
 @pytest.mark.slow
@@ -44,6 +46,7 @@ def test_cli_quick_nf4_suite(tmp_path, capsys):
     for rec in recs:
         records.validate(rec)
         assert rec["median_ms"] > 0 and rec["floor_ms"] > 0 and rec["weight_bytes"] > 0
+        assert rec["weight_copies"] == nf4_suite.weight_copies(torch.device("cpu"), rec["weight_bytes"]) > 1
     for rec in linear:
         if rec["provider"] == "fp32":
             assert rec["ratio_to_base"] == 1.0
@@ -51,6 +54,24 @@ def test_cli_quick_nf4_suite(tmp_path, capsys):
     fp32_bytes = {r["weight_bytes"] for r in linear if r["provider"] == "fp32"}
     assert max(nf4_bytes) * 7 < min(fp32_bytes)  # 4.5 bits vs 32 per weight
     assert (tmp_path / "nf4_linear_fwd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_weights_rotate_past_the_last_level_cache(monkeypatch):
+    # Cold weights on CPU: enough copies to hold twice the largest cache, capped; one on CUDA.
+    monkeypatch.setattr(nf4_suite, "last_level_cache_bytes", lambda: 100 << 20)
+    cpu = torch.device("cpu")
+    assert nf4_suite.weight_copies(cpu, 64 << 20) == 4  # 256 MB >= 200 MB
+    assert nf4_suite.weight_copies(cpu, 9 << 20) == 23
+    assert nf4_suite.weight_copies(cpu, 1 << 30) == 1
+    assert nf4_suite.weight_copies(cpu, 1 << 10) == nf4_suite.MAX_COPIES
+    assert nf4_suite.weight_copies(torch.device("cuda"), 1 << 10) == 1
+    calls = []
+    step = nf4_suite.rotating([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(7):
+        step()
+    assert sorted(calls[:3]) == [0, 1, 2] and calls[3:6] == calls[:3]  # each copy in turn, cyclically
+    monkeypatch.undo()
+    assert nf4_suite.last_level_cache_bytes() >= 1 << 20
 
 
 def test_record_schema_rejects_missing_fields():
