@@ -16,9 +16,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (out, in, blocksize): in a multiple of 32 (the vector fast path; 96 an odd number of 64-blocks),
 # in odd / not a multiple of the blocksize (blocks straddle rows, rows start mid-byte), in <
 # blocksize, out = 1, blocksize 32; (40, 1088, 64): 680 blocks, so double quantization's groups of
-# 256 blocks change mid-row, and in > 512 with a short last slice (the M > 2 walk's column slices).
+# 256 blocks change mid-row, and in > 512 with a short last slice (the M > 2 walk's column slices);
+# (23, 384, 128) and (10, 1024, 256): weight rows in pairs with 4 and 8 steps per block, odd out.
 SHAPES = [(48, 256, 64), (33, 320, 128), (17, 53, 64), (9, 96, 64), (31, 40, 128), (1, 4096, 4096), (70, 64, 32),
-          (40, 1088, 64)]
+          (40, 1088, 64), (23, 384, 128), (10, 1024, 256)]
 
 
 def isas():
