@@ -74,6 +74,19 @@ def test_weights_rotate_past_the_last_level_cache(monkeypatch):
     assert nf4_suite.last_level_cache_bytes() >= 1 << 20
 
 
+def test_providers_are_timed_in_interleaved_rounds(monkeypatch):
+    order = []
+
+    def fake_measure(step, device, min_run_time):
+        order.append(step())
+        return {"a": (1.0, 0.5, 2.0), "b": (3.0, 2.0, 4.0)}[order[-1]] if len(order) != 2 else (9.0, 9.0, 9.0)
+
+    monkeypatch.setattr(nf4_suite, "measure", fake_measure)
+    got = nf4_suite.interleaved({"a": lambda: "a", "b": lambda: "b"}, torch.device("cpu"), 1.0)
+    assert order == ["a", "b"] * nf4_suite.ROUNDS  # every provider once per round, in turn
+    assert got == {"a": (1.0, 0.5, 2.0), "b": (3.0, 2.0, 4.0)}  # per provider, the median over rounds
+
+
 def test_record_schema_rejects_missing_fields():
     with pytest.raises(ValueError, match="missing fields"):
         records.validate({"op": "lora_linear"})

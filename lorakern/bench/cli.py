@@ -100,7 +100,8 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
 
 
 def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=True) -> list[dict]:
-    """The 4-bit suite: every provider on every shape (modules built once per weight shape)."""
+    """The 4-bit suite: every provider on every shape (modules built once per weight shape), the
+    providers of one shape timed in interleaved rounds (see ``nf4_suite.interleaved``)."""
     env = records.environment(device)
     bandwidth = nf4_suite.copy_bandwidth(device)
     base_name = "bf16" if compute_dtype == torch.bfloat16 else "fp32"
@@ -117,6 +118,7 @@ def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=Tru
     out = []
     for (k, n), group_shapes in by_weight.items():
         group = []
+        built = {}  # provider -> (modules, common record fields)
         for provider in providers:
             torch.manual_seed(0)
             first = nf4_suite.make_linear(provider, k, n, compute_dtype, device)
@@ -125,38 +127,47 @@ def run_nf4(shapes, providers, compute_dtype, device, min_run_time, progress=Tru
             modules = [first] + [nf4_suite.make_linear(provider, k, n, compute_dtype, device)
                                  for _ in range(copies - 1)]
             xdtype = nf4_suite.input_dtype(provider, compute_dtype)
-            common = {"provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
-                      "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
-                      "ratio_to_unfused": None, "saved_bytes": None, **env}
-            for s in group_shapes:
-                x = torch.randn(s.M, k, device=device, dtype=xdtype)
+            built[provider] = (modules, {
+                "provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
+                "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
+                "ratio_to_unfused": None, "saved_bytes": None, **env})
 
-                def forward(module, x=x):
-                    def call():
-                        with torch.no_grad():
-                            return module(x)
-                    return call
+        def forward(module, x):
+            def call():
+                with torch.no_grad():
+                    return module(x)
+            return call
 
-                step = nf4_suite.rotating([forward(m) for m in modules])
-                med, q20, q80 = measure(step, device, min_run_time)
+        for s in group_shapes:
+            x = torch.randn(s.M, k, device=device)
+            steps = {}
+            for provider, (modules, common) in built.items():
+                xp = x.to(DTYPES[common["dtype"]])
+                steps[provider] = nf4_suite.rotating([forward(m, xp) for m in modules])
+            for provider, (med, q20, q80) in nf4_suite.interleaved(steps, device, min_run_time).items():
+                common = built[provider][1]
+                wbytes = common["weight_bytes"]
                 group.append({**common, "op": "nf4_linear", "mode": "fwd", "M": s.M,
                               "r": s.r if provider.startswith("nf4") else 0,
                               "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                               "tflops": 2.0 * s.M * n * k / (med * 1e-3) / 1e12,
                               "gbps": wbytes / (med * 1e-3) / 1e9, "floor_ms": wbytes / bandwidth * 1e3,
-                              "peak_mem_bytes": peak_memory(step, device)})
+                              "peak_mem_bytes": peak_memory(steps[provider], device)})
                 if bar is not None:
                     bar.update(1)
-            deqs = [nf4_suite.dequantize_step(provider, m, compute_dtype) for m in modules]
-            if deqs[0] is not None:
-                deq = nf4_suite.rotating(deqs)
-                med, q20, q80 = measure(deq, device, min_run_time)
-                moved = wbytes + n * k * torch.tensor([], dtype=compute_dtype).element_size()
-                group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
-                              "dtype": name_of[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
-                              "tflops": 0.0, "gbps": moved / (med * 1e-3) / 1e9, "floor_ms": moved / bandwidth * 1e3,
-                              "peak_mem_bytes": peak_memory(deq, device)})
-            del modules, first, deqs
+        deqs = {}
+        for provider, (modules, _) in built.items():
+            parts = [nf4_suite.dequantize_step(provider, m, compute_dtype) for m in modules]
+            if parts[0] is not None:
+                deqs[provider] = nf4_suite.rotating(parts)
+        for provider, (med, q20, q80) in nf4_suite.interleaved(deqs, device, min_run_time).items():
+            common = built[provider][1]
+            moved = common["weight_bytes"] + n * k * torch.tensor([], dtype=compute_dtype).element_size()
+            group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
+                          "dtype": name_of[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
+                          "tflops": 0.0, "gbps": moved / (med * 1e-3) / 1e9, "floor_ms": moved / bandwidth * 1e3,
+                          "peak_mem_bytes": peak_memory(deqs[provider], device)})
+        del built, deqs
         for rec in group:
             peers = {r["provider"]: r["median_ms"] for r in group if r["op"] == rec["op"] and r["M"] == rec["M"]}
             rec["ratio_to_base"] = rec["median_ms"] / peers[base_name] if base_name in peers else None

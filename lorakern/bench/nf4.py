@@ -26,6 +26,7 @@ from torch import nn
 import lorakern
 
 from .providers import Shape
+from .timing import measure
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
 ADAPTER_R = 16
@@ -42,8 +43,6 @@ def available() -> list[str]:
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted), best of five."""
-    from .timing import measure
-
     n = (256 << 20) // 4
     src = torch.empty(n, device=device, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
@@ -90,6 +89,23 @@ def rotating(steps):
         return steps[state[0]]()
 
     return step
+
+
+ROUNDS = 5
+
+
+def interleaved(steps: dict, device: torch.device, min_run_time: float) -> dict:
+    """``{name: (median, q20, q80)}`` in ms for each step of ``steps``, timed in ``ROUNDS`` rounds
+    that take every step in turn (``min_run_time / ROUNDS`` each), so slow drifts of the machine
+    (clock, other load; ~10% on a shared 2-core VM) fall on all providers alike; per name, the
+    median of its rounds' figures."""
+    import statistics
+
+    runs: dict = {name: [] for name in steps}
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            runs[name].append(measure(step, device, min_run_time / ROUNDS))
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
 
 
 def make_linear(provider: str, in_f: int, out_f: int, compute_dtype, device) -> nn.Module:
