@@ -248,15 +248,13 @@ inline float lora_into(const V& v, const LoraTerm* lora, int64_t m, int64_t n, t
 // the limit (32 per step from the 16 KB panel: ~22 cycles measured against 16 for the FMAs
 // alone); at M = 1 with in = 14336 the x row (56 KB) no longer fits L1 and is read from L2 for
 // every weight row. Loading x into a register for two rows halves those loads.
+// acc0 += w0 . x, acc1 += w1 . x for the 32 weights of one step (w0, w1: J vectors each, in the
+// split lane order) against MT rows of the x panel at xp, each x vector loaded once for both.
 template <class V, int MT>
-__attribute__((always_inline)) inline void step_pair(const V& v, const uint8_t* p0, const uint8_t* p1,
-                                                     const typename V::Table& t0, const typename V::Table& t1,
-                                                     const float* xp, typename V::vec* acc0, typename V::vec* acc1) {
+__attribute__((always_inline)) inline void fma_pair(const V& v, const typename V::vec* w0, const typename V::vec* w1,
+                                                    const float* xp, typename V::vec* acc0, typename V::vec* acc1) {
     constexpr int J = 32 / V::W;
     constexpr int AJ = acc_per_row<V, MT>();
-    typename V::vec w0[J], w1[J];
-    v.decode32_split(p0, t0, w0);
-    v.decode32_split(p1, t1, w1);
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < J; ++j) {
             const typename V::vec xv = v.in_register(v.load(xp + m * 32 + j * V::W));
@@ -264,6 +262,17 @@ __attribute__((always_inline)) inline void step_pair(const V& v, const uint8_t* 
             acc0[a] = v.fmadd(w0[j], xv, acc0[a]);
             acc1[a] = v.fmadd(w1[j], xv, acc1[a]);
         }
+}
+
+template <class V, int MT>
+__attribute__((always_inline)) inline void step_pair(const V& v, const uint8_t* p0, const uint8_t* p1,
+                                                     const typename V::Table& t0, const typename V::Table& t1,
+                                                     const float* xp, typename V::vec* acc0, typename V::vec* acc1) {
+    constexpr int J = 32 / V::W;
+    typename V::vec w0[J], w1[J];
+    v.decode32_split(p0, t0, w0);
+    v.decode32_split(p1, t1, w1);
+    fma_pair<V, MT>(v, w0, w1, xp, acc0, acc1);
 }
 
 // Walks weight rows n and n + 1 together over whole blocks of [f, f + len) of row n (the caller
@@ -310,6 +319,26 @@ __attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& s
               });
 }
 
+// A row's accumulators at the end of a slice ([MT][AJ] vectors): kept for the next slice, or (last
+// slice) summed into y[m * N + n] (y at the tile's first row, m0 its index in x) with the LoRA term.
+template <class V, int MT, int AJ>
+inline void finish_row(const V& v, typename V::vec* acc, bool last, typename V::vec* keep, const LoraTerm* lora,
+                       int64_t m0, int64_t n, int64_t N, float* y) {
+    if (!last) {
+        for (int a = 0; a < MT * AJ; ++a) keep[a] = acc[a];
+        return;
+    }
+    for (int m = 0; m < MT; ++m) {
+        typename V::vec s = acc[m * AJ];
+        for (int j = 1; j < AJ; ++j) s = v.add(s, acc[m * AJ + j]);
+        const float rest = lora_into(v, lora, m0 + m, n, s);
+        y[m * N + n] = v.hsum(s) + rest;
+    }
+}
+
+// Whether weight rows can go in pairs: whole blocks in every row and every slice of kb columns.
+inline bool pairs_fit(const Nf4Weight& w, int64_t kb) { return w.cols % w.blocksize == 0 && kb % w.blocksize == 0; }
+
 // y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
 // loop is cut into slices so the panel slice stays in L1 while kRowBlock weight rows stream past
 // it; each row's accumulators wait in `keep` between slices (as vectors: a horizontal sum per row
@@ -324,24 +353,11 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
     const int64_t kb = MT <= 2 ? K : slice_columns(MT);
-    const bool pairs = K % w.blocksize == 0 && kb % w.blocksize == 0;
-    vec keep[MT <= 2 ? 1 : kRowBlock][A];
+    const bool pairs = pairs_fit(w, kb);
+    vec keep[kRowBlock][A];  // unused when MT <= 2 (one slice)
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
         const bool first = k0 == 0, last = k0 + kb >= K;
-        // Row i's accumulators (A vectors, U sets summed) -> keep, or (last slice) y.
-        auto finish = [&](int64_t i, vec* acc) {
-            if (!last) {
-                for (int a = 0; a < A; ++a) keep[i][a] = acc[a];
-                return;
-            }
-            for (int m = 0; m < MT; ++m) {
-                vec s = acc[m * AJ];
-                for (int j = 1; j < AJ; ++j) s = v.add(s, acc[m * AJ + j]);
-                const float rest = lora_into(v, lora, m0 + m, n0 + i, s);
-                y[m * N + n0 + i] = v.hsum(s) + rest;
-            }
-        };
         int64_t i = 0;
         for (; pairs && i + 2 <= rows; i += 2) {
             vec acc0[A], acc1[A];
@@ -350,8 +366,8 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                 acc1[a] = first ? v.zero() : keep[i + 1][a];
             }
             segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
-            finish(i, acc0);
-            finish(i + 1, acc1);
+            finish_row<V, MT, AJ>(v, acc0, last, keep[i], lora, m0, n0 + i, N, y);
+            finish_row<V, MT, AJ>(v, acc1, last, keep[i + 1], lora, m0, n0 + i + 1, N, y);
         }
         for (; i < rows; ++i) {
             vec acc[U * A];
@@ -359,7 +375,7 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
             segment<V, MT, U>(v, sc, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc);
             for (int a = 0; a < A; ++a)
                 for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
-            finish(i, acc);
+            finish_row<V, MT, AJ>(v, acc, last, keep[i], lora, m0, n0 + i, N, y);
         }
     }
 }
@@ -405,23 +421,11 @@ inline void two_tiles_shared(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int
                         w0[j] = v.load(wbuf[0] + s * 32 + j * V::W);
                         w1[j] = v.load(wbuf[1] + s * 32 + j * V::W);
                     }
-                    for (int m = 0; m < MT; ++m)
-                        for (int j = 0; j < J; ++j) {
-                            const vec xv = v.in_register(v.load(xp + m * 32 + j * V::W));
-                            acc[0][m] = v.fmadd(w0[j], xv, acc[0][m]);
-                            acc[1][m] = v.fmadd(w1[j], xv, acc[1][m]);
-                        }
+                    fma_pair<V, MT>(v, w0, w1, xp, acc[0], acc[1]);
                 }
-                for (int r = 0; r < 2; ++r) {
-                    if (!last) {
-                        for (int m = 0; m < MT; ++m) keep[t][i + r][m] = acc[r][m];
-                        continue;
-                    }
-                    for (int m = 0; m < MT; ++m) {
-                        const float rest = lora_into(v, lora, t * MT + m, n0 + i + r, acc[r][m]);
-                        y[(t * MT + m) * N + n0 + i + r] = v.hsum(acc[r][m]) + rest;
-                    }
-                }
+                for (int r = 0; r < 2; ++r)
+                    finish_row<V, MT, 1>(v, acc[r], last, keep[t][i + r], lora, t * MT, n0 + i + r, N,
+                                         y + t * MT * N);
             }
         }
     }
@@ -460,7 +464,7 @@ inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                        const LoraTerm* lora, float* y) {
     const int64_t K = w.cols, N = w.rows;
     int64_t m0 = 0;
-    if (M == 2 * kMTile && rows % 2 == 0 && K % w.blocksize == 0 && slice_columns(kMTile) % w.blocksize == 0) {
+    if (M == 2 * kMTile && rows % 2 == 0 && pairs_fit(w, slice_columns(kMTile))) {
         two_tiles_shared(v, sc, sc1, w, n0, rows, xs, lora, y);
         return;
     }
@@ -517,21 +521,20 @@ template <class V>
 void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lora_in, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
     LoraTerm term;
-    float* scaled_h = nullptr;
+    std::vector<float> scaled_h;
     if (lora_in != nullptr) {
         term = *lora_in;
-        term.scaled_h = scaled_h = new float[M * term.r];
+        scaled_h.resize(M * term.r);
+        term.scaled_h = scaled_h.data();
     }
     const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
-        float* xs = new float[M * K];
-        pack_x<V>(x, M, K, xs);
+        std::vector<float> xs(M * K);
+        pack_x<V>(x, M, K, xs.data());
         if (w.nested_absmax == nullptr)
-            matmul_nt_fast<V, PlainScales>(w, x, xs, M, lora, y, threads);
+            matmul_nt_fast<V, PlainScales>(w, x, xs.data(), M, lora, y, threads);
         else
-            matmul_nt_fast<V, NestedScales>(w, x, xs, M, lora, y, threads);
-        delete[] xs;
-        delete[] scaled_h;
+            matmul_nt_fast<V, NestedScales>(w, x, xs.data(), M, lora, y, threads);
         return;
     }
 #pragma omp parallel num_threads(threads)
@@ -543,7 +546,6 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
         for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, lora, y + n, N, rowbuf);
         delete[] rowbuf;
     }
-    delete[] scaled_h;
 }
 
 // y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
