@@ -20,6 +20,9 @@ a 260 MB L3 and reads at L3 speed: 1.3 ms instead of 2.2 ms at M = 1 (2 threads,
 
 from __future__ import annotations
 
+import glob
+import statistics
+
 import torch
 from torch import nn
 
@@ -52,8 +55,6 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache's size from sysfs (Linux), else 64 MB."""
-    import glob
-
     best = 0
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
@@ -67,7 +68,7 @@ def last_level_cache_bytes() -> int:
     return best or 64 << 20
 
 
-MAX_COPIES = 64
+MAX_COPIES = 64  # small weights (the --quick shapes): enough rotation, bounded build time
 
 
 def weight_copies(device: torch.device, weight_bytes_each: int) -> int:
@@ -99,8 +100,6 @@ def interleaved(steps: dict, device: torch.device, min_run_time: float) -> dict:
     that take every step in turn (``min_run_time / ROUNDS`` each), so slow drifts of the machine
     (clock, other load; ~10% on a shared 2-core VM) fall on all providers alike; per name, the
     median of its rounds' figures."""
-    import statistics
-
     runs: dict = {name: [] for name in steps}
     for _ in range(ROUNDS):
         for name, step in steps.items():
