@@ -16,7 +16,7 @@ SHAPES = [Shape(4096, 4096, 4096, 16), Shape(1, 4096, 4096, 16)] if DEVICE == "c
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s.M}-{s.in_features}x{s.out_features}-r{s.r}")
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", available_providers())
+@pytest.mark.parametrize("provider", available_providers(DEVICE))
 def test_lora_linear(benchmark, provider, mode, shape):
     module = make_module(provider, shape, DTYPE, DEVICE, 0.0)
     step = make_step(module, mode, shape, DTYPE, DEVICE)

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FWD_ROLES = ("h", "y")
-BWD_ROLES = ("dh", "dB", "dA", "dx")
+# What each launch computes (the dY pass is recorded both ways: once, or twice; see triton/lora_bwd.py)
+ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx")
 
 
 def _shape_specs(full: bool):
@@ -70,7 +70,7 @@ def _shape_specs(full: bool):
 
 
 def record(spec) -> list:
-    """The launches (each a list of candidates) of one forward and one backward for ``spec``."""
+    """The launches of one forward and one backward for ``spec``: ``(role, candidates)`` each."""
     from .triton.launch import record_launches
     from .triton.lora_bwd import lora_backward_triton
     from .triton.lora_fwd import lora_forward_triton
@@ -89,7 +89,7 @@ def record(spec) -> list:
             lora_backward_triton(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    return list(zip(FWD_ROLES + BWD_ROLES, launches))
+    return launches
 
 
 def compile_job(kernel, kwargs, arch: int) -> dict:

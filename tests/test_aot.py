@@ -59,14 +59,14 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     recs = json.loads(out.read_text())
     assert all(r["ok"] and not r["violations"] for r in recs)
     kernels = {(r["kernel"], r["arch"]) for r in recs}
-    names = ["lora_matmul_kernel", "skinny_kernel"]
+    names = ["lora_matmul_kernel", "skinny_kernel", "dy_kernel"]
     if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
         names += ["dequantize_kernel", "gemv_kernel"]  # the NF4 .cu kernels, compiled by nvcc
     assert kernels == {(k, a) for k in names for a in (80, 90)}
     assert {1, 8, 16, 256} <= {rank for r in recs for rank in r["ranks"]}
     assert {"fp16", "bf16", "fp32"} == {r["dtype"] for r in recs}
     assert any(r["mma"] == "wgmma" for r in recs if r["arch"] == 90)
-    assert {"h", "y", "dh", "dB", "dA", "dx"} == {role for r in recs for role in r["roles"]}
+    assert {"h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx"} == {role for r in recs for role in r["roles"]}
 
 
 GEMV = "_ZN8lorakern4cuda12_GLOBAL__N_111gemv_kernelI6__halfLi8EEEvNS_9Nf4WeightEPKT_lPS5_l"

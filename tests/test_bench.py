@@ -110,6 +110,44 @@ def test_flops_formula():
     assert flops("fused", "fwd", s) == 2 * 8 * 32 * 16 + 2 * 8 * 4 * (16 + 32)
 
 
+def test_deterministic_provider_steps_run_in_deterministic_mode():
+    """fused-det's steps (forward and backward) run under torch.use_deterministic_algorithms, and
+    the setting is restored after each; it is offered on CUDA only (on CPU it is fused again)."""
+    import torch
+
+    from lorakern.bench import providers
+
+    seen, seen_bwd = [], []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            seen_bwd.append(torch.are_deterministic_algorithms_enabled())
+            return g
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return Record.apply(super().forward(x))
+
+    s = cli.Shape(3, 8, 5, 2)
+    before = torch.are_deterministic_algorithms_enabled()
+    for mode in providers.MODES:
+        step = providers.make_step(providers.Deterministic(Probe(8, 5)), mode, s, torch.float32, "cpu")
+        step()
+        assert torch.are_deterministic_algorithms_enabled() == before
+    assert seen == [True, False, True]  # fwd, bwd (its forward ran when the step was made), fwd+bwd
+    assert seen_bwd == [True, True]  # bwd, fwd+bwd
+    module = providers.make_module("fused-det", s, torch.float32, "cpu", 0.0)
+    assert isinstance(module, providers.Deterministic) and module.layer.r == 2
+    assert "fused-det" in providers.available_providers("cuda")
+    assert "fused-det" not in providers.available_providers("cpu")
+
+
 def _readme_table_module():
     import importlib.util
     import pathlib

@@ -20,6 +20,14 @@ class Net(nn.Module):
         return self.proj(x)
 
 
+def assert_fp32_rounding(got, ref):
+    """Equal up to fp32 rounding: within 8 ulps of the largest element (a fixed absolute tolerance
+    is below one ulp for grads of magnitude ~100, where a different summation order already differs)."""
+    bound = 8 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    err = (got.double() - ref.double()).abs().max().item()
+    assert got.shape == ref.shape and err <= bound, f"max |diff| {err:.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -47,17 +55,17 @@ def test_matches_peft(use_rslora, bias, backend):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_peft = model(x1)
     y = fused(x2)
-    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    assert_fp32_rounding(y, y_peft)
     g = torch.randn_like(y)
     y_peft.backward(g)
     y.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-5)
+    assert_fp32_rounding(x2.grad, x1.grad)
+    assert_fp32_rounding(fused.lora_A.grad, layer.lora_A["default"].weight.grad)
+    assert_fp32_rounding(fused.lora_B.grad, layer.lora_B["default"].weight.grad)
 
     # The functional op on the same tensors gives the same answer.
     y_fn = lorakern.lora_linear(x, base.weight, base.bias, fused.lora_A, fused.lora_B, fused.scaling, backend=backend)
-    torch.testing.assert_close(y_fn, y_peft, rtol=1e-5, atol=1e-5)
+    assert_fp32_rounding(y_fn, y_peft)
 
 
 def test_dropout_semantics_match_peft_in_expectation():

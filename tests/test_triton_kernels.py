@@ -6,7 +6,7 @@ import torch
 import lorakern
 from lorakern.dropout import keep_mask
 from lorakern.reference import lora_backward_reference, lora_forward_reference
-from lorakern.triton.configs import SKINNY, all_matmul_configs
+from lorakern.triton.configs import SKINNY, all_dy_configs, all_matmul_configs, dy_split
 from tests.helpers import assert_close_like_torch, lora_inputs
 
 pytest.importorskip("triton")
@@ -77,6 +77,142 @@ def test_every_skinny_config(cfg, device):
     launch.skinny(a, w, out, scale=0.3, rowsum=rowsum, config=cfg)
     torch.testing.assert_close(out.double(), 0.3 * a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(rowsum.double(), a.double().sum(1), rtol=1e-5, atol=1e-4)
+
+
+def _dy_reference(dy, b, h, scale):
+    dy, b, h = dy.double(), b.double(), h.double()
+    return scale * dy @ b, scale * dy.t() @ h, dy.sum(0)
+
+
+@pytest.mark.parametrize("cfg", all_dy_configs(), ids=str)
+@pytest.mark.parametrize("split", ["none", "132 SMs", "3 tiles"])
+def test_every_dy_config_and_split(cfg, split, device, monkeypatch):
+    """dh, dB, dbias from one read of dY: every config, column tiles in one run per row panel
+    (one SM) or split over programs with dh summed by atomics (132 SMs; runs of 3 tiles, the
+    last one shorter); dY a transposed view, several row panels, ragged edges, two rank blocks
+    (fp32 takes 32 rank columns a program)."""
+    from lorakern.triton import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 1 if split == "none" else 132)
+    if split == "3 tiles":  # 5 column tiles (16-bit) -> runs of 3 + 2; 10 (fp32) -> 3 + 3 + 3 + 1
+        monkeypatch.setattr(launch, "dy_split", lambda programs, tiles, sms: (-(-tiles // 3), 3))
+    M, N, r, s = 150, 300, 40, 0.7
+    for dtype in (torch.float32, torch.float16):
+        dy = torch.randn(N, M, dtype=dtype, device=device).t()
+        b = torch.randn(N, r, dtype=dtype, device=device)
+        h = torch.randn(M, r, dtype=dtype, device=device)
+        dh, db, dbias = (torch.full(shape, float("nan"), device=device) for shape in ((M, r), (N, r), (N,)))
+        launch.dy_grads(dy, b, h, dh, db, dbias, s, config=cfg)
+        for name, got, ref in zip(("dh", "dB", "dbias"), (dh, db, dbias), _dy_reference(dy, b, h, s)):
+            tol = 1e-5 if dtype == torch.float32 else 1e-3  # fp32 sums of fp16 products: only order differs
+            torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(), msg=name)
+
+
+def test_dy_split_counts():
+    """Splits cover every column tile exactly once and fill about two waves of programs."""
+    for programs in (1, 3, 64, 128, 264, 1000):
+        for tiles in (1, 2, 7, 64, 65, 224):
+            splits, per = dy_split(programs, tiles, 132)
+            assert (splits - 1) * per < tiles <= splits * per  # every tile, no empty split
+            assert splits == 1 or programs < 2 * 132  # split only when the row panels are too few
+            assert 2 * programs * splits >= min(2 * 132, programs * tiles)  # at least half of two waves
+
+
+def test_dy_grads_some_outputs(device):
+    """Only dh (frozen adapter, dx wanted), only dbias, only dB: each alone is right."""
+    from lorakern.triton import launch
+
+    M, N, r = 33, 70, 5
+    dy, b, h = (torch.randn(*shape, device=device) for shape in ((M, N), (N, r), (M, r)))
+    refs = _dy_reference(dy, b, h, 1.3)
+    for which in range(3):
+        outs = [None, None, None]
+        outs[which] = torch.full(refs[which].shape, float("nan"), device=device)
+        launch.dy_grads(dy, b, h, *outs, 1.3)
+        torch.testing.assert_close(outs[which].double(), refs[which], rtol=1e-5, atol=1e-5)
+
+
+def test_autotune_timing_runs_do_not_add_up(device, monkeypatch):
+    """The tuner launches every candidate several times; dB, dbias and dh are summed into by
+    atomics, so each launch must start from zero or the timing runs would add up."""
+    from lorakern.triton import configs, launch
+
+    def fake_bench(fn, warmup, rep):
+        for _ in range(3):
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(configs, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr("triton.testing.do_bench", fake_bench)
+    monkeypatch.setattr(configs, "_tuned", {})
+    M, N, r = 40, 90, 16
+    dy, b, h = (torch.randn(*shape, device=device) for shape in ((M, N), (N, r), (M, r)))
+    dh, db, dbias = torch.empty(M, r, device=device), torch.empty(N, r, device=device), torch.empty(N, device=device)
+    launch.dy_grads(dy, b, h, dh, db, dbias, 0.5)
+    for got, ref in zip((dh, db, dbias), _dy_reference(dy, b, h, 0.5)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("timings,expected", [((2.0, 1.0), "two reads of dY"), ((1.0, 2.0), "one read of dY")])
+def test_dy_pass_keeps_the_faster_strategy(timings, expected, device, monkeypatch):
+    """Where the tuner runs, both ways of reading dY are timed once per shape and the faster kept
+    (both write the full outputs: right grads whichever wins, and after the timing runs)."""
+    from lorakern.triton import configs, launch
+    from lorakern.triton.lora_bwd import TWO_READS, dy_pass
+
+    monkeypatch.setattr(configs, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(configs, "_tuned", {})
+    # one config per kernel, so the strategy choice is the only thing timed
+    monkeypatch.setattr(launch, "dy_candidates", lambda *args: (all_dy_configs()[0],))
+    monkeypatch.setattr(launch, "skinny_candidates", lambda *args: (SKINNY[0],))
+    times = iter(timings)
+
+    def fake_bench(fn, warmup, rep):
+        for _ in range(2):
+            fn()
+        return next(times)
+
+    monkeypatch.setattr("triton.testing.do_bench", fake_bench)
+    M, N, r = 40, 90, 16
+    dy, b, h = (torch.randn(*shape, device=device) for shape in ((M, N), (N, r), (M, r)))
+    for _ in range(2):  # the second call reuses the choice (a third timing would exhaust `times`)
+        dh, db, dbias = (torch.full(shape, float("nan"), device=device) for shape in ((M, r), (N, r), (N,)))
+        assert dy_pass(dy, b, h, dh, db, dbias, 0.5, deterministic=False) == expected
+        for got, ref in zip((dh, db, dbias), _dy_reference(dy, b, h, 0.5)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert dy_pass(dy, b, h, dh, db, dbias, 0.5, deterministic=True) == TWO_READS
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_backward(dtype, device):
+    """Under torch.use_deterministic_algorithms the backward takes the atomic-free path: it matches
+    the reference and repeats bitwise."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _run_and_check(130, 19, 150, 33, dtype, device, bias=True, p=0.25)
+        x, w, b, a, bb = lora_inputs(130, 19, 150, 33, dtype, device)
+        dy = torch.randn(130, 150, dtype=dtype, device=device)
+        seed = torch.tensor(5, device=device)
+        _, h = torch.ops.lorakern.lora_fwd(x, w, b, a, bb, 1.5, 0.25, seed, "triton")
+        runs = [torch.ops.lorakern.lora_bwd(dy, x, w, a, bb, h, 1.5, 0.25, seed, True, True, True, "triton")
+                for _ in range(2)]
+        assert all(torch.equal(g1, g2) for g1, g2 in zip(*runs))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_backward_paths_agree(device):
+    """The one-read-of-dY path and the deterministic path give the same grads (fp32: up to order)."""
+    from lorakern.triton.lora_bwd import lora_backward_triton
+
+    x, w, b, a, bb = lora_inputs(70, 45, 150, 20, torch.float32, device)
+    dy = torch.randn(70, 150, device=device)
+    h = torch.randn(70, 20, device=device)
+    seed = torch.tensor(11, device=device)
+    fast, slow = (lora_backward_triton(dy, x, w, a, bb, h, 0.9, 0.1, seed, deterministic=d) for d in (False, True))
+    for g1, g2 in zip(fast, slow):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_mask_matches_reference_exactly(device):

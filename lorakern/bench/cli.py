@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     suites = args.suite.split(",")
     if any(s not in SUITES for s in suites):
         parser.error(f"--suite: expected a comma-separated subset of {SUITES}")
-    lora_all, nf4_all = available_providers(), nf4_suite.available()
+    lora_all, nf4_all = available_providers(device), nf4_suite.available()
     wanted = args.providers.split(",") if args.providers else lora_all + nf4_all
     unknown = [p for p in wanted if p not in lora_all + nf4_all]
     if unknown:

@@ -4,10 +4,14 @@
 - unfused: the plain torch sequence PEFT runs: base, dropout, x A^T, (.) B^T, scale, add.
 - peft:    PEFT's own LoRA ``Linear`` (when peft is installed).
 - fused:   ``lorakern.FusedLoRALinear`` on its automatic backend (Triton on CUDA, reference on CPU).
+- fused-det: the same layer under ``torch.use_deterministic_algorithms(True)``: its Triton backward
+           then reads dY twice instead of adding dB into L2 with atomics (CUDA only; on CPU the
+           two are the same reference path).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +71,8 @@ def _peft_layer(fused: lorakern.FusedLoRALinear):
     return model.base_model.model.proj
 
 
-def available_providers() -> list[str]:
+def available_providers(device=None) -> list[str]:
+    """The lora suite's providers for ``device`` (None: every one that could run somewhere)."""
     names = ["base", "unfused", "fused"]
     try:
         import peft  # noqa: F401
@@ -75,7 +80,34 @@ def available_providers() -> list[str]:
         names.insert(2, "peft")
     except ImportError:
         pass
+    if device is None or torch.device(device).type == "cuda":
+        names.append("fused-det")
     return names
+
+
+class Deterministic(nn.Module):
+    """Marks a layer whose steps run under ``torch.use_deterministic_algorithms(True)``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    if not on:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
 def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Module:
@@ -85,6 +117,8 @@ def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Mo
         fused.lora_B.normal_(std=0.02)
     if provider == "fused":
         return fused
+    if provider == "fused-det":
+        return Deterministic(fused)
     if provider == "unfused":
         return UnfusedLoRA(fused)
     if provider == "peft":
@@ -101,9 +135,10 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
     x = torch.randn(s.M, s.in_features, device=device, dtype=dtype, requires_grad=True)
     params = [p for p in module.parameters() if p.requires_grad]
     inputs = [x] + params
+    det = isinstance(module, Deterministic)
     if mode == "fwd":
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), _deterministic(det):
                 return module(x)
         return step
     dy = torch.randn(s.M, s.out_features, device=device, dtype=dtype)
@@ -111,11 +146,13 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
         y = module(x)
 
         def step():
-            return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+            with _deterministic(det):
+                return torch.autograd.grad(y, inputs, dy, retain_graph=True)
         return step
 
     def step():
-        return torch.autograd.grad(module(x), inputs, dy)
+        with _deterministic(det):
+            return torch.autograd.grad(module(x), inputs, dy)
     return step
 
 

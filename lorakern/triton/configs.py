@@ -40,6 +40,14 @@ class SkinnyConfig:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class DyConfig:
+    BLOCK_M: int
+    BLOCK_N: int  # for 16-bit dY; fp32 halves it, as block_k does for the other kernels
+    num_warps: int
+    num_stages: int
+
+
 # BLOCK_K here is for 16-bit inputs; fp32 halves it (see block_k).
 MATMUL_LARGE = (  # 64x128x64 tiles spilled 8-32 B on sm_80 (with 3 or 4 stages, r=1 or dropout)
     MatmulConfig(128, 128, 64, 8, 3),
@@ -73,6 +81,20 @@ SKINNY = (
     SkinnyConfig(32, 64, 4, 3),
     SkinnyConfig(16, 64, 4, 3),
 )
+# dy_kernel: a [BLOCK_M, BLOCK_N] dY tile feeds two dots, dh += dY B (rows x rank) and dB's
+# dY^T h (columns x rank). Every row panel adds its [N, r] share of dB into L2 with atomics:
+# N*r*M/BLOCK_M adds, 1/8 of dY's elements at r=16 and BLOCK_M=128 (the read of dY they replace
+# is M*N elements), so the row panel is as tall as registers allow.
+DY_LARGE = (DyConfig(128, 64, 8, 2), DyConfig(64, 64, 4, 3))  # 3 stages: 8 B spilled on sm_80 (int64 offsets)
+DY_LARGE_R64 = (DyConfig(128, 32, 8, 2), DyConfig(64, 64, 4, 3))  # BLOCK_R=64: 128x64 spilled 60 B on sm_80
+DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
+DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64    (16x128 spilled
+#                                                              60-80 B on sm_80 at BLOCK_R=64)
+# fp32's FMA dots hold both operand tiles in registers (fp32 halves BLOCK_N): 64x32 and 128x32
+# spilled 12-64 B on sm_90, 32x32 on 4 warps 8 B (int64 offsets) and 16x32 with 3 stages 16 B on sm_80.
+DY_FP32 = (DyConfig(32, 64, 8, 2),)
+DY_FP32_SMALL = (DyConfig(16, 32, 4, 2),)  # 16x32 (BLOCK_N 32 in fp32) spilled 8 B on sm_80
+
 # 128 rank columns in one skinny program spilled 8-644 B in the --full sweep (unaligned shapes,
 # dropout; 16-bit, every BLOCK_M), so r > 64 takes several programs (x is read r/64 times for h).
 MAX_BLOCK_R = 64
@@ -122,6 +144,30 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
         if -(-M // cfg.BLOCK_M) * r_blocks >= SM_COUNT_GUESS:
             return SKINNY[i:] + SKINNY[:i]
     return SKINNY[::-1]
+
+
+def dy_candidates(M: int, dtype: torch.dtype, block_r: int) -> tuple[DyConfig, ...]:
+    if dtype == torch.float32:
+        return DY_FP32_SMALL if M <= 16 else DY_FP32
+    if M <= 16:
+        return DY_SMALL
+    if M <= 64:
+        return DY_MEDIUM
+    return DY_LARGE_R64 if block_r > 32 else DY_LARGE
+
+
+def all_dy_configs() -> tuple[DyConfig, ...]:
+    """Every distinct dy_kernel config the launcher can choose."""
+    return tuple(dict.fromkeys(DY_SMALL + DY_MEDIUM + DY_LARGE + DY_LARGE_R64 + DY_FP32 + DY_FP32_SMALL))
+
+
+def dy_split(programs: int, num_tiles: int, sm_count: int) -> tuple[int, int]:
+    """(splits, tiles per split): the column tiles are split over enough programs to fill about
+    two waves (a pass bound by reading dY needs most SMs streaming: 3 TB/s over 132 SMs is 23 GB/s
+    each); dh's partial sums then meet by atomic adds too, [BLOCK_M, r] once per program."""
+    splits = max(1, min(num_tiles, -(-2 * sm_count // max(programs, 1))))
+    per = -(-num_tiles // splits)
+    return -(-num_tiles // per), per
 
 
 _tuned: dict = {}

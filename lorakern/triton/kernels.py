@@ -9,8 +9,13 @@
 
 ``skinny_kernel``: ``out[M, R] = scale * dropout(a[M, K]) @ w[R, K]^T`` (+ row sums of a)
     a matmul whose output has only R <= 256 columns, so one program holds a whole [BLOCK_M, R]
-    row panel and reads ``a`` once. It computes h (forward), dh = s dY B, dB = s dY^T h with
-    dbias as the row sums of dY^T, and dA^T = dropout(x)^T dh, each by passing strides.
+    row panel and reads ``a`` once. It computes h (forward) and dA^T = dropout(x)^T dh, each by
+    passing strides (and, where results must be bitwise reproducible, dh and dB = s dY^T h with
+    dbias as the row sums of dY^T, each its own read of dY).
+
+``dy_kernel``: ``dh = s dY B`` [M, R], ``dB += s dY^T h`` [N, R], ``dbias += colsum(dY)`` [N] from one
+    read of dY: a program owns a row panel of dY (and of dh) and walks a run of its column tiles;
+    dB and dbias sum over row panels with fp32 atomic adds (their order, so the last bits, vary).
 
 Every operand is addressed by explicit strides, so transposed views and non-contiguous inputs
 cost no copy. The dropout mask of element (i, j) of ``a`` (or of ``out`` in the matmul kernel) is
@@ -145,3 +150,66 @@ def skinny_kernel(
     if HAS_ROWSUM:
         if pid_r == 0:
             tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def dy_kernel(
+    a_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, dbias_ptr,
+    M, N, R, TILES_PER_SPLIT,
+    stride_am, stride_an, stride_bn, stride_br, stride_hm, stride_hr,
+    stride_dhm, stride_dhr, stride_dbn, stride_dbr,
+    scale,
+    HAS_DH: tl.constexpr, DH_ATOMIC: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """a = dY [M, N], b = B [N, R], h [M, R]; dh [M, R] fp32 (added to when DH_ATOMIC: the column
+    tiles are split over programs), db [N, R] and dbias [N] fp32, zeroed by the caller."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    dtype = a_ptr.dtype.element_ty
+    if HAS_DB:
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
+    dh = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+
+    # This program's run of column tiles, entered at a tile that depends on the row panel: all row
+    # panels start together, and in step they would add into the same dB rows at the same time.
+    num_tiles = tl.cdiv(N, BLOCK_N)
+    first = pid_s * TILES_PER_SPLIT
+    count = tl.minimum(num_tiles - first, TILES_PER_SPLIT)
+    for i in range(0, count):
+        tile = first + (i + pid_m) % count
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_INT64:
+            offs_n = offs_n.to(tl.int64)
+        mask_n = offs_n < N
+        dy = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if HAS_DH:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            dh = _dot(dy, b.to(dtype), dh, DOT_F32, PRECISION)
+        if HAS_DB:
+            part = _dot(tl.trans(dy), h, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DOT_F32, PRECISION)
+            tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, part * scale,
+                          mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
+        if HAS_DBIAS:
+            if pid_r == 0:
+                tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n, sem="relaxed")
+
+    if HAS_DH:
+        dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_r[None, :] * stride_dhr
+        mask = mask_m[:, None] & mask_r[None, :]
+        if DH_ATOMIC:
+            tl.atomic_add(dh_ptrs, dh * scale, mask=mask, sem="relaxed")
+        else:
+            tl.store(dh_ptrs, dh * scale, mask=mask)

@@ -15,23 +15,27 @@ import triton
 from ..dropout import keep_threshold
 from .common import dot_options, needs_int64, padded_rank
 from .configs import (
+    SM_COUNT_GUESS,
     block_k,
     bucket,
     choose,
+    dy_candidates,
+    dy_split,
     matmul_block_r,
     matmul_candidates,
     skinny_block_r,
     skinny_candidates,
 )
-from .kernels import lora_matmul_kernel, skinny_kernel
+from .kernels import dy_kernel, lora_matmul_kernel, skinny_kernel
 
 _recording: list | None = None
 
 
 @contextlib.contextmanager
 def record_launches():
-    """Record, per launch, a list of ``(kernel, config, grid, kwargs)`` over its candidate configs
-    instead of launching (works on "meta" tensors: nothing is allocated or run)."""
+    """Record, per launch, ``(role, [(kernel, config, grid, kwargs) for each candidate config])``
+    instead of launching (works on "meta" tensors: nothing is allocated or run). ``role`` is what
+    the launch computes, as its caller named it."""
     global _recording
     previous, _recording = _recording, []
     try:
@@ -51,19 +55,27 @@ def _dropout_args(p: float, seed: torch.Tensor | None, device) -> tuple:
     return torch.zeros((), dtype=torch.int64, device=device), 0, 1.0, False
 
 
-def _run(kernel, key, candidates, call, device):
+def recording() -> bool:
+    return _recording is not None
+
+
+def _run(kernel, key, candidates, call, device, role, before=None):
+    """Launch ``kernel`` with the chosen candidate; ``before()`` runs ahead of every launch (the
+    autotuner's timing runs too), e.g. to zero what the kernel adds into."""
     if _recording is not None:
-        _recording.append([(kernel, cfg, *call(cfg)) for cfg in candidates])
+        _recording.append((role, [(kernel, cfg, *call(cfg)) for cfg in candidates]))
         return candidates[0]
 
     def launch(cfg):
         grid, kwargs = call(cfg)
+        if before is not None:
+            before()
         kernel[grid](**kwargs)
 
     return choose(key, candidates, launch, device)[1]
 
 
-def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, seed=None, config=None):
+def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, seed=None, config=None, role=""):
     """``out[M, N] = a[M, K] w[N, K]^T + lora + bias``; lora = ``s * h b^T`` or, with dropout,
     ``dropout(h b^T)`` (the backward's dx). ``h [M, R]``, ``b [N, R]``; any strides.
     Returns the config used (None when there was nothing to compute)."""
@@ -94,11 +106,11 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
     aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
     candidates = (config,) if config is not None else matmul_candidates(M, aligned, a.dtype, dropout=has_dropout)
     key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned)
-    return _run(lora_matmul_kernel, key, candidates, call, a.device)
+    return _run(lora_matmul_kernel, key, candidates, call, a.device, role)
 
 
 def skinny(a, w, out, scale: float = 1.0, dropout_p: float = 0.0, seed=None, idx_strides=(0, 0),
-           rowsum=None, config=None):
+           rowsum=None, config=None, role=""):
     """``out[M, R] = scale * dropout(a[M, K]) @ w[R, K]^T``; optional ``rowsum[M] = sum_k a``.
 
     ``idx_strides`` maps element (i, j) of ``a`` to its dropout index ``i*s0 + j*s1`` in x.
@@ -127,4 +139,56 @@ def skinny(a, w, out, scale: float = 1.0, dropout_p: float = 0.0, seed=None, idx
 
     candidates = (config,) if config is not None else skinny_candidates(M, r_pad, a.dtype)
     key = ("skinny", bucket(M), K, r_pad, a.dtype, has_dropout, rowsum is not None)
-    return _run(skinny_kernel, key, candidates, call, a.device)
+    return _run(skinny_kernel, key, candidates, call, a.device, role)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT_GUESS
+
+
+def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
+    """From one read of ``dy [M, N]``: ``dh [M, R] = scale * dy b``, ``db [N, R] = scale * dy^T h``,
+    ``dbias [N] = sum_m dy``, each fp32 and each optional (None). ``b [N, R]``, ``h [M, R]``; any
+    strides. db, dbias (and dh, when the column tiles are split) are summed into by atomic adds:
+    they are zeroed here before each launch. Returns the config used (None: nothing to compute)."""
+    M, N = dy.shape
+    R = b.shape[1]
+    targets = [t for t in (dh, db, dbias) if t is not None]
+    if M == 0 or N == 0 or not targets:
+        for t in targets:
+            t.zero_()
+        return None
+    r_pad = padded_rank(R)
+    block_r = skinny_block_r(r_pad, dy.dtype)
+    r_blocks = -(-r_pad // block_r) if (dh is not None or db is not None) else 1
+    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (dy, b, h, *targets)))
+    sms = sm_count(dy.device)
+    fp32 = dy.dtype == torch.float32
+
+    def call(cfg):
+        bn = cfg.BLOCK_N // 2 if fp32 else cfg.BLOCK_N
+        splits, per = dy_split(triton.cdiv(M, cfg.BLOCK_M) * r_blocks, triton.cdiv(N, bn), sms)
+        grid = (triton.cdiv(M, cfg.BLOCK_M), splits, r_blocks)
+        return grid, dict(
+            a_ptr=dy, b_ptr=b, h_ptr=h, dh_ptr=dh if dh is not None else targets[0],
+            db_ptr=db if db is not None else targets[0], dbias_ptr=dbias if dbias is not None else targets[0],
+            M=M, N=N, R=R, TILES_PER_SPLIT=per,
+            stride_am=dy.stride(0), stride_an=dy.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
+            stride_hm=h.stride(0), stride_hr=h.stride(1),
+            stride_dhm=dh.stride(0) if dh is not None else 0, stride_dhr=dh.stride(1) if dh is not None else 0,
+            stride_dbn=db.stride(0) if db is not None else 0, stride_dbr=db.stride(1) if db is not None else 0,
+            scale=scale, HAS_DH=dh is not None, DH_ATOMIC=dh is not None and splits > 1,
+            HAS_DB=db is not None, HAS_DBIAS=dbias is not None, USE_INT64=use_int64,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=bn, BLOCK_R=block_r,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dy.dtype),
+        )
+
+    def zero():
+        for t in targets:
+            t.zero_()
+
+    candidates = (config,) if config is not None else dy_candidates(M, dy.dtype, block_r)
+    key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None)
+    return _run(dy_kernel, key, candidates, call, dy.device, role, before=zero)

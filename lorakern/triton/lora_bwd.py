@@ -1,48 +1,87 @@
 """LoRA backward with the Triton kernels (W frozen: no grad for it is ever computed).
 
 With D the dropout operator (regenerated from the seed) and s the scaling:
-    dh    = s dY B            skinny over dY          [M, r]    reads dY once
-    dB    = s dY^T h          skinny over dY^T        [N, r]    reads dY again; dbias = its row sums
-    dA^T  = D(x)^T dh         skinny over x^T         [K, r]    reads x once
+    dh    = s dY B          \\  one read of dY (dy_kernel; dB and dbias summed over row panels
+    dB    = s dY^T h         |  by fp32 atomic adds) or two (skinny over dY, then over dY^T:     [M, r]
+    dbias = sum_m dY        /   fixed order, bitwise reproducible)                              [N, r]
+    dA^T  = D(x)^T dh         skinny over x^T, reads x once                                    [K, r]
     dx    = dY W + D(dh A)    the base GEMM with r extra K-steps (dY W^T^T), masked in the epilogue
 
-The dx GEMM is 2*M*N*K FLOPs (348 us on an H100 at M=8192, K=N=4096 bf16); the three skinny passes
-read dY twice and x once (3 * 64 MiB, ~65 us at 3 TB/s). Computing dB from the dh pass would save
-one read of dY but needs a cross-program reduction over M (atomics: non-deterministic).
+Floor on an H100 at M=8192, K=N=4096, r=16, bf16: the dx GEMM is 275 GFLOP (348 us at 790 TFLOP/s);
+a read of dY is 64 MiB (22 us at 3 TB/s), as is the dA pass's read of x. One read of dY saves 22 us
+but adds M/128 * N * r = 4.2 M floats into dB in L2 (r/128 of dY's element count; at r=256 twice
+that count); which costs less depends on the GPU's L2 atomic rate, so on CUDA the tuner times both
+once per shape and keeps the faster (elsewhere, and with LORAKERN_AUTOTUNE=0, one read).
+Under ``torch.use_deterministic_algorithms(True)`` it is always two reads: atomic adds make dB,
+dbias (and dh, when column tiles are split over programs) differ in their last bits between runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .launch import lora_matmul, skinny
+from . import launch
+from .common import padded_rank
+from .configs import bucket, choose
+from .launch import dy_grads, lora_matmul, skinny
+
+ONE_READ, TWO_READS = "one read of dY", "two reads of dY"
+
+
+def _two_reads(dy, lora_B, h, dh, dB32, dbias32, scaling):
+    if dh is not None:  # dh = s dY B: "w" is B^T [r, N], a strided view.
+        skinny(dy, lora_B.t(), dh, scale=scaling, role="dh")
+    if dB32 is not None or dbias32 is not None:
+        # dB = s dY^T h: a = dY^T [N, M], w = h^T [r, M]; the row sums of dY^T are dbias.
+        out = dB32 if dB32 is not None else torch.empty(dy.shape[1], h.shape[1], device=dy.device,
+                                                        dtype=torch.float32)
+        skinny(dy.t(), h.t(), out, scale=scaling, rowsum=dbias32, role="dB,dbias")
+
+
+def dy_pass(dy, lora_B, h, dh, dB32, dbias32, scaling, deterministic: bool):
+    """Fill the fp32 ``dh [M, r]``, ``dB32 [N, r]``, ``dbias32 [N]`` (each optional); returns the
+    strategy used. Recording launches (lorakern.aot) records both strategies."""
+    args = (dy, lora_B, h, dh, dB32, dbias32, scaling)
+    if launch.recording():
+        dy_grads(*args, role="dh,dB,dbias")
+        _two_reads(*args)
+        return None
+    if deterministic:
+        _two_reads(*args)
+        return TWO_READS
+
+    def run(strategy):
+        return dy_grads(*args, role="dh,dB,dbias") if strategy == ONE_READ else _two_reads(*args)
+
+    key = ("dy pass", bucket(dy.shape[0]), dy.shape[1], padded_rank(h.shape[1]), dy.dtype,
+           dh is not None, dB32 is not None, dbias32 is not None)
+    return choose(key, (ONE_READ, TWO_READS), run, dy.device)[1]
 
 
 def lora_backward_triton(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-                         needs_dx=True, needs_dlora=True, needs_dbias=True):
-    """Returns ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty."""
+                         needs_dx=True, needs_dlora=True, needs_dbias=True, deterministic=None):
+    """Returns ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty.
+    ``deterministic``: None follows ``torch.are_deterministic_algorithms_enabled()``."""
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     dx, dA, dB, dbias = (dy.new_empty(0) for _ in range(4))  # distinct: op outputs may not alias
-    # dh = s dY B: "w" is B^T [r, N], a strided view.
-    dh = torch.empty(M, r, device=dy.device, dtype=dy.dtype)
-    if needs_dx or needs_dlora:
-        skinny(dy, lora_B.t(), dh, scale=scaling)
-    if needs_dlora or needs_dbias:
-        dB32 = torch.empty(N, r, device=dy.device, dtype=torch.float32)
-        dbias32 = torch.zeros(N, device=dy.device, dtype=torch.float32) if needs_dbias else None
-        # dB = s dY^T h: a = dY^T [N, M], w = h^T [r, M]; the row sums of dY^T are dbias.
-        skinny(dy.t(), h.t(), dB32, scale=scaling, rowsum=dbias32)
-        if needs_dlora:
-            dB = dB32.to(lora_B.dtype)
-        if needs_dbias:
-            dbias = dbias32.to(dy.dtype)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    dh = torch.empty(M, r, **f32) if needs_dx or needs_dlora else None
+    dB32 = torch.empty(N, r, **f32) if needs_dlora else None
+    dbias32 = torch.empty(N, **f32) if needs_dbias else None
+    dy_pass(dy, lora_B, h, dh, dB32, dbias32, scaling, deterministic)
+    if dB32 is not None:
+        dB = dB32.to(lora_B.dtype)
+    if dbias32 is not None:
+        dbias = dbias32.to(dy.dtype)
     if needs_dlora:
         # dA^T = D(x)^T dh: a = x^T [K, M] (element (k, m) is x index m*K + k), w = dh^T [r, M].
-        dA = torch.empty(r, K, device=dy.device, dtype=torch.float32)
-        skinny(x.t(), dh.t(), dA.t(), dropout_p=dropout_p, seed=seed, idx_strides=(1, K))
+        dA = torch.empty(r, K, **f32)
+        skinny(x.t(), dh.t(), dA.t(), dropout_p=dropout_p, seed=seed, idx_strides=(1, K), role="dA")
         dA = dA.to(lora_A.dtype)
     if needs_dx:
         dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-        lora_matmul(dy, weight.t(), dh, lora_A.t(), None, dx, 1.0, dropout_p=dropout_p, seed=seed)
+        lora_matmul(dy, weight.t(), dh, lora_A.t(), None, dx, 1.0, dropout_p=dropout_p, seed=seed, role="dx")
     return dx, dA, dB, dbias

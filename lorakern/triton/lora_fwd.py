@@ -22,6 +22,6 @@ def lora_forward_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, see
     N, r = weight.shape[0], lora_A.shape[0]
     h = torch.empty(M, r, device=x.device, dtype=x.dtype)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    skinny(x, lora_A, h, dropout_p=dropout_p, seed=seed, idx_strides=(K, 1))
-    lora_matmul(x, weight, h, lora_B, bias, y, scaling)
+    skinny(x, lora_A, h, dropout_p=dropout_p, seed=seed, idx_strides=(K, 1), role="h")
+    lora_matmul(x, weight, h, lora_B, bias, y, scaling, role="y")
     return y, h
