@@ -215,6 +215,22 @@ def test_backward_paths_agree(device):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int64_offsets(dtype, device, monkeypatch):
+    """The int64 addressing every kernel switches to past 2**31 elements, forced on a small shape
+    (forward, backward with dropout, both ways of reading dY)."""
+    from lorakern.triton import launch
+
+    monkeypatch.setattr(launch, "needs_int64", lambda *numels: True)
+    _run_and_check(70, 45, 150, 20, dtype, device, bias=True, p=0.25)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _run_and_check(70, 45, 150, 20, dtype, device, bias=True, p=0.25)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_dropout_mask_matches_reference_exactly(device):
     """With W = 0, bias = 0, A = I the forward's h is exactly the dropped-out x: compare masks."""
     M, K, p = 67, 16, 0.4
