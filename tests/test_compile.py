@@ -35,6 +35,22 @@ def test_compile_fullgraph_two_layers_matches_eager():
         torch.testing.assert_close(p.grad, g)
 
 
+def test_compile_traces_the_op():
+    """Under torch.compile the layer is the lorakern::lora_fwd op in the graph (eager runs its
+    bodies through an autograd.Function instead, which dynamo would otherwise trace into)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    layer = lorakern.FusedLoRALinear(16, 8, r=4, lora_alpha=8, backend="reference")
+    x = torch.randn(3, 16, requires_grad=True)
+    y = torch.compile(layer, backend=record, fullgraph=True)(x)
+    torch.testing.assert_close(y, layer(x))
+    assert len(graphs) == 1 and "lorakern.lora_fwd" in graphs[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("base_quant", [None, "nf4"])
 def test_compile_fullgraph_on_cuda(base_quant):

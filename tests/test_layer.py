@@ -121,3 +121,41 @@ def test_state_dict_round_trip():
     x = torch.randn(2, 12)
     torch.testing.assert_close(a(x), b(x))
     assert set(a.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_paths_equal_the_op(backend, p):
+    """Outside torch.compile, lora_linear runs the op's bodies without the dispatcher (an
+    autograd.Function with the op's saved tensors and backward; under no_grad, the bare forward):
+    outputs and every grad are bitwise those of torch.ops.lorakern.lora_fwd with its autograd."""
+    from lorakern.dropout import draw_seed
+
+    if backend == "triton":
+        from lorakern.backend import interpreting
+
+        if not interpreting():
+            pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors)")
+    x = torch.randn(2, 9, 24)
+    w, b = torch.randn(20, 24), torch.randn(20)
+    a, bb = torch.randn(4, 24), torch.randn(20, 4)
+    g = torch.randn(2, 9, 20)
+    results = []
+    for via_op in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, b, a, bb)]
+        torch.manual_seed(7)
+        if via_op:
+            seed = draw_seed(x.device) if p > 0 else None
+            y, _ = torch.ops.lorakern.lora_fwd(leaves[0].reshape(-1, 24), w, leaves[1], leaves[2], leaves[3],
+                                              1.5, p, seed, backend)
+            y = y.reshape(2, 9, 20)
+        else:
+            y = lorakern.lora_linear(leaves[0], w, leaves[1], leaves[2], leaves[3], 1.5, p, backend=backend)
+        y.backward(g)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        y_inf = lorakern.lora_linear(x, w, b, a, bb, 1.5, p, backend=backend)
+    assert torch.equal(y_inf, results[1][0])
