@@ -36,6 +36,16 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _row_rank_offsets(pid_m, pid_r, M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, USE_INT64: tl.constexpr):
+    """Row and rank offsets of a [BLOCK_M, BLOCK_R] output tile, and their in-bounds masks."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    return offs_m, offs_r, offs_m < M, offs_r < R
+
+
+@triton.jit
 def lora_matmul_kernel(
     a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr,
     M, N, K, R,
@@ -114,15 +124,9 @@ def skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if USE_INT64:
-        offs_m = offs_m.to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m, offs_r, mask_m, mask_r = _row_rank_offsets(tl.program_id(0), pid_r, M, R, BLOCK_M, BLOCK_R, USE_INT64)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
     dtype = a_ptr.dtype.element_ty
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr).to(tl.uint32)
@@ -169,12 +173,7 @@ def dy_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if USE_INT64:
-        offs_m = offs_m.to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+    offs_m, offs_r, mask_m, mask_r = _row_rank_offsets(pid_m, pid_r, M, R, BLOCK_M, BLOCK_R, USE_INT64)
     dtype = a_ptr.dtype.element_ty
     if HAS_DB:
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
