@@ -26,7 +26,7 @@ from .dropout import apply_dropout, draw_seed
 from .nf4 import native
 from .nf4.format import NF4Weight
 from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl, resolve_nf4_backend
-from .ops import autocast_to, check_adapter_args, check_x, fake_grads
+from .ops import autocast_to, check_adapter_args, check_x, eager_autograd, fake_grads
 from .reference import lora_backward_reference
 
 QLORA_BACKENDS = ("auto", "reference", "native", "triton")
@@ -65,6 +65,12 @@ def qlora_fwd(
     lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """``x [M, in]`` -> ``(y [M, out], h [M, r])``, the base ``x W^T`` from the NF4 kernels."""
+    return _fwd_body(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A,
+                     lora_B, scaling, dropout_p, seed, backend)
+
+
+def _fwd_body(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A, lora_B,
+              scaling, dropout_p, seed, backend):
     w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, x.shape[1]], x.dtype)
     y, h = forward_impl(x, w, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return y, h.contiguous()
@@ -112,6 +118,12 @@ def qlora_bwd(
     the LoRA terms as in :func:`lorakern.reference.lora_backward_reference`, and ``dY W`` of the
     base through the NF4 kernels' transposed product (or, with "triton", all of it by the fused
     Triton backward on W decoded again: W is never saved)."""
+    return _bwd_body(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, h, scaling,
+                     dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend)
+
+
+def _bwd_body(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, lora_A, lora_B, h, scaling,
+              dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
     w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [dy.shape[1], x.shape[1]], dy.dtype)
     if backend == "triton":
         from .triton.lora_bwd import lora_backward_triton
@@ -147,11 +159,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, dy, _dh):
+def _grads(ctx, dy, bwd):
     x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, h, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     needs_dx, needs_dbias, needs_dlora = needs[0], needs[8], needs[9] or needs[10]
-    dx, dA, dB, dbias = torch.ops.lorakern.qlora_bwd(
+    dx, dA, dB, dbias = bwd(
         dy, x, packed, absmax, nested_absmax, nested_code, offset, ctx.blocksize, lora_A, lora_B, h,
         ctx.scaling, ctx.dropout_p, seed, needs_dx, needs_dlora, needs_dbias, ctx.backend,
     )
@@ -163,7 +175,12 @@ def _backward(ctx, dy, _dh):
     return tuple(grads)
 
 
+def _backward(ctx, dy, _dh):
+    return _grads(ctx, dy, torch.ops.lorakern.qlora_bwd)
+
+
 qlora_fwd.register_autograd(_backward, setup_context=_setup_context)
+EagerQLoRA = eager_autograd(_fwd_body, _setup_context, lambda ctx, dy, _dh: _grads(ctx, dy, _bwd_body))
 
 
 def qlora_linear(
@@ -193,14 +210,12 @@ def qlora_linear(
     seed = draw_seed(x.device) if p > 0.0 else None
     x2d = x.reshape(-1, in_features)
     chosen = resolve_qlora_backend(backend, x2d, r)
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))
-    if not differentiable and not torch.compiler.is_compiling():
-        # Inference (the decode loop): the same body without the dispatcher's ~0.1 ms per call.
+    args = (x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
+            weight.blocksize, out_features, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
+    if torch.compiler.is_compiling():  # the op, which torch.compile traces without graph breaks
+        y, _ = torch.ops.lorakern.qlora_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
+        y, _ = EagerQLoRA.apply(*args)  # the op's bodies and autograd without its dispatch (see eager_autograd)
+    else:  # inference (the decode loop): the forward body alone, on the checked weight
         y, _ = forward_impl(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
-    y, _ = torch.ops.lorakern.qlora_fwd(
-        x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
-        weight.blocksize, out_features, bias, lora_A, lora_B, float(scaling), p, seed, chosen,
-    )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
