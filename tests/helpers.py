@@ -35,3 +35,22 @@ def assert_close_like_torch(name, got, ref64, torch_same_dtype, dtype):
     err = rel_err(got, ref64)
     bound = max(2.0 * rel_err(torch_same_dtype, ref64), FLOOR[dtype])
     assert err <= bound, f"{name} ({dtype}): relative error {err:.3e} > bound {bound:.3e}"
+
+
+def assert_same_as_op(run, inputs, grad_out, p: float, seed: int = 7):
+    """``run(via_op, leaves, seed)`` -> y, once through the public function and once through its
+    custom op with the op's autograd (``seed``: the dropout seed the function draws after
+    ``torch.manual_seed``, or None). Output and the grads of ``inputs`` must be bitwise equal."""
+    from lorakern.dropout import draw_seed
+
+    results = []
+    for via_op in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(seed)
+        drawn = draw_seed(inputs[0].device) if via_op and p > 0 else None
+        y = run(via_op, leaves, drawn)
+        y.backward(grad_out)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    return results[1][0]
