@@ -143,6 +143,17 @@ def eager_autograd(forward, setup_context, backward):
 EagerLoRA = eager_autograd(forward_impl, _setup_context, lambda ctx, dy, _dh: _grads(ctx, dy, backward_impl))
 
 
+def call_layer_op(op, eager, args, inputs, infer):
+    """``(y, h)`` of a layer op on ``args``: the op itself under torch.compile (traced without graph
+    breaks), its ``eager`` Function when one of ``inputs`` needs a grad, else ``infer()`` (the
+    forward body alone: inference, decode, serving)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return eager.apply(*args)
+    return infer()
+
+
 def check_x(x) -> None:
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x: expected a tensor of shape [..., in_features]")
@@ -230,10 +241,6 @@ def lora_linear(
     x2d = x.reshape(-1, x.shape[-1])  # a view unless the leading dims cannot be merged
     chosen = resolve_backend(backend, x2d, lora_A.shape[0])
     args = (x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-    if torch.compiler.is_compiling():  # the op, which torch.compile traces without graph breaks
-        y, _ = torch.ops.lorakern.lora_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
-        y, _ = EagerLoRA.apply(*args)
-    else:  # inference (decode, serving): no autograd at all
-        y, _ = forward_impl(*args)
+    y, _ = call_layer_op(torch.ops.lorakern.lora_fwd, EagerLoRA, args, (x, bias, lora_A, lora_B),
+                         lambda: forward_impl(*args))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # 2-D: no view (FSDP2 hooks)

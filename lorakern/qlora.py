@@ -26,7 +26,7 @@ from .dropout import apply_dropout, draw_seed
 from .nf4 import native
 from .nf4.format import NF4Weight
 from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl, resolve_nf4_backend
-from .ops import autocast_to, check_adapter_args, check_x, eager_autograd, fake_grads
+from .ops import autocast_to, call_layer_op, check_adapter_args, check_x, eager_autograd, fake_grads
 from .reference import lora_backward_reference
 
 QLORA_BACKENDS = ("auto", "reference", "native", "triton")
@@ -212,10 +212,7 @@ def qlora_linear(
     chosen = resolve_qlora_backend(backend, x2d, r)
     args = (x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset,
             weight.blocksize, out_features, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-    if torch.compiler.is_compiling():  # the op, which torch.compile traces without graph breaks
-        y, _ = torch.ops.lorakern.qlora_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
-        y, _ = EagerQLoRA.apply(*args)  # the op's bodies and autograd without its dispatch (see eager_autograd)
-    else:  # inference (the decode loop): the forward body alone, on the checked weight
-        y, _ = forward_impl(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
+    # Inference runs the forward body on the already checked weight (no rebuild from its tensors).
+    y, _ = call_layer_op(torch.ops.lorakern.qlora_fwd, EagerQLoRA, args, (x, bias, lora_A, lora_B),
+                         lambda: forward_impl(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -156,9 +156,13 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
     M, N = dy.shape
     R = b.shape[1]
     targets = [t for t in (dh, db, dbias) if t is not None]
-    if M == 0 or N == 0 or not targets:
+
+    def zero():
         for t in targets:
             t.zero_()
+
+    if M == 0 or N == 0 or not targets:
+        zero()
         return None
     r_pad = padded_rank(R)
     block_r = skinny_block_r(r_pad, dy.dtype)
@@ -184,10 +188,6 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=bn, BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dy.dtype),
         )
-
-    def zero():
-        for t in targets:
-            t.zero_()
 
     candidates = (config,) if config is not None else dy_candidates(M, dy.dtype, block_r)
     key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None)
