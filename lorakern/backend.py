@@ -64,6 +64,8 @@ def resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
     # auto: the kernels for CUDA tensors; interpreted kernels are only used when asked for by name.
     if reason is None and x.device.type == "cuda":
         return "triton"
+    if x.device.type == "meta":  # shapes only (model init on meta): nothing runs, nothing to say
+        return "reference"
     if reason is None:
         reason = f"x is on {x.device.type}"
     if not torch.compiler.is_compiling():

@@ -78,7 +78,7 @@ class FusedLoRALinear(nn.Module):
         ``linear`` is an ``nn.Linear`` (quantized to NF4 first when ``base_quant="nf4"``) or a
         bitsandbytes ``Linear4bit`` with NF4 weights (wrapped as is, without re-quantizing).
         """
-        if _is_bnb_linear4bit(linear):
+        if is_bnb_linear4bit(linear):
             weight = NF4Weight.from_bnb(linear)
         elif isinstance(linear, nn.Linear):
             weight = _maybe_quantize(linear.weight, base_quant, blocksize, double_quant)
@@ -183,8 +183,14 @@ class FusedLoRALinear(nn.Module):
                 self.weight_nf4 = self.weight_nf4.to(device)
         return self
 
+    # -- merged: a merged layer's state says so (key "merged"), so that loading it never adds the
+    # adapter a second time; an unmerged state keeps nn.Linear's keys plus lora_A / lora_B.
+    _MERGED_KEY = "merged"
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self._MERGED_KEY] = torch.tensor(True)
         if self.weight_nf4 is not None:
             destination.update(self.weight_nf4.state_dict(prefix))
 
@@ -202,6 +208,17 @@ class FusedLoRALinear(nn.Module):
             elif strict:
                 missing_keys.append(prefix + "weight")
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        key = prefix + self._MERGED_KEY
+        # The flag describes the weight beside it: a weight without it is the base alone (unmerged);
+        # a state without the weight (adapter weights only, strict=False) leaves the flag as it is.
+        merged = state_dict.get(key, torch.tensor(False if prefix + "weight" in state_dict else self.merged))
+        if not isinstance(merged, torch.Tensor) or merged.numel() != 1 or merged.dtype != torch.bool:
+            error_msgs.append(f"{key}: expected a one-element bool tensor, got {merged!r}")
+        elif bool(merged) and self.weight_nf4 is not None:
+            error_msgs.append(f"{key}: True for an NF4 base, which never merges in place")
+        else:
+            self.merged = bool(merged)
+        state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -214,5 +231,5 @@ def _maybe_quantize(weight: torch.Tensor, base_quant, blocksize: int, double_qua
     return NF4Weight.quantize(weight.detach(), blocksize=blocksize, double_quant=double_quant)
 
 
-def _is_bnb_linear4bit(module) -> bool:
+def is_bnb_linear4bit(module) -> bool:
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)

@@ -22,8 +22,36 @@ def lora_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Tensor | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """``x [M, K]`` -> ``(y [M, N], h [M, r])`` with ``y = x W^T + bias + s * h B^T``, ``h = dropout(x) A^T``."""
+    """``x [M, K]`` -> ``(y [M, N], h [M, r])`` with ``y = x W^T + bias + s * h B^T``, ``h = dropout(x) A^T``.
+
+    The op is public (``torch.ops.lorakern.lora_fwd``): it checks its own arguments, as
+    :func:`lora_linear` does, before any kernel sees a pointer."""
+    _check_op_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
     return forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+
+
+def _check_op_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting=False)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [M, in_features] tensor, got shape {tuple(x.shape)}")
+    check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
+
+
+def check_op_backend(backend: str, x: Tensor, r: int, seed, dropout_p: float) -> None:
+    """An op called with ``backend`` can run it on ``x`` (an explicit name that cannot raises,
+    as :func:`resolve_backend` does), and has a seed when it has dropout."""
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"backend: expected 'reference' or 'triton' (the op runs what it is given), got {backend!r}")
+    resolve_backend(backend, x, r)
+    check_seed(seed, dropout_p, x.device)
+
+
+def check_seed(seed, dropout_p: float, device) -> None:
+    if dropout_p > 0.0:
+        check_tensor("seed", seed)
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device != device:
+            raise ValueError(f"seed: expected a 0-d int64 tensor on {device} (dropout_p={dropout_p}), "
+                             f"got {seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
 
 
 def forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, backend: str):
@@ -48,6 +76,11 @@ def lora_bwd(
     needs_dx: bool, needs_dlora: bool, needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty."""
+    check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight})
+    check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
     return backward_impl(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora,
                          needs_dbias, backend)
 
@@ -154,19 +187,55 @@ def call_layer_op(op, eager, args, inputs, infer):
     return infer()
 
 
+def check_tensor(name: str, t, optional: bool = False) -> None:
+    """``t`` is a tensor (or None where ``optional``): checked before any of its attributes is read."""
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
 def check_x(x) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError("x: expected a tensor of shape [..., in_features]")
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape [..., in_features], got a 0-d tensor")
+
+
+def rows(x: Tensor) -> Tensor:
+    """``x [..., K]`` as ``[M, K]``: a view unless the leading dims cannot be merged. Also for
+    K = 0, where ``reshape(-1, 0)`` is ambiguous."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _is_real(v) -> bool:
+    """A Python number or a 0-d tensor (what ``float(v)`` takes), not a bool or a string."""
+    if isinstance(v, Tensor):
+        return v.dim() == 0 and not v.is_complex()
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype for ``device_type`` when autocast is on there, else None. Device types
+    without autocast (meta, ...) are never autocasting: ``nn.Linear`` works on them."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast" (meta)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def check_adapter_args(
     x, out_features: int, in_features: int, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool,
     base: dict | None = None, dtypes: tuple | None = None,
 ) -> None:
-    """The checks every LoRA entry point shares (dense or NF4 base): x's last dim, the shapes of
-    lora_A [r, in], lora_B [out, r] and bias [out], dropout_p and scaling, and that x, the ``base``
-    tensors, bias, lora_A and lora_B share x's device and (outside autocast) dtype. ``dtypes``: the
-    allowed dtypes (default: any floating point)."""
+    """The checks every LoRA entry point and op shares (dense or NF4 base): x's last dim, the
+    shapes of lora_A [r, in], lora_B [out, r] and bias [out], dropout_p and scaling, and that x,
+    the ``base`` tensors, bias, lora_A and lora_B share x's device and (outside autocast) dtype.
+    ``dtypes``: the allowed dtypes (default: any floating point)."""
+    check_x(x)
+    for name, t in (*(base or {}).items(), ("lora_A", lora_A), ("lora_B", lora_B)):
+        check_tensor(name, t)
+    check_tensor("bias", bias, optional=True)
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
@@ -178,10 +247,10 @@ def check_adapter_args(
         raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias: expected shape [{out_features}], got {tuple(bias.shape)}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite number, got {scaling}")
+    if not _is_real(dropout_p) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if not _is_real(scaling) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
     named = {"x": x, **(base or {}), "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     for name, t in named.items():
         if t is None:
@@ -196,6 +265,24 @@ def check_adapter_args(
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
 
 
+def check_backward_args(dy, x, h, lora_A, lora_B, out_features: int, in_features: int, scaling, dropout_p,
+                        base: dict | None = None, dtypes: tuple | None = None) -> None:
+    """A backward op's own checks: ``dy [M, out]``, ``x [M, in]``, ``h [M, r]`` beside the adapter's
+    ``lora_A [r, in]`` and ``lora_B [out, r]`` (and the ``base`` tensors), all on one device and in
+    one dtype, as :func:`check_adapter_args` has them."""
+    for name, t in (("dy", dy), ("x", x), ("h", h)):
+        check_tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    check_adapter_args(x, out_features, in_features, None, lora_A, lora_B, scaling, dropout_p, False,
+                       base={**(base or {}), "dy": dy, "h": h}, dtypes=dtypes)
+    M, r = x.shape[0], lora_A.shape[0]
+    if tuple(dy.shape) != (M, out_features):
+        raise ValueError(f"dy: expected shape [{M}, {out_features}] (rows of x, out_features), got {tuple(dy.shape)}")
+    if tuple(h.shape) != (M, r):
+        raise ValueError(f"h: expected shape [{M}, {r}] (rows of x, r), got {tuple(h.shape)}")
+
+
 def autocast_to(dtype: torch.dtype, *tensors):
     """``tensors`` cast to the autocast ``dtype`` (None stays None), as nn.Linear's inputs are."""
     return tuple(None if t is None else t.to(dtype) for t in tensors)
@@ -203,6 +290,7 @@ def autocast_to(dtype: torch.dtype, *tensors):
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool):
     check_x(x)
+    check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     if weight.requires_grad:
@@ -230,15 +318,14 @@ def lora_linear(
     Returns ``y [..., out_features]``. Under ``torch.autocast`` every input is cast to the autocast
     dtype, as ``nn.Linear`` does.
     """
-    device_type = x.device.type
-    autocasting = torch.is_autocast_enabled(device_type)
-    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting)
-    if autocasting:
-        x, weight, bias, lora_A, lora_B = autocast_to(torch.get_autocast_dtype(device_type), x, weight, bias,
-                                                      lora_A, lora_B)
+    check_x(x)
+    cast = autocast_dtype(x.device.type)
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, cast is not None)
+    if cast is not None:
+        x, weight, bias, lora_A, lora_B = autocast_to(cast, x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
-    x2d = x.reshape(-1, x.shape[-1])  # a view unless the leading dims cannot be merged
+    x2d = rows(x)
     chosen = resolve_backend(backend, x2d, lora_A.shape[0])
     args = (x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
     y, _ = call_layer_op(torch.ops.lorakern.lora_fwd, EagerLoRA, args, (x, bias, lora_A, lora_B),

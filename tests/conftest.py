@@ -7,6 +7,10 @@ if "TRITON_INTERPRET" not in os.environ:
 
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+try:  # imported now, in the mode chosen above: a test that sets TRITON_INTERPRET=0 must not be first
+    import triton  # noqa: F401
+except ImportError:
+    pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

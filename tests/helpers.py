@@ -54,3 +54,49 @@ def assert_same_as_op(run, inputs, grad_out, p: float, seed: int = 7):
     for got, want in zip(*results):
         assert torch.equal(got, want)
     return results[1][0]
+
+
+# A limit long enough to mean "hung", never "slow": the default AOT sweep takes ~7 min cold on a
+# quiet 2-core machine and ~3x that with other jobs beside it.
+HUNG_S = 3 * 3600
+
+
+def run_process_group(cmd, env=None, timeout=HUNG_S):
+    """Run ``cmd`` in a process group of its own and return its CompletedProcess. Past ``timeout``
+    the whole group is killed (the compiler workers a tool started, not only the tool), then
+    TimeoutExpired is raised."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+LAYOUTS = ("strided", "transposed", "expanded")
+
+
+def layout_leaf(layout: str, t: torch.Tensor) -> torch.Tensor:
+    """The values a view in ``layout`` is built from: ``t`` itself, or for "expanded" its first
+    row (2-D) or first element (1-D), repeated by a stride-0 view."""
+    return t[:1] if layout == "expanded" else t
+
+
+def layout_view(layout: str, leaf: torch.Tensor, shape) -> torch.Tensor:
+    """``leaf`` seen through ``layout`` (differentiable): a slice with stride 2 of a larger tensor,
+    a transposed copy's transpose (2-D), or a stride-0 expansion to ``shape``."""
+    if layout == "strided":
+        return torch.stack([torch.zeros_like(leaf), leaf], dim=-1).flatten(-2)[..., 1::2]
+    if layout == "transposed":
+        return leaf.t().contiguous().t() if leaf.dim() == 2 else leaf
+    return leaf.expand(shape)

@@ -3,17 +3,17 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+from helpers import run_process_group
 
 pytest.importorskip("triton")
 
 
 def _in_subprocess(code: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    out = run_process_group([sys.executable, "-c", code], env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -52,8 +52,7 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     within the limit, wgmma on sm_90 for 64+ row tiles; ranks 1, 8, 16, 256 covered."""
     out = tmp_path / "aot.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "lorakern.aot", "--arch", "80,90", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1500)
+    proc = run_process_group([sys.executable, "-m", "lorakern.aot", "--arch", "80,90", "--json", str(out)], env=env)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     recs = json.loads(out.read_text())
@@ -86,3 +85,31 @@ def test_ptxas_report_parsing_and_rules():
     assert rec["kernel"] == "gemv_kernel" and rec["dtype"] == "fp16" and rec["config"]["template"] == "__half, 8"
     assert (rec["regs"], rec["spill_bytes"], rec["stack_bytes"], rec["shared_bytes"]) == (72, 12, 64, 64)
     assert violations(rec) == ["spills 12 bytes", "stack frame 64 bytes (local memory)"]
+
+
+def test_a_hung_tool_is_killed_with_its_workers():
+    """The sweep runs under a limit that means "hung" (hours, not a speed bound), and past it the
+    tool's whole process group goes, compiler workers included (they once outlived pytest by an hour)."""
+    import subprocess
+    import time
+
+    from helpers import HUNG_S
+
+    assert HUNG_S >= 3600
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "print(p.pid, flush=True); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_process_group([sys.executable, "-c", code], timeout=5)
+    # Both the tool and its worker must be gone (a zombie shows as "[python] <defunct>", no args).
+    for _ in range(50):
+        alive = [line for line in _ps_lines() if "time.sleep(600)" in line]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, alive
+
+
+def _ps_lines():
+    out = run_process_group(["ps", "-eo", "pid,stat,args"], timeout=60)
+    return [line for line in out.stdout.splitlines() if "python" in line]

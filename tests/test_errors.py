@@ -82,3 +82,125 @@ def test_module_errors():
         FusedLoRALinear(4, 4, lora_dropout=-0.1)
     with pytest.raises(ValueError, match="init_lora_weights"):
         FusedLoRALinear(4, 4, init_lora_weights="pissa")
+
+
+def test_non_tensor_arguments_are_named():
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        lorakern.lora_linear([[1.0] * 10] * 4, **{k: v for k, v in _args().items() if k != "x"})
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
+            lorakern.lora_linear(**_args(**{name: [1.0]}))
+    with pytest.raises(ValueError, match="scaling: expected a finite number, got '2'"):
+        lorakern.lora_linear(**_args(scaling="2"))
+    w = lorakern.NF4Weight.quantize(torch.randn(6, 64))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        lorakern.qlora_linear([[1.0] * 64], w, None, torch.randn(2, 64), torch.randn(6, 2), 1.0)
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32 tensor"):
+        lorakern.nf4_matmul([[1.0] * 64], w)
+
+
+def _nf4(out=24, inp=128, double_quant=False):
+    w = lorakern.NF4Weight.quantize(torch.randn(out, inp), 64, double_quant=double_quant)
+    return w, (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_public_nf4_ops_check_their_own_arguments(backend):
+    """torch.ops.lorakern.* are public (torch.compile calls them): each checks x, the adapter and
+    the weight against each other before any pointer reaches a kernel."""
+    w, a = _nf4()
+    op = torch.ops.lorakern
+    bad_x = [
+        ((torch.randn(3, 64), *a, 24, 128, False, backend), r"x: expected last dim 128 \(in_features\)"),
+        ((torch.randn(3, 200), *a, 24, 128, False, backend), r"x: expected last dim 128 \(in_features\)"),
+        ((torch.randn(3, 10), *a, 24, 128, True, backend), r"x: expected last dim 24 \(out_features\)"),
+        ((torch.randn(2, 3, 128), *a, 24, 128, False, backend), r"x: expected a 2-D \[M, 128\] tensor"),
+        ((torch.randn(3, 128), *a, 12, 256, False, backend), r"x: expected last dim 256 \(in_features\)"),
+    ]
+    for args, match in bad_x:
+        with pytest.raises(ValueError, match=match):
+            op.nf4_matmul(*args)
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32"):
+        op.nf4_matmul(torch.randn(3, 128, dtype=torch.float64), *a, 24, 128, False, backend)
+    with pytest.raises(ValueError, match="packed: expected 3072 bytes"):
+        op.nf4_matmul(torch.randn(3, 256), *a, 24, 256, False, backend)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        op.nf4_matmul(torch.randn(3, 128), *a, 24, 128, False, "auto")
+    with pytest.raises(TypeError, match="dtype: expected float16, bfloat16 or float32"):
+        op.nf4_dequantize(*a, [24, 128], torch.float64, backend)
+
+    x, A, B, bias = torch.randn(3, 128), torch.randn(4, 128), torch.randn(24, 4), torch.randn(24)
+    f32 = torch.float32
+
+    def fwd(**over):
+        kw = dict(x=x, bias=bias, A=A, B=B, in_features=128, base_dtype=f32, seed=None, p=0.0, backend=backend)
+        kw.update(over)
+        return op.qlora_fwd(kw["x"], *a, 24, kw["in_features"], kw["base_dtype"], kw["bias"], kw["A"], kw["B"],
+                            1.0, kw["p"], kw["seed"], kw["backend"])
+
+    y, h = fwd()
+    assert y.shape == (3, 24) and h.shape == (3, 4)
+    for over, exc, match in [
+        (dict(A=torch.randn(5, 16), B=torch.randn(24, 4)), ValueError, r"lora_A: expected shape \[r, 128\]"),
+        (dict(B=torch.randn(24, 5)), ValueError, r"lora_B: expected shape \[24, 4\]"),
+        (dict(x=torch.randn(3, 64)), ValueError, "x: expected last dim in_features=128"),
+        (dict(in_features=64), ValueError, "packed: expected 768 bytes"),
+        (dict(bias=torch.randn(12)), ValueError, r"bias: expected shape \[24\]"),
+        (dict(x=torch.randn(3, 128, dtype=torch.bfloat16)), TypeError, "bias: expected dtype torch.bfloat16"),
+        (dict(p=0.1), TypeError, "seed: expected a torch.Tensor"),
+        (dict(p=0.1, seed=torch.tensor(1.5)), ValueError, "seed: expected a 0-d int64 tensor"),
+        (dict(base_dtype=torch.float64), TypeError, "base_dtype: expected float16"),
+        (dict(backend="auto"), ValueError, "backend: expected one of"),
+    ]:
+        with pytest.raises(exc, match=match):
+            fwd(**over)
+    dy = torch.randn(3, 24)
+
+    def bwd(**over):
+        kw = dict(dy=dy, x=x, A=A, B=B, h=h)
+        kw.update(over)
+        return op.qlora_bwd(kw["dy"], kw["x"], *a, 24, 128, f32, kw["A"], kw["B"], kw["h"], 1.0, 0.0, None,
+                            True, True, True, backend)
+
+    assert bwd()[0].shape == (3, 128)
+    for over, match in [
+        (dict(h=torch.randn(3, 5)), r"h: expected shape \[3, 4\]"),
+        (dict(dy=torch.randn(2, 24)), r"dy: expected shape \[3, 24\]"),
+        (dict(dy=torch.randn(3, 23)), r"dy: expected shape \[3, 24\]"),
+        (dict(A=torch.randn(4, 64)), r"lora_A: expected shape \[r, 128\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bwd(**over)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_dense_ops_check_their_own_arguments(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from lorakern.backend import triton_unavailable_reason
+
+        if triton_unavailable_reason(torch.randn(1, 1), 1) is not None:
+            pytest.skip("the Triton kernels cannot run here")
+    op = torch.ops.lorakern
+    x, W, b, A, B = torch.randn(4, 10), torch.randn(6, 10), torch.randn(6), torch.randn(2, 10), torch.randn(6, 2)
+    for args, match in [
+        ((x, W, b, torch.randn(2, 12), B), r"lora_A: expected shape \[r, 10\]"),
+        ((x, W, b, A, torch.randn(7, 2)), r"lora_B: expected shape \[6, 2\]"),
+        ((torch.randn(4, 9), W, b, A, B), "x: expected last dim in_features=10"),
+        ((x, W, torch.randn(3), A, B), r"bias: expected shape \[6\]"),
+        ((x[None], W, b, A, B), r"x: expected a 2-D \[M, in_features\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            op.lora_fwd(*args, 1.0, 0.0, None, backend)
+    with pytest.raises(ValueError, match="backend: expected 'reference' or 'triton'"):
+        op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, "auto")
+    y, h = op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, backend)
+    dy = torch.randn(4, 6)
+    assert op.lora_bwd(dy, x, W, A, B, h, 1.0, 0.0, None, True, True, True, backend)[0].shape == (4, 10)
+    for args, match in [
+        ((torch.randn(4, 5), x, W, A, B, h), r"dy: expected shape \[4, 6\]"),
+        ((dy, x, W, A, B, torch.randn(4, 3)), r"h: expected shape \[4, 2\]"),
+        ((dy, x, torch.randn(6, 9), A, B, h), "x: expected last dim in_features=9"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            op.lora_bwd(*args, 1.0, 0.0, None, True, True, True, backend)

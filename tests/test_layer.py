@@ -150,3 +150,59 @@ def test_eager_paths_equal_the_op(backend, p):
         torch.manual_seed(7)
         y_inf = lorakern.lora_linear(x, w, b, a, bb, 1.5, p, backend=backend)
     assert torch.equal(y_inf, y_op)
+
+
+def test_merged_state_dict_round_trips():
+    """merge, save, load into a fresh (unmerged) layer: the same output, never the adapter twice;
+    and an unmerged state into a merged layer makes it unmerged."""
+    a = FusedLoRALinear(8, 6, r=2, init_lora_weights=False)
+    x = torch.randn(3, 8)
+    want = a(x).detach()
+    unmerged_state = {k: v.clone() for k, v in a.state_dict().items()}
+    a.merge()
+    state = a.state_dict()
+    assert set(state) == {"weight", "bias", "lora_A", "lora_B", "merged"}
+    fresh = FusedLoRALinear(8, 6, r=2)
+    fresh.load_state_dict(state)
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), want)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh(x), want)
+    torch.testing.assert_close(fresh.weight, unmerged_state["weight"])
+    a.load_state_dict(unmerged_state)  # a is merged; the state is not
+    assert not a.merged
+    torch.testing.assert_close(a(x), want)
+    # Adapter weights alone (strict=False) leave the flag as it is.
+    a.merge()
+    a.load_state_dict({"lora_A": unmerged_state["lora_A"]}, strict=False)
+    assert a.merged
+    with pytest.raises(RuntimeError, match="merged: expected a one-element bool"):
+        fresh.load_state_dict({**state, "merged": torch.ones(2)})
+
+
+def test_meta_device_like_nn_linear():
+    """Model init on meta (init_empty_weights, FSDP2): forward gives shapes, as nn.Linear does."""
+    for kw in ({}, {"base_quant": "nf4"}):
+        layer = FusedLoRALinear(64, 4, r=2, lora_dropout=0.1, **kw).to("meta")
+        x = torch.randn(2, 3, 64, device="meta", requires_grad=True)
+        y = layer(x)
+        assert y.shape == (2, 3, 4) and y.device.type == "meta"
+        y.sum().backward()
+        assert layer.lora_A.grad.shape == (2, 64) and layer.lora_A.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_in_features_like_f_linear(backend):
+    """in_features = 0: y is the bias, as F.linear gives; grads of the right (empty) shapes."""
+    pytest.importorskip("triton") if backend == "triton" else None
+    x = torch.randn(5, 0, requires_grad=True)
+    bias = torch.randn(3, requires_grad=True)
+    A, B = torch.randn(2, 0, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    y = lorakern.lora_linear(x, torch.randn(3, 0), bias, A, B, 1.0, backend=backend)
+    torch.testing.assert_close(y, nn.functional.linear(x, torch.randn(3, 0), bias))
+    y.sum().backward()
+    assert x.grad.shape == (5, 0) and A.grad.shape == (2, 0)
+    torch.testing.assert_close(bias.grad, torch.full((3,), 5.0))
+    torch.testing.assert_close(B.grad, torch.zeros(3, 2))
+    y3 = lorakern.lora_linear(torch.randn(2, 4, 0), torch.randn(3, 0), bias, A, B, 1.0, backend=backend)
+    assert y3.shape == (2, 4, 3)

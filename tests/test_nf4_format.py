@@ -157,3 +157,56 @@ def test_bad_inputs_raise_clear_errors():
         NF4Weight.from_state_dict(sd)
     with pytest.raises(KeyError, match="missing NF4 keys"):
         NF4Weight.from_state_dict({"weight": good.packed})
+
+
+def test_double_quant_overflow_is_a_clear_error():
+    """absmax values near float32's max: their mean overflows (bitsandbytes returns NaN scales)."""
+    huge = (torch.rand(4, 64) * 2 - 1) * 3e38  # finite, block maxima ~3e38: their sum is inf
+    with pytest.raises(ValueError, match="weight: with double_quant=True the mean of its block absmax"):
+        NF4Weight.quantize(huge, 64, double_quant=True)
+    w = NF4Weight.quantize(huge, 64)  # without double quantization it is fine
+    assert torch.isfinite(w.dequantize_reference(torch.float32)).all()
+
+
+def _with_item(sd, data: bytes):
+    return {**sd, "weight.quant_state.bitsandbytes__nf4": torch.tensor(list(data), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_corrupt_quant_state_is_one_clear_error(double_quant):
+    import json
+
+    good = NF4Weight.quantize(torch.randn(24, 128), 64, double_quant=double_quant)
+    sd = good.state_dict()
+    meta = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
+    key = "state_dict: weight.quant_state.bitsandbytes__nf4"
+
+    def edited(**over):
+        return json.dumps({**meta, **over}).encode()
+
+    cases = [
+        (json.dumps(meta).encode()[:-7], "not valid UTF-8 JSON"),
+        (b"\xff\xfe\x00garbage", "not valid UTF-8 JSON"),
+        (b"[1, 2, 3]", "expected a JSON object, got list"),
+        (edited(dtype="nonsense"), "dtype 'nonsense' is not one of"),
+        (edited(dtype=None), "dtype None is not one of"),
+        (edited(shape=[-24, -128]), r"shape \[-24, -128\] is not a list of positive integers"),
+        (edited(shape="24x128"), "shape '24x128' is not a list"),
+        (edited(shape=[]), r"shape \[\] is not a list"),
+        (edited(blocksize=65), "blocksize 65 is not one of"),
+        (edited(quant_type="fp4"), "quant_type 'fp4' is not 'nf4'"),
+    ]
+    if double_quant:
+        cases.append((edited(nested_offset="x"), "nested_offset 'x' is not a finite number"))
+    for data, match in cases:
+        with pytest.raises(ValueError, match=f"{key}: {match}"):
+            NF4Weight.from_state_dict(_with_item(sd, data))
+    # A consistent item that does not fit the tensors beside it: one error naming the weight.
+    with pytest.raises(ValueError, match="the NF4 weight under 'weight' is inconsistent: packed: expected 768"):
+        NF4Weight.from_state_dict(_with_item(sd, edited(shape=[12, 128])))
+    with pytest.raises(ValueError, match="item that is not a uint8 tensor|expected a uint8 tensor of JSON bytes"):
+        NF4Weight.from_state_dict({**sd, "weight.quant_state.bitsandbytes__nf4": "nf4"})
+    if double_quant:
+        del sd["weight.nested_absmax"]
+        with pytest.raises(ValueError, match="missing weight.nested_absmax"):
+            NF4Weight.from_state_dict(sd)

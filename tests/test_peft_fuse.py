@@ -208,3 +208,203 @@ def test_fused_peft_model_compiles_fullgraph():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def _served_by_op(monkeypatch, name="lora_linear"):
+    """Count the calls the fused op serves (the rest went to PEFT's forward)."""
+    import lorakern.integrations.peft as integration
+
+    calls = []
+    real = getattr(integration, name)
+    monkeypatch.setattr(integration, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _same_as_unfused(model, x, train=False):
+    """Output (and with ``train`` the grads) of ``model`` as it is, then with fuse undone."""
+    model.train(train)
+    got = outputs_and_grads(model, x) if train else (model(x).detach(), {})
+    unfuse(model)
+    want = outputs_and_grads(model, x) if train else (model(x).detach(), {})
+    torch.testing.assert_close(got[0], want[0])
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], msg=n)
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(lora_bias=True)])
+def test_adapter_added_after_fuse_is_served_by_peft(monkeypatch, variant):
+    """fuse, then add and activate a DoRA / lora_bias adapter: PEFT's math, not plain LoRA's."""
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=5)
+    assert fuse(model) == 3
+    model.add_adapter("v", peft.LoraConfig(r=4, target_modules=["q", "up", "down"], init_lora_weights=False,
+                                           **variant))
+    model.base_model.set_adapter("v")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_magnitude" in n:
+                p.normal_()
+    x = torch.randn(4, 48)
+    _same_as_unfused(model, x, train=True)
+    assert calls == [], "no layer may serve a variant adapter with the plain LoRA op"
+
+
+def test_fused_model_pickles_and_torch_saves_whole(tmp_path):
+    import copy
+    import pickle
+
+    model = make_model(seed=6)
+    fuse(model)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        want = model(x)
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            layer = clone.base_model.model.q
+            assert is_fused(layer) and layer.forward.layer is layer, "the clone's forward must be its own"
+            torch.testing.assert_close(clone(x), want)
+        torch.save(model, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        torch.testing.assert_close(loaded(x), want)
+        assert unfuse(loaded) == 3
+
+
+def test_calls_the_op_cannot_serve_go_to_peft(monkeypatch):
+    """dropout p = 1.0 in training and a base weight that requires grad: PEFT serves them (its
+    result, its grads), no error."""
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=7, )
+    for layer in (model.base_model.model.q, model.base_model.model.up, model.base_model.model.down):
+        layer.lora_dropout["default"] = nn.Dropout(1.0)
+    fuse(model)
+    _same_as_unfused(model, torch.randn(3, 48), train=True)
+    assert calls == []
+    model = make_model(seed=7)
+    model.base_model.model.up.base_layer.weight.requires_grad_(True)
+    fuse(model)
+    x = torch.randn(3, 48)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert len(calls) == 2, "q and down are served by the op, up (weight requires grad) by PEFT"
+    assert model.base_model.model.up.base_layer.weight.grad is not None
+    _same_as_unfused(model, x, train=True)
+
+
+def test_dropout_module_mode_decides_as_in_peft():
+    model = make_model(seed=8)
+    for layer in (model.base_model.model.q, model.base_model.model.up, model.base_model.model.down):
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+    fuse(model)
+    model.train()
+    for layer in (model.base_model.model.q, model.base_model.model.up, model.base_model.model.down):
+        layer.lora_dropout["default"].eval()  # the layer trains, its dropout does not: no dropout
+    x = torch.randn(3, 48)
+    got = model(x).detach()
+    unfuse(model)
+    torch.testing.assert_close(got, model(x).detach())
+
+
+def test_only_plain_lora_linear_layers_are_fused():
+    """AdaLoRA's SVDLinear is a LoraLayer on an nn.Linear with other math: never fused."""
+    torch.manual_seed(9)
+    cfg = peft.AdaLoraConfig(r=4, target_modules=["q", "up"], init_lora_weights=False, total_step=10)
+    model = peft.get_peft_model(Block(), cfg)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.warns(UserWarning, match="left to PEFT .*layer type"):
+        assert fuse(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
+def test_mixed_model_keeps_the_inner_adapter(monkeypatch):
+    """A LoRA layer over a LoHa layer (mixed=True): the LoHa term must stay."""
+    calls = _served_by_op(monkeypatch)
+    torch.manual_seed(10)
+    model = peft.get_peft_model(Block(), peft.LoHaConfig(r=4, target_modules=["q", "up"], init_weights=False),
+                                adapter_name="loha", mixed=True)
+    model.add_adapter("lora", peft.LoraConfig(r=4, target_modules=["q", "up", "down"], init_lora_weights=False))
+    model.set_adapter(["loha", "lora"])
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        want = model(x)
+        fuse(model)
+        torch.testing.assert_close(model(x), want)
+    assert len(calls) == 1, "only down (LoRA on a plain nn.Linear) is served by the op"
+
+
+def test_a_forward_bound_by_another_library_is_kept():
+    """X-LoRA binds its own forward on each LoRA Linear (taking scalings=): fuse leaves it."""
+    model = make_model(seed=11)
+    layer = model.base_model.model.q
+    seen = []
+
+    def xlora_like(x, *args, scalings=None, **kwargs):
+        seen.append(scalings)
+        return type(layer).forward(layer, x, *args, **kwargs)
+
+    layer.forward = xlora_like
+    assert fuse(model) == 2
+    assert not is_fused(layer) and layer.forward is xlora_like
+    model(torch.randn(2, 48))
+    layer(torch.randn(2, 48), scalings=3)
+    assert seen == [None, 3]
+
+
+def test_hooks_on_bypassed_modules_run(monkeypatch):
+    """A hook on the base layer (accelerate's offload, a profiler) must run: PEFT's forward."""
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=12)
+    fuse(model)
+    seen = []
+    model.base_model.model.q.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 48)
+    model(x)
+    assert seen == [torch.Size([2, 48])] and len(calls) == 2
+
+
+def test_fuse_twice_and_after_add_adapter(monkeypatch):
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=13)
+    assert fuse(model) == 3
+    assert fuse(model) == 3, "fusing again changes nothing"
+    layer = model.base_model.model.q
+    assert isinstance(layer.forward, type(model.base_model.model.up.forward))
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["q"], init_lora_weights=False))
+    model.base_model.set_adapter("b")
+    x = torch.randn(2, 48)
+    _same_as_unfused(model, x, train=True)
+    assert len(calls) == 1, "the new plain adapter on q is served by the op (up, down have no 'b')"
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+def test_bnb_compute_dtype_is_followed(monkeypatch, compute_dtype):
+    """fp32 activations on a Linear4bit with compute_dtype=bf16/fp16 (prepare_model_for_kbit_training
+    leaves hidden states in fp32): the base in compute_dtype, the LoRA term in fp32, as PEFT."""
+    bnb = pytest.importorskip("bitsandbytes")
+    calls = _served_by_op(monkeypatch, "qlora_linear")
+    torch.manual_seed(14)
+    dense = nn.Linear(128, 64)
+    net = nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=compute_dtype, quant_type="nf4"))
+    net[0].load_state_dict(dense.state_dict())
+    net = net.to("cpu")
+    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                     init_lora_weights=False))
+    x = torch.randn(5, 128, requires_grad=True)
+
+    def run():
+        model.zero_grad()
+        x.grad = None
+        y = model(x)
+        y.square().mean().backward()
+        return y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = run()
+    fuse(model)
+    got = run()
+    assert calls == [1]
+    # Both compute the base in compute_dtype with the same rounding: fp32 summation order only.
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)

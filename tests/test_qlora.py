@@ -84,12 +84,14 @@ def test_opcheck_qlora_ops():
 
     backends = ("reference", "native") + (("triton",) if interpreting() or torch.cuda.is_available() else ())
     for backend in backends:
-        args = (x, *nf4, 24, b, a.requires_grad_(), bb.requires_grad_(), 0.5, 0.2, seed, backend)
+        args = (x, *nf4, 24, 128, torch.float32, b, a.requires_grad_(), bb.requires_grad_(), 0.5, 0.2, seed,
+                backend)
         torch.library.opcheck(torch.ops.lorakern.qlora_fwd, args)
         _, h = torch.ops.lorakern.qlora_fwd(*args)
         dy = torch.randn(6, 24)
         torch.library.opcheck(torch.ops.lorakern.qlora_bwd,
-                              (dy, x, *nf4, a.detach(), bb.detach(), h, 0.5, 0.2, seed, True, True, True, backend))
+                              (dy, x, *nf4, 24, 128, torch.float32, a.detach(), bb.detach(), h, 0.5, 0.2, seed,
+                               True, True, True, backend))
 
 
 def test_layer_from_linear_quantizes_and_trains():
@@ -202,8 +204,8 @@ def test_eager_training_path_equals_the_op(p):
         if not via_op:
             return qlora_linear(leaves[0], w, *leaves[1:], 0.5, p, backend="reference")
         y, _ = torch.ops.lorakern.qlora_fwd(leaves[0].reshape(-1, 128), w.packed, w.absmax, w.nested_absmax,
-                                            w.nested_code, w.offset, w.blocksize, 40, *leaves[1:], 0.5, p, seed,
-                                            "reference")
+                                            w.nested_code, w.offset, w.blocksize, 40, 128, torch.float32,
+                                            *leaves[1:], 0.5, p, seed, "reference")
         return y.reshape(2, 5, 40)
 
     assert_same_as_op(run, (x, b, a, bb), torch.randn(2, 5, 40), p, seed=3)
@@ -245,3 +247,37 @@ def test_qlora_layer_on_cuda(dtype):
         same = grads_of(ref, (x, b, a, bb), dy)
         for name, g, w_, t in zip(("y", "dx", "dbias", "dA", "dB"), got, want, same):
             assert_close_like_torch(f"cuda {name} M={M}", g, w_, t, dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("arg", ["x", "bias", "lora_A", "lora_B"])
+def test_every_argument_in_every_layout(backend, arg):
+    """As for the dense op: each tensor argument strided, transposed or expanded gives the float64
+    reference's output and grads (the one-call CPU kernel takes contiguous tensors only)."""
+    from helpers import LAYOUTS, layout_leaf, layout_view
+
+    needs_triton(backend)
+    names = ("x", "bias", "lora_A", "lora_B")
+    for M in (3, 40):  # the one-call CPU path and the general one
+        x, w, b, a, bb = qlora_inputs(M, 128, 24, 5, torch.float32)
+        plain = dict(zip(names, (x, b, a, bb)))
+        shape = plain[arg].shape
+        g = torch.randn(M, 24)
+        for layout in LAYOUTS:
+            if layout == "transposed" and len(shape) != 2:
+                continue
+            runs = []
+            for dtype in (torch.float32, torch.float64):
+                leaf = layout_leaf(layout, plain[arg]).detach().to(dtype).requires_grad_(True)
+                view = layout_view(layout, leaf, shape)
+                args = [view if n == arg else plain[n].to(dtype) for n in names]
+                if dtype == torch.float32:
+                    y = qlora_linear(args[0], w, *args[1:], 1.3, backend=backend)
+                else:
+                    y = lora_linear_reference(args[0], w.dequantize_reference(dtype), *args[1:], 1.3)
+                y.backward(g.to(dtype))
+                runs.append((y.detach(), leaf.grad))
+            (y, dl), (y64, dl64) = runs
+            what = f"({arg} {layout}, M={M}, {backend})"
+            assert (y.double() - y64).abs().max() < 1e-4, f"y {what}"
+            assert (dl.double() - dl64).abs().max() < 1e-3 * max(1.0, dl64.abs().max().item()), f"d{arg} {what}"

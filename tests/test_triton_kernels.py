@@ -7,7 +7,7 @@ import lorakern
 from lorakern.dropout import keep_mask
 from lorakern.reference import lora_backward_reference, lora_forward_reference
 from lorakern.triton.configs import SKINNY, all_dy_configs, all_matmul_configs, dy_split
-from tests.helpers import assert_close_like_torch, lora_inputs
+from tests.helpers import LAYOUTS, assert_close_like_torch, layout_leaf, layout_view, lora_inputs
 
 pytest.importorskip("triton")
 
@@ -296,3 +296,40 @@ def test_only_some_grads(device):
     x2 = x.detach()
     lorakern.lora_linear(x2, w, b, a, bb, 1.0, backend="triton").sum().backward()
     assert a.grad is not None and x2.grad is None and bb.grad is None
+
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("arg", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_every_argument_in_every_layout(backend, arg, device):
+    """Each tensor argument strided, transposed or expanded (stride 0) gives the float64
+    reference's output and grads: no kernel may assume a contiguous argument (a bias read
+    without its stride was 0.65 off)."""
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = dict(zip(names, lora_inputs(13, 37, 29, 5, dtype, device)))
+        shape = plain[arg].shape
+        g = torch.randn(13, 29, dtype=dtype, device=device)
+        for layout in LAYOUTS:
+            if layout == "transposed" and len(shape) != 2:
+                continue
+            runs = []
+            for cast in (dtype, torch.float64, "same"):
+                leaf = layout_leaf(layout, plain[arg]).detach().to(dtype if cast == "same" else cast)
+                leaf.requires_grad_(arg != "weight")
+                view = layout_view(layout, leaf, shape)
+                assert layout != "expanded" or 0 in view.stride()
+                assert not view.is_contiguous() or layout == "transposed" and len(shape) == 1
+                args = [view if n == arg else plain[n].to(leaf.dtype) for n in names]
+                if cast == dtype:
+                    y = lorakern.lora_linear(*args, 1.3, backend=backend)
+                else:
+                    y = lorakern.lora_linear_reference(*args, 1.3)
+                if leaf.requires_grad:
+                    y.backward(g.to(leaf.dtype))
+                runs.append((y.detach(), leaf.grad))
+            (y, dl), (y64, dl64), (y_same, dl_same) = runs
+            what = f"({arg} {layout}, {dtype}, {backend})"
+            assert_close_like_torch(f"y {what}", y, y64, y_same, dtype)
+            if arg != "weight":
+                assert_close_like_torch(f"d{arg} {what}", dl, dl64, dl_same, dtype)

@@ -6,32 +6,49 @@
     lorakern.integrations.peft.unfuse(model)
 
 How: each LoRA layer keeps its modules and parameters; only its ``forward`` is replaced (an
-instance attribute, removed by ``unfuse``). So an optimizer built before ``fuse`` still holds the
-right Parameters, adapter names, ``set_adapter`` / ``disable_adapter`` and ``save_pretrained`` /
-``load_adapter`` behave as in PEFT, and state_dict keys do not change.
+instance attribute holding a :class:`FusedForward`, removed by ``unfuse``). So an optimizer built
+before ``fuse`` still holds the right Parameters, adapter names, ``set_adapter`` /
+``disable_adapter`` and ``save_pretrained`` / ``load_adapter`` behave as in PEFT, state_dict keys
+do not change, and the model pickles, deep-copies and ``torch.save``-s whole.
 
-The fused forward serves one active vanilla-LoRA adapter on an ``nn.Linear`` or bitsandbytes NF4
-``Linear4bit`` base. Anything else is PEFT's own forward, never an approximation: layers whose
-configuration the fused op does not cover (DoRA and other variants, ``lora_bias``,
-``fan_in_fan_out``, other base layers) are left unfused with one warning at ``fuse``; calls the op
-cannot serve at run time (several active adapters, adapters disabled, merged, ``adapter_names``
-mixed batches) go to PEFT's forward, with a one-time warning per reason.
+Fused: exactly PEFT's LoRA ``Linear`` on an ``nn.Linear`` and its bitsandbytes ``Linear4bit`` (NF4)
+layer, whose math the op implements; not their subclasses (AdaLoRA's ``SVDLinear`` is a LoRA
+layer with other math), not a layer whose base is another adapter layer (mixed models), not a
+layer whose ``forward`` another library has replaced (X-LoRA). Every call is checked again, since
+adapters can be added and switched after ``fuse``: the op serves one active vanilla-LoRA adapter
+(no DoRA or other variant, no ``lora_bias``, dropout p < 1, a frozen base weight, no hooks on the
+modules it would bypass); anything else is PEFT's own forward, never an approximation, with a
+one-time warning per reason.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..backend import warn_once
-from ..layers import _is_bnb_linear4bit
+from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
-from ..ops import lora_linear
+from ..ops import autocast_dtype, lora_linear
 from ..qlora import qlora_linear
 
 _FUSED = "_lorakern_fused"
+
+
+def _lora_classes() -> tuple[type, ...]:
+    """The PEFT layer classes whose math is the fused op's: LoRA ``Linear`` and, with bitsandbytes,
+    LoRA ``Linear4bit``. Exact types: a subclass may change the math."""
+    from peft.tuners.lora import layer
+
+    classes = [layer.Linear]
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:
+        return tuple(classes)
+    if hasattr(bnb, "Linear4bit"):
+        classes.append(bnb.Linear4bit)
+    return tuple(classes)
 
 
 def _lora_layers(model: nn.Module):
@@ -42,46 +59,63 @@ def _lora_layers(model: nn.Module):
             yield name, module
 
 
-def unsupported_reason(layer) -> str | None:
-    """Why ``layer`` (a PEFT LoRA layer) cannot be fused at all, or None."""
-    base = layer.get_base_layer()
-    if not (type(base) is nn.Linear or _is_bnb_linear4bit(base)):
-        return f"base layer {type(base).__name__} (only nn.Linear and bitsandbytes NF4 Linear4bit are fused)"
-    if _is_bnb_linear4bit(base) and getattr(base.weight, "quant_type", "nf4") != "nf4":
-        return "a 4-bit base that is not NF4"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True"
-    for adapter in layer.lora_A:
-        if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
-            return f"adapter {adapter!r} is a LoRA variant (DoRA, ...)"
-        if layer.lora_bias.get(adapter, False):
-            return f"adapter {adapter!r} has lora_bias=True"
-        if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-            return f"adapter {adapter!r} has a dropout module of type {type(layer.lora_dropout[adapter]).__name__}"
+def _plain_base(layer) -> nn.Module | None:
+    """The layer's own base module when it is one the op computes (``nn.Linear``, NF4
+    ``Linear4bit``), else None. ``base_layer``, not ``get_base_layer()``: in a mixed model the
+    base can itself be an adapter layer (LoHa, LoKr) whose term must not be dropped."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is nn.Linear:
+        return base
+    if is_bnb_linear4bit(base) and getattr(base.weight, "quant_type", "nf4") == "nf4":
+        return base
     return None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    reason = _runtime_reason(self, args, kwargs)
-    if reason is not None:
-        warn_once(f"lorakern.integrations.peft: PEFT's own forward runs for this call ({reason})")
-        return type(self).forward(self, x, *args, **kwargs)
-    adapter = next(a for a in self.active_adapters if a in self.lora_A)
-    base = self.get_base_layer()
-    A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    if A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        # PEFT keeps adapters in fp32 on a 16-bit base; the fused op computes in x's dtype.
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    if _is_bnb_linear4bit(base):
-        bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
-        return qlora_linear(x, NF4Weight.from_bnb(base), bias, A, B, self.scaling[adapter], p,
-                            training=self.training)
-    return lora_linear(x, base.weight, base.bias, A, B, self.scaling[adapter], p, training=self.training)
+def unsupported_reason(layer) -> str | None:
+    """Why ``layer`` (a PEFT LoRA layer) cannot be fused at all, or None."""
+    if type(layer) not in _lora_classes():
+        return f"layer type {type(layer).__module__}.{type(layer).__qualname__} (only PEFT's LoRA Linear is fused)"
+    if _plain_base(layer) is None:
+        base = getattr(layer, "base_layer", None)
+        return f"base layer {type(base).__name__} (only nn.Linear and bitsandbytes NF4 Linear4bit are fused)"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    forward = layer.__dict__.get("forward")
+    if forward is not None and not isinstance(forward, FusedForward):
+        return "its forward was replaced by another library (X-LoRA, ...)"
+    for adapter in layer.lora_A:
+        reason = adapter_reason(layer, adapter)
+        if reason is not None:
+            return reason
+    return None
 
 
-def _runtime_reason(layer, args, kwargs) -> str | None:
+def adapter_reason(layer, adapter: str) -> str | None:
+    """Why the op cannot compute ``adapter`` of ``layer`` (checked at fuse and again at every call,
+    since adapters are added after fuse), or None."""
+    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
+        return f"adapter {adapter!r} is a LoRA variant (DoRA, ...)"
+    if layer.lora_bias.get(adapter, False):
+        return f"adapter {adapter!r} has lora_bias=True"
+    A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+        return f"adapter {adapter!r} is not a pair of bias-free nn.Linear"
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"adapter {adapter!r} has a dropout module of type {type(dropout).__name__}"
+    return None
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs code besides their class's forward: hooks (accelerate's
+    offload, profilers, global module hooks) or a forward bound on the instance."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def runtime_reason(layer, x, args, kwargs) -> str | None:
+    """Why this call must go to PEFT's forward (None: the fused op serves it). Cheap: attribute
+    and dict look-ups, traced by torch.compile without a graph break."""
     if args or kwargs:
         return "extra forward arguments (adapter_names mixed batches, ...)"
     if layer.disable_adapters:
@@ -91,19 +125,82 @@ def _runtime_reason(layer, args, kwargs) -> str | None:
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         return f"{len(active)} active adapters on one layer (the fused op serves exactly one)"
+    adapter = active[0]
+    base = _plain_base(layer)
+    if base is None:
+        return "its base layer is not an nn.Linear or an NF4 Linear4bit"
+    reason = adapter_reason(layer, adapter)
+    if reason is not None:
+        return reason
+    A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1.0:
+        return f"adapter {adapter!r} has dropout p={dropout.p} in training (the op takes p < 1)"
+    if base.weight.requires_grad:
+        # FSDP1 with use_orig_params=True hands the layer a view of its flat parameter, which
+        # requires grad even when this weight is frozen; PEFT's forward computes what it asks.
+        return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
+    if not getattr(layer, "cast_input_dtype_enabled", True) and A.weight.dtype != x.dtype:
+        return "input dtype casting is disabled and the adapter's dtype is not x's"
+    if _hooked(base, A, B, dropout):
+        return "hooks on the base layer or the adapter's modules"
     return None
+
+
+class FusedForward:
+    """The ``forward`` of a fused layer: the fused op where it serves the call, else the layer's
+    class forward (PEFT's). A module-level class, not a bound function, so that pickling the model
+    (``torch.save(model)``) stores it by reference to this class."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        reason = runtime_reason(layer, x, args, kwargs)
+        if reason is not None:
+            warn_once(f"lorakern.integrations.peft: PEFT's own forward runs for this call ({reason})")
+            return type(layer).forward(layer, x, *args, **kwargs)
+        return fused_lora_forward(layer, x)
+
+
+def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The fused op on the layer's one active adapter (``runtime_reason`` said it serves it)."""
+    adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+    base = layer.base_layer
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    dropout = layer.lora_dropout[adapter]
+    # The dropout module's own mode decides, as in PEFT (it can differ from the layer's).
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    training = dropout.training if isinstance(dropout, nn.Dropout) else False
+    scaling = layer.scaling[adapter]
+    if is_bnb_linear4bit(base):
+        # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
+        # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
+        if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
+        return qlora_linear(x, NF4Weight.from_bnb(base), bias, A, B, scaling, p, training=training,
+                            compute_dtype=getattr(base, "compute_dtype", None))
+    if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
+        # PEFT keeps adapters in fp32 on a 16-bit base; the fused op computes in x's dtype.
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training)
 
 
 def fuse(model: nn.Module) -> int:
     """Route every fusable PEFT LoRA linear of ``model`` through lorakern, in place. Returns how
-    many layers were fused; warns once, naming the layers left to PEFT and why."""
+    many layers are fused (calling it again fuses only what is new). Warns once, naming the layers
+    left to PEFT and why."""
     fused, skipped = 0, {}
     for name, layer in _lora_layers(model):
+        if is_fused(layer):
+            fused += 1
+            continue
         reason = unsupported_reason(layer)
         if reason is not None:
             skipped.setdefault(reason, []).append(name)
             continue
-        layer.forward = types.MethodType(_fused_forward, layer)
+        layer.forward = FusedForward(layer)
         setattr(layer, _FUSED, True)
         fused += 1
     for reason, names in skipped.items():
@@ -116,8 +213,9 @@ def unfuse(model: nn.Module) -> int:
     """Undo :func:`fuse`: PEFT's own forward again. Returns how many layers were restored."""
     restored = 0
     for _, layer in _lora_layers(model):
-        if getattr(layer, _FUSED, False):
-            del layer.forward
+        if is_fused(layer):
+            if isinstance(layer.__dict__.get("forward"), FusedForward):
+                del layer.forward
             delattr(layer, _FUSED)
             restored += 1
     return restored

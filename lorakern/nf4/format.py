@@ -31,6 +31,42 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_DTYPES = {_dtype_name(d): d for d in FLOAT_DTYPES}
+
+
+def _read_quant_state(state: dict, key: str) -> dict:
+    """The JSON item bitsandbytes packs into ``key`` (a uint8 tensor), checked field by field:
+    every way it can be corrupt is one ValueError naming ``key``."""
+    item = state[key]
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"state_dict: {key}: {why}")
+
+    if not isinstance(item, torch.Tensor) or item.dtype != torch.uint8:
+        raise bad(f"expected a uint8 tensor of JSON bytes, got {getattr(item, 'dtype', type(item).__name__)}")
+    try:
+        meta = json.loads(bytes(item.reshape(-1).cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("quant_type") != "nf4":
+        raise bad(f"quant_type {meta.get('quant_type')!r} is not 'nf4'")
+    if meta.get("dtype") not in _DTYPES:
+        raise bad(f"dtype {meta.get('dtype')!r} is not one of {sorted(_DTYPES)}")
+    if meta.get("blocksize") not in BLOCKSIZES:
+        raise bad(f"blocksize {meta.get('blocksize')!r} is not one of {BLOCKSIZES}")
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise bad(f"shape {shape!r} is not a list of positive integers")
+    if "nested_offset" in meta:
+        off = meta["nested_offset"]
+        if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
+            raise bad(f"nested_offset {off!r} is not a finite number")
+    return meta
+
+
 class NF4Weight:
     """A frozen weight stored as NF4, byte-compatible with ``bitsandbytes.functional.quantize_4bit``.
 
@@ -80,6 +116,11 @@ class NF4Weight:
             if not double_quant:
                 return cls(packed, absmax, weight.shape, weight.dtype, blocksize)
             offset = absmax.mean()
+            if not torch.isfinite(offset):
+                # bitsandbytes returns NaN scales here; an index of int64-min followed downstream.
+                raise ValueError(
+                    f"weight: with double_quant=True the mean of its block absmax values overflows float32 "
+                    f"(largest |w| = {absmax.max().item():.3g}); quantize without double_quant or rescale it")
             code = dynamic_code(weight.device)
             q, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
         return cls(packed, q, weight.shape, weight.dtype, blocksize, nested_absmax, code, offset)
@@ -216,21 +257,30 @@ class NF4Weight:
         missing = [k for k in need if k not in state]
         if missing:
             raise KeyError(f"state_dict: missing NF4 keys {missing}")
-        meta = json.loads(bytes(state[f"{key}.{_QS_KEY}"].cpu().tolist()).decode("utf-8"))
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"state_dict: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+        meta = _read_quant_state(state, f"{key}.{_QS_KEY}")
         quant_map = state.get(f"{key}.quant_map")
-        if quant_map is not None and not torch.equal(quant_map.float().cpu(), nf4_code()):
+        if quant_map is not None and (not isinstance(quant_map, torch.Tensor) or quant_map.numel() != 16
+                                      or not torch.equal(quant_map.float().cpu(), nf4_code())):
             raise ValueError(f"state_dict: {key}.quant_map is not the NF4 code")
-        dtype = getattr(torch, meta["dtype"])
-        packed = state[key].reshape(-1)
-        if "nested_offset" in meta:
+        dtype = _DTYPES[meta["dtype"]]
+        packed = state[key]
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"state_dict: {key}: expected a uint8 tensor, got {type(packed).__name__}")
+        packed = packed.reshape(-1)
+        nested = "nested_offset" in meta
+        try:
+            if not nested:
+                return cls(packed, state[f"{key}.absmax"], meta["shape"], dtype, meta["blocksize"])
             if meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
-                raise ValueError(f"state_dict: nested_blocksize {meta.get('nested_blocksize')} is not 256")
+                raise ValueError(f"nested_blocksize {meta.get('nested_blocksize')} is not {NESTED_BLOCKSIZE}")
+            for k in ("nested_absmax", "nested_quant_map"):
+                if f"{key}.{k}" not in state:
+                    raise KeyError(f"missing {key}.{k} (the item says the weight is double-quantized)")
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
             return cls(packed, state[f"{key}.absmax"], meta["shape"], dtype, meta["blocksize"],
                        state[f"{key}.nested_absmax"], state[f"{key}.nested_quant_map"].float(), offset)
-        return cls(packed, state[f"{key}.absmax"], meta["shape"], dtype, meta["blocksize"])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ValueError(f"state_dict: the NF4 weight under {key!r} is inconsistent: {exc}") from exc
 
     def __repr__(self) -> str:
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "

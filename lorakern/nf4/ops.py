@@ -13,6 +13,8 @@ Matmul strategy (M rows of x):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ def resolve_nf4_backend(backend: str, device: torch.device) -> str:
         return "native"
     if backend == "native":
         raise RuntimeError(f"backend='native' cannot serve {device.type} tensors: {reason}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and device.type != "meta":  # meta: shapes only, nothing runs
         warn_once(f"lorakern: NF4 uses the pure-torch reference path ({reason})")
     return "reference"
 
@@ -54,7 +56,10 @@ def nf4_dequantize_op(
     offset: Tensor | None, blocksize: int, shape: list[int], dtype: torch.dtype, backend: str,
 ) -> Tensor:
     """The NF4 weight decoded to ``dtype``, shape ``shape``."""
+    if dtype not in native.OUT_DTYPES:
+        raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
     w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype)
+    _check_op_backend(backend, packed.device)
     if backend == "native":
         return native.dequantize_into(w, torch.empty(shape, dtype=dtype, device=packed.device))
     return w.dequantize_reference(dtype)
@@ -92,8 +97,33 @@ def nf4_matmul_op(
     offset: Tensor | None, blocksize: int, out_features: int, in_features: int, transpose: bool, backend: str,
 ) -> Tensor:
     """``x [M, in] @ W^T -> [M, out]``, or with ``transpose`` ``x [M, out] @ W -> [M, in]``."""
-    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features], x.dtype)
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features],
+                torch.float32)
+    check_matmul_x(x, w, transpose, dim=2)
+    _check_op_backend(backend, x.device)
     return matmul_impl(x, w, transpose, backend)
+
+
+def check_matmul_x(x, w: NF4Weight, transpose: bool, dim: int | None = None) -> None:
+    """``x [..., in]`` (or ``[..., out]`` with ``transpose``) for the 2-D weight ``w``: a float16,
+    bfloat16 or float32 tensor on w's device; ``dim``: the rank it must have (the op takes 2-D)."""
+    if not isinstance(x, Tensor) or x.dtype not in native.OUT_DTYPES:
+        raise TypeError(f"x: expected a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    _check_weight(w, x.device)
+    if len(w.shape) != 2:
+        raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(w.shape)}")
+    k = w.shape[0] if transpose else w.shape[1]
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected last dim {k} ({'out' if transpose else 'in'}_features), "
+                         f"got shape {tuple(x.shape)}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"x: expected a {dim}-D [M, {k}] tensor, got shape {tuple(x.shape)}")
+
+
+def _check_op_backend(backend: str, device: torch.device) -> None:
+    if backend not in NF4_BACKENDS[1:]:
+        raise ValueError(f"backend: expected one of {NF4_BACKENDS[1:]} (the op runs what it is given), got {backend!r}")
+    resolve_nf4_backend(backend, device)
 
 
 def matmul_impl(x: Tensor, w: NF4Weight, transpose: bool, backend: str) -> Tensor:
@@ -143,17 +173,9 @@ def nf4_matmul(x: Tensor, w: NF4Weight, transpose: bool = False, backend: str = 
     """``x [..., in] @ W^T -> [..., out]`` (or ``x [..., out] @ W -> [..., in]`` with ``transpose``),
     W an NF4 weight ``[out, in]`` decoded to x's dtype. Not differentiable on its own: the QLoRA
     layer's autograd uses it for both directions."""
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype not in native.OUT_DTYPES:
-        raise TypeError(f"x: expected a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
-    _check_weight(w, x.device)
-    if len(w.shape) != 2:
-        raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(w.shape)}")
+    check_matmul_x(x, w, transpose)
     out_features, in_features = w.shape
-    k = out_features if transpose else in_features
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x: expected last dim {k} ({'out' if transpose else 'in'}_features), "
-                         f"got shape {tuple(x.shape)}")
     chosen = resolve_nf4_backend(backend, x.device)
-    x2d = x.reshape(-1, k)
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     y = torch.ops.lorakern.nf4_matmul(x2d, *_op_args(w), out_features, in_features, transpose, chosen)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -50,7 +50,7 @@ def lora_matmul_kernel(
     a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr,
-    stride_bn, stride_br, stride_om, stride_on,
+    stride_bn, stride_br, stride_om, stride_on, stride_bias,
     scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -108,7 +108,7 @@ def lora_matmul_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
 

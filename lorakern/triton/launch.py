@@ -85,7 +85,7 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
         return None
     seed, threshold, inv_keep, has_dropout = _dropout_args(dropout_p, seed, a.device)
     r_pad = padded_rank(R)
-    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, h, b, out)), M * N)
+    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, h, b, out, bias) if t is not None), M * N)
 
     def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
@@ -95,6 +95,7 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
             stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
             stride_hm=h.stride(0), stride_hr=h.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
             stride_om=out.stride(0), stride_on=out.stride(1),
+            stride_bias=bias.stride(0) if bias is not None else 0,  # an expanded bias has stride 0
             scaling=scaling, threshold=threshold, inv_keep=inv_keep,
             HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k(cfg, a.dtype),
