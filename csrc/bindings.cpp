@@ -127,9 +127,4 @@ PYBIND11_MODULE(_C, m) {
 #else
     m.attr("with_cuda") = false;
 #endif
-#ifdef _OPENMP
-    m.attr("with_openmp") = true;
-#else
-    m.attr("with_openmp") = false;
-#endif
 }

@@ -92,20 +92,41 @@ def record(spec) -> list:
     return launches
 
 
+def specialize(value) -> tuple[str, object]:
+    """``(signature type, key)`` of one launch argument, as Triton's JIT specializes it on every
+    version from 3.3 to 3.9 (3.6+ does it in C++, ``native_specialize_impl``; 3.3-3.5 in Python,
+    with private signatures that differ each release): ints equal to 1 become the constexpr 1;
+    other ints are i32 / i64 and get key "D" when divisible by 16; tensors are ``*<dtype>`` with
+    "D" when their address is 16-byte aligned (torch's allocations are; "meta" tensors report 0)."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -(2**31) <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return kind, "D" if value % 16 == 0 else None
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+        return "*" + names[value.dtype], "D" if value.data_ptr() % 16 == 0 else None
+    raise TypeError(f"no specialization rule for a launch argument of type {type(value).__name__}")
+
+
 def compile_job(kernel, kwargs, arch: int) -> dict:
     """Turn one recorded launch into a picklable compile job, specializing arguments as Triton's
     JIT does for a real launch (ints equal to 1 become constants; multiples of 16 and tensors get
     the divisibility hint)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
-
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
         value = kwargs[param.name]
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
-        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        kind, key = specialize(value)
         signature[param.name] = kind
         if kind == "constexpr":
             constexprs[param.name] = key
@@ -133,15 +154,25 @@ def _job_key(job) -> str:
                       sort_keys=True, default=str)
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict:
-    from triton.backends.nvidia.compiler import get_ptxas
+def ptxas_path(arch: int) -> str:
+    """The ptxas that Triton ships: ``get_ptxas(arch).path`` (3.6+), ``get_ptxas().path`` (3.4-3.5),
+    ``get_ptxas(arch)[0]`` (3.3)."""
+    from triton.backends.nvidia import compiler as nv
 
+    try:
+        tool = nv.get_ptxas(arch)
+    except TypeError:  # 3.4-3.5 take no arch
+        tool = nv.get_ptxas()
+    return tool[0] if isinstance(tool, tuple) else tool.path
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+        out = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True)
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)

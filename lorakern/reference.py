@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .dropout import apply_dropout, keep_mask
+from .dropout import apply_dropout
 
 
 def lora_forward_reference(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
@@ -60,4 +60,4 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float, dropo
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["lora_forward_reference", "lora_backward_reference", "lora_linear_reference", "keep_mask"]
+__all__ = ["lora_forward_reference", "lora_backward_reference", "lora_linear_reference"]

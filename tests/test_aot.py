@@ -113,3 +113,33 @@ def test_a_hung_tool_is_killed_with_its_workers():
 def _ps_lines():
     out = run_process_group(["ps", "-eo", "pid,stat,args"], timeout=60)
     return [line for line in out.stdout.splitlines() if "python" in line]
+
+
+def test_specialization_matches_tritons_own():
+    """aot.specialize (written out, so the sweep runs on Triton 3.3-3.9) gives what Triton's JIT
+    gives for every argument of every launch in the default sweep, where Triton exposes its rule."""
+    code = r'''
+import json
+import lorakern.aot as aot
+try:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+except ImportError:
+    print(json.dumps({"skip": True}))
+    raise SystemExit
+n, differ = 0, []
+for spec in aot._shape_specs(False):
+    for role, cands in aot.record(spec):
+        for kernel, _c, _g, kw in cands:
+            for p in kernel.params:
+                if not p.is_constexpr:
+                    kind, key = native_specialize_impl(CUDABackend, kw[p.name], False, True, True)
+                    n += 1
+                    if (kind, key or None) != aot.specialize(kw[p.name]):
+                        differ.append([p.name, kind, str(key)])
+print(json.dumps({"n": n, "differ": differ[:10]}))
+'''
+    result = json.loads(_in_subprocess(code).strip().splitlines()[-1])
+    if result.get("skip"):
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+    assert result["n"] > 10000 and result["differ"] == []

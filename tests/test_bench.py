@@ -176,3 +176,21 @@ def test_readme_table_generated_from_records(tmp_path):
     rt.write(str(readme), "cpu", text)
     content = readme.read_text()
     assert "old" not in content and "| 4.00 |" in content and content.startswith("a\n") and content.endswith("b\n")
+
+
+@pytest.mark.slow
+def test_gpu_first_contact_script_dry_run(tmp_path):
+    """benchmarks/gpu_validate.sh --dry-run: the first-contact script's steps at toy sizes on the
+    CPU, so the script itself is tested before a GPU ever runs it."""
+    import pathlib
+
+    from helpers import run_process_group
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = run_process_group(["bash", str(root / "benchmarks" / "gpu_validate.sh"), str(tmp_path), "--dry-run"])
+    env = (tmp_path / "env.txt").read_text()
+    assert proc.returncode == 0, env + proc.stdout[-2000:]
+    for step in ("build", "tests_cuda", "tests_triton", "bench_lora", "bench_dropout", "bench_nf4"):
+        assert f"{step} rc=0" in env, env
+    records = [line for line in (tmp_path / "results.jsonl").read_text().splitlines() if line.strip()]
+    assert len(records) >= 4

@@ -9,8 +9,6 @@
 namespace lorakern {
 namespace cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
 // out[0:count] = W_flat[start:start+count] (decoded, in out_dtype). Parallel over threads.
 using DequantizeFn = void (*)(const Nf4Weight& w, int64_t start, int64_t count, void* out, int out_dtype,
                               int threads);

@@ -1,11 +1,10 @@
-"""Pieces shared by the Triton kernels: the dropout hash (the twin of ``lorakern/dropout.py``) and
-launch helpers."""
+"""Launch helpers shared by the Triton launchers (rank padding, dot options, int64 addressing);
+the kernels and their @triton.jit helpers are all in :mod:`.kernels`."""
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from ..backend import interpreting
 
@@ -13,28 +12,6 @@ INT32_MAX = 2**31 - 1
 # tl.dot needs every dimension >= 16 on sm_80/sm_90 (mma/wgmma K step for 16-bit inputs), so the
 # rank is padded up inside the kernels with masked loads: r=1..16 runs as 16, r=17..32 as 32, ...
 MIN_DOT = 16
-
-
-@triton.jit
-def fmix32(x):
-    """MurmurHash3's 32-bit finalizer on uint32 (same constants as lorakern.dropout)."""
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
-def dropout_keep(seed, idx, threshold):
-    """Keep mask for int64 element indices ``idx`` (see lorakern/dropout.py for the definition)."""
-    idx = idx.to(tl.int64)
-    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
-    hi = (idx >> 32).to(tl.uint32)
-    key = fmix32(seed ^ (hi * 0x9E3779B9))
-    bits = fmix32(fmix32(lo ^ key) + key) >> 8
-    return bits.to(tl.int32) >= threshold
 
 
 def padded_rank(r: int) -> int:

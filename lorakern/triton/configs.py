@@ -9,7 +9,7 @@ Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers p
 Every pruned config is noted beside its list with what ``python -m lorakern.aot`` reported.
 - M <= 16 (decode) is bound by reading W: BLOCK_M=16 and narrow BLOCK_N so that 4096 outputs make
   128 programs, close to one per SM.
-- skinny: one program holds [BLOCK_M, BLOCK_R<=128] fp32 = 64 registers a thread at 64x128, 4 warps.
+- skinny: one program holds [BLOCK_M, BLOCK_R<=64] fp32 = 32 registers a thread at 64x64, 4 warps.
 """
 
 from __future__ import annotations
@@ -85,15 +85,16 @@ SKINNY = (
 # dY^T h (columns x rank). Every row panel adds its [N, r] share of dB into L2 with atomics:
 # N*r*M/BLOCK_M adds, 1/8 of dY's elements at r=16 and BLOCK_M=128 (the read of dY they replace
 # is M*N elements), so the row panel is as tall as registers allow.
-DY_LARGE = (DyConfig(128, 64, 8, 2), DyConfig(64, 64, 4, 3))  # 3 stages: 8 B spilled on sm_80 (int64 offsets)
-DY_LARGE_R64 = (DyConfig(128, 32, 8, 2), DyConfig(64, 64, 4, 3))  # BLOCK_R=64: 128x64 spilled 60 B on sm_80
+# M > 64: 128-row panels on 8 warps, 32 columns a tile (128x64 spilled on sm_80 with Triton 3.6).
+DY_LARGE = (DyConfig(128, 32, 8, 2), DyConfig(64, 64, 4, 3))
 DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
 DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64    (16x128 spilled
 #                                                              60-80 B on sm_80 at BLOCK_R=64)
 # fp32's FMA dots hold both operand tiles in registers (fp32 halves BLOCK_N): 64x32 and 128x32
 # spilled 12-64 B on sm_90, 32x32 on 4 warps 8 B (int64 offsets) and 16x32 with 3 stages 16 B on sm_80.
-DY_FP32 = (DyConfig(32, 64, 8, 2),)
-DY_FP32_SMALL = (DyConfig(16, 32, 4, 2),)  # 16x32 (BLOCK_N 32 in fp32) spilled 8 B on sm_80
+DY_FP32 = (DyConfig(32, 32, 8, 2),)  # 32x16 fp32: 32x32 spilled 8-16 B on sm_80 (Triton 3.6, 4 and 8 warps)
+# M <= 16: a 16x16 fp32 tile on 8 warps (4 warps spilled 24-32 B on sm_90 at r=32 with Triton 3.7).
+DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)
 
 # 128 rank columns in one skinny program spilled 8-644 B in the --full sweep (unaligned shapes,
 # dropout; 16-bit, every BLOCK_M), so r > 64 takes several programs (x is read r/64 times for h).
@@ -124,7 +125,7 @@ def block_k(cfg: MatmulConfig | SkinnyConfig, dtype: torch.dtype) -> int:
     return cfg.BLOCK_K // 2 if dtype == torch.float32 else cfg.BLOCK_K
 
 
-def matmul_block_r(r_pad: int, dtype: torch.dtype) -> int:
+def matmul_block_r(r_pad: int) -> int:
     """Rank chunk of the K-concatenated tail: all of it up to 32, else steps of 32. fp32's FMA dot
     spilled 5-40 KiB with 64-wide chunks at r=256 on sm_80; 16-bit spilled 24 B at 64 (64x64 tile,
     4 stages, int64 offsets, sm_80). 32 more rank columns per step cost one more K-step of 64."""
@@ -132,8 +133,8 @@ def matmul_block_r(r_pad: int, dtype: torch.dtype) -> int:
 
 
 def skinny_block_r(r_pad: int, dtype: torch.dtype) -> int:
-    """All r columns in one program up to 128 (16-bit) or 32 (fp32: FMA dot, see matmul_block_r;
-    BLOCK_R=128 spilled 10-36 KiB)."""
+    """All r columns in one program up to MAX_BLOCK_R = 64 (16-bit) or 32 (fp32: FMA dot, see
+    matmul_block_r; BLOCK_R=128 spilled 10-36 KiB); larger ranks take several programs."""
     return min(r_pad, 32 if dtype == torch.float32 else MAX_BLOCK_R)
 
 
@@ -146,19 +147,19 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
     return SKINNY[::-1]
 
 
-def dy_candidates(M: int, dtype: torch.dtype, block_r: int) -> tuple[DyConfig, ...]:
+def dy_candidates(M: int, dtype: torch.dtype) -> tuple[DyConfig, ...]:
     if dtype == torch.float32:
         return DY_FP32_SMALL if M <= 16 else DY_FP32
     if M <= 16:
         return DY_SMALL
     if M <= 64:
         return DY_MEDIUM
-    return DY_LARGE_R64 if block_r > 32 else DY_LARGE
+    return DY_LARGE
 
 
 def all_dy_configs() -> tuple[DyConfig, ...]:
     """Every distinct dy_kernel config the launcher can choose."""
-    return tuple(dict.fromkeys(DY_SMALL + DY_MEDIUM + DY_LARGE + DY_LARGE_R64 + DY_FP32 + DY_FP32_SMALL))
+    return tuple(dict.fromkeys(DY_SMALL + DY_MEDIUM + DY_LARGE + DY_FP32 + DY_FP32_SMALL))
 
 
 def dy_split(programs: int, num_tiles: int, sm_count: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The two Triton kernels every LoRA pass is built from.
+"""The three Triton kernels every LoRA pass is built from, and the @triton.jit helpers they share.
 
 ``lora_matmul_kernel``: ``out[M, N] = a[M, K] @ w[N, K]^T + lora(h[M, R] @ b[N, R]^T) + bias``
     the base GEMM with the rank-R product appended to its K-loop (K-concatenation): R extra
@@ -25,7 +25,28 @@ regenerated from ``seed`` and the index ``i*IDX_S0 + j*IDX_S1`` of that element 
 import triton
 import triton.language as tl
 
-from .common import dropout_keep
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's 32-bit finalizer on uint32 (same constants as lorakern.dropout)."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_keep(seed, idx, threshold):
+    """Keep mask for int64 element indices ``idx``: the twin of :func:`lorakern.dropout.random_bits`
+    (see lorakern/dropout.py for the definition; the tests hold the two bit-identical)."""
+    idx = idx.to(tl.int64)
+    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
+    hi = (idx >> 32).to(tl.uint32)
+    key = fmix32(seed ^ (hi * 0x9E3779B9))
+    bits = fmix32(fmix32(lo ^ key) + key) >> 8
+    return bits.to(tl.int32) >= threshold
 
 
 @triton.jit

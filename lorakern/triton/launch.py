@@ -1,4 +1,4 @@
-"""Launchers for the two kernels: pick a config, compute the grid and the kernel's arguments, launch.
+"""Launchers for the three kernels: pick a config, compute the grid and the kernel's arguments, launch.
 
 Each launcher builds a config's grid and keyword arguments in one place (its ``call(cfg)``); under
 :func:`record_launches` they are recorded for every candidate config instead of launched, which is
@@ -99,7 +99,7 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
             scaling=scaling, threshold=threshold, inv_keep=inv_keep,
             HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k(cfg, a.dtype),
-            BLOCK_R=matmul_block_r(r_pad, a.dtype), GROUP_M=cfg.GROUP_M,
+            BLOCK_R=matmul_block_r(r_pad), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
         )
 
@@ -190,6 +190,6 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dy.dtype),
         )
 
-    candidates = (config,) if config is not None else dy_candidates(M, dy.dtype, block_r)
+    candidates = (config,) if config is not None else dy_candidates(M, dy.dtype)
     key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None)
     return _run(dy_kernel, key, candidates, call, dy.device, role, before=zero)

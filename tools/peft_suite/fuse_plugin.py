@@ -16,7 +16,7 @@ from peft.tuners import tuners_utils
 import lorakern.integrations.peft as integration
 
 _inject = tuners_utils.BaseTuner.inject_adapter
-_serve = integration.fused_lora_forward
+_serve = getattr(integration, "fused_lora_forward", None)
 _counts = {"fuse calls": 0, "layers fused": 0, "calls served by the fused op": 0}
 
 
@@ -29,6 +29,19 @@ def _inject_then_fuse(self, model, *args, **kwargs):
     return out
 
 
+_reason = getattr(integration, "runtime_reason", None)
+_fallbacks: dict = {}
+
+
+def _counted_reason(layer, x, args, kwargs):
+    reason = _reason(layer, x, args, kwargs)
+    if reason is not None:
+        key = reason.split(" (")[0] if "adapter '" not in reason else reason.split("'")[0] + "...'" + \
+            reason.split("'", 2)[-1].split(" (")[0]
+        _fallbacks[key] = _fallbacks.get(key, 0) + 1
+    return reason
+
+
 def _counted_serve(layer, x):
     _counts["calls served by the fused op"] += 1
     return _serve(layer, x)
@@ -36,11 +49,15 @@ def _counted_serve(layer, x):
 
 if os.environ.get("LORAKERN_FUSE", "1") == "1":
     tuners_utils.BaseTuner.inject_adapter = _inject_then_fuse
-    integration.fused_lora_forward = _counted_serve
+    if hasattr(integration, "fused_lora_forward"):  # counted where this lorakern has them
+        integration.fused_lora_forward = _counted_serve
+        integration.runtime_reason = _counted_reason
 
 
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line("lorakern: " + ", ".join(f"{k} {v}" for k, v in _counts.items()))
+    for reason, n in sorted(_fallbacks.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"lorakern: {n} calls to PEFT's forward: {reason}")
 
 
 def pytest_report_header(config):
