@@ -8,7 +8,6 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_RANK = 256  # the h / dh tiles hold all r columns in registers: [BLOCK_M, 256] fp32 at most
 
@@ -50,24 +49,55 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
-    """Map a requested backend to the one that runs: "reference" or "triton"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    reason = triton_unavailable_reason(x, r)
-    if backend == "triton":
+DESCRIBE = {"reference": "the pure-torch reference path", "native": "the native kernels (lorakern._C)",
+            "triton": "the Triton kernels"}
+
+
+def resolve(what: str, names: tuple[str, ...], requested: str, device: torch.device, prefer, reasons: dict) -> str:
+    """The one backend rule, for every op: which of ``names`` serves this call.
+
+    ``reasons[name]()`` says why ``name`` cannot serve the call (None: it can); "reference" always
+    can. An explicit request runs, or raises naming the reason. "auto" takes the first of
+    ``prefer`` that can serve, else "reference"; when it passes one over it says so once per
+    message, as "lorakern: <what> uses <the backend> (<why not the preferred one>)" (never for meta
+    tensors, which only carry shapes, and never while torch.compile traces)."""
+    if requested not in names:
+        raise ValueError(f"backend must be one of {names}, got {requested!r}")
+    if requested != "auto":
+        reason = reasons[requested]() if requested in reasons else None
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot serve this call: {reason}")
-        return "triton"
-    # auto: the kernels for CUDA tensors; interpreted kernels are only used when asked for by name.
-    if reason is None and x.device.type == "cuda":
-        return "triton"
-    if x.device.type == "meta":  # shapes only (model init on meta): nothing runs, nothing to say
-        return "reference"
-    if reason is None:
-        reason = f"x is on {x.device.type}"
-    if not torch.compiler.is_compiling():
-        warn_once(f"lorakern: using the pure-torch reference path ({reason})")
-    return "reference"
+            raise RuntimeError(f"backend={requested!r} cannot serve {device.type} tensors: {reason}")
+        return requested
+    passed_over, chosen = None, "reference"
+    for name in prefer:
+        reason = reasons[name]()
+        if reason is None:
+            chosen = name
+            break
+        passed_over = passed_over or reason
+    if passed_over is not None and device.type != "meta" and not torch.compiler.is_compiling():
+        warn_once(f"lorakern: {what} uses {DESCRIBE[chosen]} ({passed_over})")
+    return chosen
+
+
+def check_op_backend(names: tuple[str, ...], backend: str, device: torch.device, reasons: dict) -> None:
+    """An op body's own check of the backend it was handed (a name "auto" already resolved to):
+    one of ``names`` other than "auto", and able to serve the call."""
+    if backend == "auto" or backend not in names:
+        raise ValueError(f"backend: expected one of {names[1:]} (the op runs what it is given), got {backend!r}")
+    resolve("", names, backend, device, (), reasons)
+
+
+LORA_BACKENDS = ("auto", "reference", "triton")
+
+def resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
+    """Map a requested backend to the one that runs: "reference" or "triton" (auto: the Triton
+    kernels for CUDA tensors; interpreted kernels only when asked for by name)."""
+    return resolve("LoRA", LORA_BACKENDS, backend, x.device, ("triton",), {"triton": lambda: _triton(backend, x, r)})
+
+
+def _triton(backend: str, x: torch.Tensor, r: int) -> str | None:
+    reason = triton_unavailable_reason(x, r)
+    if reason is None and backend == "auto" and x.device.type != "cuda":
+        reason = f"x is on {x.device.type}"  # interpreted kernels only when asked for by name
+    return reason

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import LORA_BACKENDS, check_op_backend, resolve_backend, triton_unavailable_reason
 from .dropout import draw_seed
 from .reference import lora_backward_reference, lora_forward_reference
 
@@ -34,15 +34,13 @@ def _check_op_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, 
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting=False)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, in_features] tensor, got shape {tuple(x.shape)}")
-    check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
+    _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
 
 
-def check_op_backend(backend: str, x: Tensor, r: int, seed, dropout_p: float) -> None:
+def _check_op_backend(backend: str, x: Tensor, r: int, seed, dropout_p: float) -> None:
     """An op called with ``backend`` can run it on ``x`` (an explicit name that cannot raises,
     as :func:`resolve_backend` does), and has a seed when it has dropout."""
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend: expected 'reference' or 'triton' (the op runs what it is given), got {backend!r}")
-    resolve_backend(backend, x, r)
+    check_op_backend(LORA_BACKENDS, backend, x.device, {"triton": lambda: triton_unavailable_reason(x, r)})
     check_seed(seed, dropout_p, x.device)
 
 
@@ -80,7 +78,7 @@ def lora_bwd(
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight})
-    check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
+    _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
     return backward_impl(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora,
                          needs_dbias, backend)
 

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import triton_unavailable_reason, warn_once
+from .backend import check_op_backend, resolve, triton_unavailable_reason
 from .dropout import apply_dropout, draw_seed
 from .nf4 import native
 from .nf4.format import FLOAT_DTYPES, NF4Weight
-from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl, resolve_nf4_backend
+from .nf4.native import native_reasons
+from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl
 from .ops import (
     autocast_dtype,
     autocast_to,
@@ -45,29 +46,22 @@ QLORA_BACKENDS = ("auto", "reference", "native", "triton")
 
 
 def resolve_qlora_backend(backend: str, x2d: Tensor, r: int, base_dtype: torch.dtype | None = None) -> str:
-    """"reference", "native" or "triton" for this call. "auto": Triton for CUDA inputs with
-    M > SMALL_M when it can serve them, else the NF4 backend choice (native or reference). The
-    fused Triton kernels compute in one dtype: a ``base_dtype`` other than x's is not theirs."""
-    if backend not in QLORA_BACKENDS:
-        raise ValueError(f"backend must be one of {QLORA_BACKENDS}, got {backend!r}")
+    """"reference", "native" or "triton" for this call, by :func:`.backend.resolve`. "auto": Triton
+    for CUDA inputs with M > SMALL_M when it can serve them, else the native NF4 kernels when built
+    for the device, else the reference. The fused Triton kernels compute in one dtype: a
+    ``base_dtype`` other than x's is not theirs."""
+    large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
+    prefer = ("triton", "native") if large_cuda else ("native",)
+    return resolve("QLoRA", QLORA_BACKENDS, backend, x2d.device, prefer, qlora_reasons(x2d, r, base_dtype))
 
-    def triton_reason():
+
+def qlora_reasons(x2d: Tensor, r: int, base_dtype: torch.dtype | None) -> dict:
+    def triton():
         if base_dtype is not None and base_dtype != x2d.dtype:
             return f"the base computes in {base_dtype} and x is {x2d.dtype} (the kernels take one dtype)"
         return triton_unavailable_reason(x2d, r)
 
-    if backend == "triton":
-        reason = triton_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot serve this call: {reason}")
-        return "triton"
-    if backend == "auto" and x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M:
-        reason = triton_reason()
-        if reason is None:
-            return "triton"
-        if not torch.compiler.is_compiling():
-            warn_once(f"lorakern: QLoRA at large M without the Triton kernels ({reason})")
-    return resolve_nf4_backend(backend, x2d.device)
+    return {"triton": triton, **native_reasons(x2d.device)}
 
 
 def _decoded(w: NF4Weight, dtype: torch.dtype, backend: str = "native") -> Tensor:
@@ -106,12 +100,9 @@ def _check_op_args(x, w: NF4Weight, bias, lora_A, lora_B, scaling, dropout_p, se
         check_backward_args(dy, x, h, lora_A, lora_B, *w.shape, scaling, dropout_p, dtypes=FLOAT_DTYPES)
     else:
         check_adapter_args(x, *w.shape, bias, lora_A, lora_B, scaling, dropout_p, False, dtypes=FLOAT_DTYPES)
-    if backend not in QLORA_BACKENDS[1:]:
-        raise ValueError(f"backend: expected one of {QLORA_BACKENDS[1:]} (the op runs what it is given), "
-                         f"got {backend!r}")
     if base_dtype not in FLOAT_DTYPES:
         raise TypeError(f"base_dtype: expected float16, bfloat16 or float32, got {base_dtype}")
-    resolve_qlora_backend(backend, x, lora_A.shape[0], base_dtype)
+    check_op_backend(QLORA_BACKENDS, backend, x.device, qlora_reasons(x, lora_A.shape[0], base_dtype))
     check_seed(seed, dropout_p, x.device)
 
 

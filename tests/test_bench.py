@@ -7,6 +7,7 @@ import torch
 
 from lorakern.bench import cli, records
 from lorakern.bench import nf4 as nf4_suite
+from lorakern.bench import shapes as shapes_mod
 
 
 @pytest.mark.slow
@@ -95,11 +96,11 @@ def test_record_schema_rejects_missing_fields():
 def test_shape_parsing():
     import torch
 
-    shapes = cli.parse_shapes("7,33,65,3; tiny", torch.device("cpu"))
+    shapes = shapes_mod.parse_shapes("7,33,65,3; tiny", torch.device("cpu"))
     assert shapes[0] == cli.Shape(7, 33, 65, 3) and len(shapes) == 3
     with pytest.raises(ValueError, match="M,in,out,r"):
-        cli.parse_shapes("1,2,3", torch.device("cpu"))
-    assert len(cli.preset_shapes("llama3-8b", torch.device("cpu"))) == 4 * 5 * 3
+        shapes_mod.parse_shapes("1,2,3", torch.device("cpu"))
+    assert len(shapes_mod.preset_shapes("llama3-8b", torch.device("cpu"))) == 4 * 5 * 3
 
 
 def test_flops_formula():

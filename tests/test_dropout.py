@@ -68,7 +68,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lorakern.triton.common import dropout_keep
+    from lorakern.triton.kernels import dropout_keep
 
     @triton.jit
     def keep_kernel(idx_ptr, out_ptr, seed, threshold, n, BLOCK: tl.constexpr):

@@ -192,7 +192,7 @@ def test_public_dense_ops_check_their_own_arguments(backend):
     ]:
         with pytest.raises(ValueError, match=match):
             op.lora_fwd(*args, 1.0, 0.0, None, backend)
-    with pytest.raises(ValueError, match="backend: expected 'reference' or 'triton'"):
+    with pytest.raises(ValueError, match=r"backend: expected one of \('reference', 'triton'\)"):
         op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, "auto")
     y, h = op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, backend)
     dy = torch.randn(4, 6)
@@ -204,3 +204,30 @@ def test_public_dense_ops_check_their_own_arguments(backend):
     ]:
         with pytest.raises(ValueError, match=match):
             op.lora_bwd(*args, 1.0, 0.0, None, True, True, True, backend)
+
+
+def test_one_backend_rule_for_every_op(monkeypatch):
+    """backend.resolve: an explicit name runs or raises; "auto" takes the first preferred backend
+    that can serve, says once which one it took instead and why, and is silent on meta tensors."""
+    import warnings
+
+    from lorakern import backend
+
+    monkeypatch.setattr(backend, "_warned", set())
+    names = ("auto", "reference", "native", "triton")
+    cpu = torch.device("cpu")
+    reasons = {"triton": lambda: "no GPU", "native": lambda: None}
+    with pytest.warns(UserWarning, match=r"lorakern: Op uses the native kernels \(lorakern._C\) \(no GPU\)"):
+        assert backend.resolve("Op", names, "auto", cpu, ("triton", "native"), reasons) == "native"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per message
+        assert backend.resolve("Op", names, "auto", cpu, ("triton", "native"), reasons) == "native"
+        assert backend.resolve("Op", names, "auto", torch.device("meta"), ("triton",), reasons) == "reference"
+        assert backend.resolve("Op", names, "native", cpu, ("triton",), reasons) == "native"
+        assert backend.resolve("Op", names, "reference", cpu, ("triton",), reasons) == "reference"
+    with pytest.raises(RuntimeError, match="backend='triton' cannot serve cpu tensors: no GPU"):
+        backend.resolve("Op", names, "triton", cpu, ("triton",), reasons)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.resolve("Op", names, "cuda", cpu, (), reasons)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        backend.check_op_backend(names, "auto", cpu, reasons)

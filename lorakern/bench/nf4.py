@@ -29,6 +29,7 @@ from torch import nn
 import lorakern
 
 from .providers import Shape
+from .shapes import LLAMA3_8B
 from .timing import measure
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
@@ -141,8 +142,6 @@ def input_dtype(provider: str, compute_dtype):
 
 
 def shapes(device: torch.device, quick: bool) -> list[Shape]:
-    from .cli import LLAMA3_8B
-
     if quick:
         return [Shape(M, 512, 256, ADAPTER_R) for M in (1, 16)]
     Ms = (1, 4, 16, 256, 4096) if device.type == "cuda" else (1, 4, 16, 256)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .native import resolve_nf4_backend
 from .reference import (
     BLOCKSIZES,
     NESTED_BLOCKSIZE,
@@ -215,10 +216,16 @@ class NF4Weight:
         return nested_absmax_values(self.absmax, self.nested_absmax, self.nested_code, self.offset)
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-        """The weight in ``dtype`` (default: the original dtype), shape ``self.shape``."""
-        from .ops import nf4_dequantize
-
-        return nf4_dequantize(self, dtype or self.dtype, backend=backend)
+        """The weight in ``dtype`` (default: the original dtype), shape ``self.shape``: the op
+        ``lorakern::nf4_dequantize`` (:mod:`.ops` registers it; importing lorakern imports that),
+        on the backend :func:`.native.resolve_nf4_backend` picks."""
+        self.validate()
+        dtype = dtype or self.dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
+        chosen = resolve_nf4_backend(backend, self.device)
+        return torch.ops.lorakern.nf4_dequantize(self.packed, self.absmax, self.nested_absmax, self.nested_code,
+                                                 self.offset, self.blocksize, list(self.shape), dtype, chosen)
 
     def dequantize_reference(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self.packed, self.absmax_float(), self.blocksize, self.shape, dtype or self.dtype)

@@ -1,7 +1,8 @@
 """The bridge to ``lorakern._C``: load it once, pick the CPU path, pass pointers.
 
-Every function here takes tensors that ``ops.py`` has already validated (dtype, device,
-contiguity, sizes); the C++ side trusts them.
+Every function here takes tensors (and NF4 weights, read through their ``packed``, ``absmax``,
+``nested_absmax``, ``nested_code``, ``offset``, ``blocksize`` and ``shape``) that the ops have
+already validated (dtype, device, contiguity, sizes); the C++ side trusts them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from .format import NF4Weight
+from ..backend import resolve
 
 ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" or "avx512" (tests cover each path this way)
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -49,6 +50,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+NF4_BACKENDS = ("auto", "reference", "native")
+
+
+def resolve_nf4_backend(backend: str, device: torch.device) -> str:
+    """"native" (``lorakern._C``, when built for the device) or "reference", by :func:`lorakern.backend.resolve`."""
+    return resolve("NF4", NF4_BACKENDS, backend, device, ("native",), native_reasons(device))
+
+
+def native_reasons(device: torch.device) -> dict:
+    return {"native": lambda: unavailable_reason(device)}
+
+
 def cpu_isa() -> str:
     """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available), else the widest one."""
     C = extension()
@@ -65,16 +78,16 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def weight_args(w: NF4Weight, rows: int, cols: int) -> tuple:
+def weight_args(w, rows: int, cols: int) -> tuple:
     return (_ptr(w.packed), _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code), _ptr(w.offset),
             w.blocksize, rows, cols)
 
 
-def _shape2d(w: NF4Weight) -> tuple[int, int]:
+def _shape2d(w) -> tuple[int, int]:
     return (w.shape[0], w.numel // w.shape[0]) if len(w.shape) >= 2 else (1, w.numel)
 
 
-def dequantize_into(w: NF4Weight, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+def dequantize_into(w, out: torch.Tensor, start: int = 0) -> torch.Tensor:
     """``out.view(-1)[:] = W_flat[start : start + out.numel()]`` (out contiguous, fp32/bf16/fp16)."""
     rows, cols = _shape2d(w)
     args = weight_args(w, rows, cols)
@@ -89,7 +102,7 @@ def dequantize_into(w: NF4Weight, out: torch.Tensor, start: int = 0) -> torch.Te
     return out
 
 
-def cpu_matmul(x: torch.Tensor, w: NF4Weight, transpose: bool) -> torch.Tensor:
+def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
     """Fused dequant-matmul on the CPU for small M: ``x [M, in] @ W^T`` or ``x [M, out] @ W``,
     float32 in and out."""
     rows, cols = w.shape
@@ -100,7 +113,7 @@ def cpu_matmul(x: torch.Tensor, w: NF4Weight, transpose: bool) -> torch.Tensor:
     return y
 
 
-def cpu_qlora_forward(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
     ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All float32
@@ -115,7 +128,7 @@ def cpu_qlora_forward(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, 
     return y, h
 
 
-def cuda_gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+def cuda_gemv(x: torch.Tensor, w) -> torch.Tensor:
     """Fused dequant-GEMV on the GPU for small M: ``x [M, in] @ W^T`` in x's dtype (fp32 accumulation)."""
     rows, cols = w.shape
     x = x.contiguous()

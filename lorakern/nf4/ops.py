@@ -18,29 +18,14 @@ import math
 import torch
 from torch import Tensor
 
-from ..backend import warn_once
+from ..backend import check_op_backend
 from . import native
 from .format import NF4Weight
+from .native import NF4_BACKENDS, native_reasons, resolve_nf4_backend
 from .reference import nf4_matmul_reference
 
-NF4_BACKENDS = ("auto", "reference", "native")
 SMALL_M = 16
 TILE_ELEMENTS = 1 << 22  # 4M weights per dequantized tile: 16 MB in fp32, 8 MB in bf16
-
-
-def resolve_nf4_backend(backend: str, device: torch.device) -> str:
-    if backend not in NF4_BACKENDS:
-        raise ValueError(f"backend must be one of {NF4_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    reason = native.unavailable_reason(device)
-    if reason is None:
-        return "native"
-    if backend == "native":
-        raise RuntimeError(f"backend='native' cannot serve {device.type} tensors: {reason}")
-    if not torch.compiler.is_compiling() and device.type != "meta":  # meta: shapes only, nothing runs
-        warn_once(f"lorakern: NF4 uses the pure-torch reference path ({reason})")
-    return "reference"
 
 
 def _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype) -> NF4Weight:
@@ -121,9 +106,7 @@ def check_matmul_x(x, w: NF4Weight, transpose: bool, dim: int | None = None) -> 
 
 
 def _check_op_backend(backend: str, device: torch.device) -> None:
-    if backend not in NF4_BACKENDS[1:]:
-        raise ValueError(f"backend: expected one of {NF4_BACKENDS[1:]} (the op runs what it is given), got {backend!r}")
-    resolve_nf4_backend(backend, device)
+    check_op_backend(NF4_BACKENDS, backend, device, native_reasons(device))
 
 
 def matmul_impl(x: Tensor, w: NF4Weight, transpose: bool, backend: str) -> Tensor:
@@ -161,12 +144,9 @@ def _op_args(w: NF4Weight) -> tuple:
 
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto") -> Tensor:
     """Decode ``w`` to ``dtype`` (default ``w.dtype``): a new tensor of shape ``w.shape``."""
-    _check_weight(w, w.device)
-    dtype = dtype or w.dtype
-    if dtype not in native.OUT_DTYPES:
-        raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
-    chosen = resolve_nf4_backend(backend, w.device)
-    return torch.ops.lorakern.nf4_dequantize(*_op_args(w), list(w.shape), dtype, chosen)
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"weight: expected an lorakern.NF4Weight, got {type(w).__name__}")
+    return w.dequantize(dtype, backend)
 
 
 def nf4_matmul(x: Tensor, w: NF4Weight, transpose: bool = False, backend: str = "auto") -> Tensor:

@@ -83,10 +83,11 @@ SKINNY = (
 )
 # dy_kernel: a [BLOCK_M, BLOCK_N] dY tile feeds two dots, dh += dY B (rows x rank) and dB's
 # dY^T h (columns x rank). Every row panel adds its [N, r] share of dB into L2 with atomics:
-# N*r*M/BLOCK_M adds, 1/8 of dY's elements at r=16 and BLOCK_M=128 (the read of dY they replace
-# is M*N elements), so the row panel is as tall as registers allow.
-# M > 64: 128-row panels on 8 warps, 32 columns a tile (128x64 spilled on sm_80 with Triton 3.6).
-DY_LARGE = (DyConfig(128, 32, 8, 2), DyConfig(64, 64, 4, 3))
+# N*r*M/BLOCK_M adds, 1/4 of dY's elements at r=16 and BLOCK_M=64 (the read of dY they replace
+# is M*N elements), so the row panel is as tall as registers allow on every Triton in the range.
+# M > 64: 64-row panels. 128-row ones (half the atomics) spilled 16-36 B on sm_80 at r=8 with every
+# tile shape tried on one Triton or another of 3.6, 3.7 and 3.9 (128x64: 3.6; 128x32: 3.7, 3.9).
+DY_LARGE = (DyConfig(64, 64, 4, 3),)
 DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
 DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64    (16x128 spilled
 #                                                              60-80 B on sm_80 at BLOCK_R=64)

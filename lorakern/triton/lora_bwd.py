@@ -9,7 +9,7 @@ With D the dropout operator (regenerated from the seed) and s the scaling:
 
 Floor on an H100 at M=8192, K=N=4096, r=16, bf16: the dx GEMM is 275 GFLOP (348 us at 790 TFLOP/s);
 a read of dY is 64 MiB (22 us at 3 TB/s), as is the dA pass's read of x. One read of dY saves 22 us
-but adds M/128 * N * r = 4.2 M floats into dB in L2 (r/128 of dY's element count; at r=256 twice
+but adds M/64 * N * r = 8.4 M floats into dB in L2 (r/64 of dY's element count; at r=256 four times
 that count); which costs less depends on the GPU's L2 atomic rate, so on CUDA the tuner times both
 once per shape and keeps the faster (elsewhere, and with LORAKERN_AUTOTUNE=0, one read).
 Under ``torch.use_deterministic_algorithms(True)`` it is always two reads: atomic adds make dB,
