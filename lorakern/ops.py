@@ -31,6 +31,7 @@ def lora_fwd(
 
 
 def _check_op_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    check_x(x)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting=False)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, in_features] tensor, got shape {tuple(x.shape)}")
@@ -200,9 +201,9 @@ def check_x(x) -> None:
 
 
 def rows(x: Tensor) -> Tensor:
-    """``x [..., K]`` as ``[M, K]``: a view unless the leading dims cannot be merged. Also for
-    K = 0, where ``reshape(-1, 0)`` is ambiguous."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    """``x [..., K]`` as ``[M, K]``: x itself when 2-D, else a view unless the leading dims cannot
+    be merged. Also for K = 0, where ``reshape(-1, 0)`` is ambiguous."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _is_real(v) -> bool:
@@ -229,11 +230,12 @@ def check_adapter_args(
     """The checks every LoRA entry point and op shares (dense or NF4 base): x's last dim, the
     shapes of lora_A [r, in], lora_B [out, r] and bias [out], dropout_p and scaling, and that x,
     the ``base`` tensors, bias, lora_A and lora_B share x's device and (outside autocast) dtype.
-    ``dtypes``: the allowed dtypes (default: any floating point)."""
-    check_x(x)
-    for name, t in (*(base or {}).items(), ("lora_A", lora_A), ("lora_B", lora_B)):
-        check_tensor(name, t)
-    check_tensor("bias", bias, optional=True)
+    ``dtypes``: the allowed dtypes (default: any floating point). x itself is checked first, by
+    :func:`check_x` (its device picks the autocast state)."""
+    named = {"x": x, **(base or {}), "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if not isinstance(t, Tensor) and (t is not None or name != "bias"):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
@@ -249,7 +251,6 @@ def check_adapter_args(
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if not _is_real(scaling) or not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
-    named = {"x": x, **(base or {}), "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     for name, t in named.items():
         if t is None:
             continue
@@ -287,7 +288,6 @@ def autocast_to(dtype: torch.dtype, *tensors):
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool):
-    check_x(x)
     check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")

@@ -272,7 +272,7 @@ def test_calls_the_op_cannot_serve_go_to_peft(monkeypatch):
     """dropout p = 1.0 in training and a base weight that requires grad: PEFT serves them (its
     result, its grads), no error."""
     calls = _served_by_op(monkeypatch)
-    model = make_model(seed=7, )
+    model = make_model(seed=7)
     for layer in (model.base_model.model.q, model.base_model.model.up, model.base_model.model.down):
         layer.lora_dropout["default"] = nn.Dropout(1.0)
     fuse(model)
