@@ -27,7 +27,7 @@ from .dropout import apply_dropout, draw_seed
 from .nf4 import native
 from .nf4.format import FLOAT_DTYPES, NF4Weight
 from .nf4.native import native_reasons
-from .nf4.ops import SMALL_M, _check_weight, _weight, matmul_impl
+from .nf4.ops import SMALL_M, _check_weight, decoded, matmul_impl
 from .ops import (
     autocast_dtype,
     autocast_to,
@@ -64,14 +64,6 @@ def qlora_reasons(x2d: Tensor, r: int, base_dtype: torch.dtype | None) -> dict:
     return {"triton": triton, **native_reasons(x2d.device)}
 
 
-def _decoded(w: NF4Weight, dtype: torch.dtype, backend: str = "native") -> Tensor:
-    """W [out, in] in ``dtype``: the native dequantize unless the reference was asked for or the
-    extension is not built for the device (both give the same bits)."""
-    if backend != "reference" and native.unavailable_reason(w.device) is None:
-        return native.dequantize_into(w, torch.empty(tuple(w.shape), dtype=dtype, device=w.device))
-    return w.dequantize_reference(dtype)
-
-
 @torch.library.custom_op("lorakern::qlora_fwd", mutates_args=())
 def qlora_fwd(
     x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
@@ -84,7 +76,8 @@ def qlora_fwd(
     The op is public: it checks x, the adapter and the weight's pieces against each other before
     any kernel sees a pointer (the eager path runs :func:`_fwd_body` on arguments that
     :func:`qlora_linear` has checked)."""
-    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features], x.dtype)
+    w = NF4Weight._trusted(packed, absmax, [out_features, in_features], x.dtype, blocksize, nested_absmax,
+                           nested_code, offset)
     _check_op_args(x, w, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, base_dtype)
     return _fwd_body(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, in_features,
                      base_dtype, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
@@ -92,6 +85,7 @@ def qlora_fwd(
 
 def _check_op_args(x, w: NF4Weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, base_dtype,
                    dy=None, h=None):
+    """The qlora ops' own checks, the weight's pieces validated here (once)."""
     check_x(x)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, in_features] tensor, got shape {tuple(x.shape)}")
@@ -123,14 +117,14 @@ def forward_impl(x, w: NF4Weight, bias, lora_A, lora_B, scaling: float, dropout_
     x's dtype before the LoRA term, which is computed in x's dtype (as PEFT does)."""
     if base_dtype is not None and base_dtype != x.dtype:
         # bitsandbytes' own steps: W decoded to base_dtype (rounded there), one matmul in it.
-        wd = _decoded(w, base_dtype, backend)
+        wd = decoded(w, base_dtype, backend)
         y = F.linear(x.to(base_dtype), wd, None if bias is None else bias.to(base_dtype)).to(x.dtype)
         h = apply_dropout(x, dropout_p, seed) @ lora_A.t()
         return y.addmm_(h, lora_B.t(), alpha=scaling), h
     if backend == "triton":
         from .triton.lora_fwd import lora_forward_triton
 
-        return lora_forward_triton(x, _decoded(w, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+        return lora_forward_triton(x, decoded(w, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
     if backend == "native" and dropout_p == 0.0 and _one_cpu_call(x, w, bias, lora_A, lora_B):
         return native.cpu_qlora_forward(x, w, bias, lora_A, lora_B, scaling)
     y = matmul_impl(x, w, False, backend)  # a new tensor: the LoRA term and bias are added in place
@@ -167,7 +161,8 @@ def qlora_bwd(
     the LoRA terms as in :func:`lorakern.reference.lora_backward_reference`, and ``dY W`` of the
     base through the NF4 kernels' transposed product (or, with "triton", all of it by the fused
     Triton backward on W decoded again: W is never saved)."""
-    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features], x.dtype)
+    w = NF4Weight._trusted(packed, absmax, [out_features, in_features], x.dtype, blocksize, nested_absmax,
+                           nested_code, offset)
     _check_op_args(x, w, None, lora_A, lora_B, scaling, dropout_p, seed, backend, base_dtype, dy=dy, h=h)
     return _bwd_body(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, out_features, in_features,
                      base_dtype, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias,
@@ -181,7 +176,7 @@ def _bwd_body(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksi
     if backend == "triton":
         from .triton.lora_bwd import lora_backward_triton
 
-        grads = lora_backward_triton(dy, x, _decoded(w, dy.dtype), lora_A, lora_B, h, scaling, dropout_p, seed,
+        grads = lora_backward_triton(dy, x, decoded(w, dy.dtype), lora_A, lora_B, h, scaling, dropout_p, seed,
                                      needs_dx, needs_dlora, needs_dbias)
         return tuple(g.contiguous() for g in grads)
     _, dA, dB, dbias = lora_backward_reference(
@@ -190,7 +185,7 @@ def _bwd_body(dy, x, packed, absmax, nested_absmax, nested_code, offset, blocksi
     dx = dy.new_empty(0)
     if needs_dx:
         if base_dtype != dy.dtype:  # the base's grad in its own dtype, as bitsandbytes computes it
-            dx = (dy.to(base_dtype) @ _decoded(w, base_dtype, backend)).to(dy.dtype)
+            dx = (dy.to(base_dtype) @ decoded(w, base_dtype, backend)).to(dy.dtype)
         else:
             dx = matmul_impl(dy, w, True, backend)
         dx = dx + apply_dropout((dy @ lora_B) * scaling @ lora_A, dropout_p, seed)

@@ -40,12 +40,18 @@ def outputs_and_grads(model, x):
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fuse_matches_peft_outputs_and_grads(monkeypatch):
+def _served_by_op(monkeypatch, name="lora_linear"):
+    """Count the calls the fused op serves (the rest went to PEFT's forward)."""
     import lorakern.integrations.peft as integration
 
     calls = []
-    real = integration.lora_linear
-    monkeypatch.setattr(integration, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(integration, name)
+    monkeypatch.setattr(integration, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_fuse_matches_peft_outputs_and_grads(monkeypatch):
+    calls = _served_by_op(monkeypatch)
     model = make_model()
     x = torch.randn(3, 5, 48)
     y_ref, g_ref = outputs_and_grads(model, x)
@@ -131,11 +137,7 @@ def test_unsupported_layers_and_calls_fall_back_to_peft():
 
 def test_bnb_linear4bit_base_is_fused(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    import lorakern.integrations.peft as integration
-
-    calls = []
-    real = integration.qlora_linear
-    monkeypatch.setattr(integration, "qlora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _served_by_op(monkeypatch, "qlora_linear")
 
     class Net(nn.Module):
         def __init__(self):
@@ -208,16 +210,6 @@ def test_fused_peft_model_compiles_fullgraph():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, g_eager[n], rtol=1e-5, atol=1e-5, msg=n)
-
-
-def _served_by_op(monkeypatch, name="lora_linear"):
-    """Count the calls the fused op serves (the rest went to PEFT's forward)."""
-    import lorakern.integrations.peft as integration
-
-    calls = []
-    real = getattr(integration, name)
-    monkeypatch.setattr(integration, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
 
 
 def _same_as_unfused(model, x, train=False):

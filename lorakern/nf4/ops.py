@@ -13,12 +13,11 @@ Matmul strategy (M rows of x):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..backend import check_op_backend
+from ..ops import rows
 from . import native
 from .format import NF4Weight
 from .native import NF4_BACKENDS, native_reasons, resolve_nf4_backend
@@ -45,8 +44,14 @@ def nf4_dequantize_op(
         raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
     w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape, dtype)
     _check_op_backend(backend, packed.device)
-    if backend == "native":
-        return native.dequantize_into(w, torch.empty(shape, dtype=dtype, device=packed.device))
+    return decoded(w, dtype, backend)
+
+
+def decoded(w: NF4Weight, dtype: torch.dtype, backend: str = "native") -> Tensor:
+    """W (its shape) in ``dtype``: the native dequantize unless the reference was asked for or the
+    extension is not built for the device (both give the same bits)."""
+    if backend != "reference" and native.unavailable_reason(w.device) is None:
+        return native.dequantize_into(w, torch.empty(tuple(w.shape), dtype=dtype, device=w.device))
     return w.dequantize_reference(dtype)
 
 
@@ -82,9 +87,9 @@ def nf4_matmul_op(
     offset: Tensor | None, blocksize: int, out_features: int, in_features: int, transpose: bool, backend: str,
 ) -> Tensor:
     """``x [M, in] @ W^T -> [M, out]``, or with ``transpose`` ``x [M, out] @ W -> [M, in]``."""
-    w = _weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, [out_features, in_features],
-                torch.float32)
-    check_matmul_x(x, w, transpose, dim=2)
+    w = NF4Weight._trusted(packed, absmax, [out_features, in_features], torch.float32, blocksize, nested_absmax,
+                           nested_code, offset)
+    check_matmul_x(x, w, transpose, dim=2)  # validates w
     _check_op_backend(backend, x.device)
     return matmul_impl(x, w, transpose, backend)
 
@@ -156,6 +161,6 @@ def nf4_matmul(x: Tensor, w: NF4Weight, transpose: bool = False, backend: str = 
     check_matmul_x(x, w, transpose)
     out_features, in_features = w.shape
     chosen = resolve_nf4_backend(backend, x.device)
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    x2d = rows(x)
     y = torch.ops.lorakern.nf4_matmul(x2d, *_op_args(w), out_features, in_features, transpose, chosen)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
