@@ -3,9 +3,7 @@
 from . import integrations
 from .layers import FusedLoRALinear, lora_scaling
 from .nf4.format import NF4Weight
-from .nf4.ops import nf4_dequantize, nf4_matmul
-from .ops import lora_linear
-from .qlora import qlora_linear
+from .ops import lora_linear, nf4_dequantize, nf4_matmul, qlora_linear
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"

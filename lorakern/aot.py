@@ -71,9 +71,8 @@ def _shape_specs(full: bool):
 
 def record(spec) -> list:
     """The launches of one forward and one backward for ``spec``: ``(role, candidates)`` each."""
+    from .triton import lora
     from .triton.launch import record_launches
-    from .triton.lora_bwd import lora_backward_triton
-    from .triton.lora_fwd import lora_forward_triton
 
     dt, M, K, N, r = DTYPES[spec["dtype"]], spec["M"], spec["K"], spec["N"], spec["r"]
     meta = dict(device="meta", dtype=dt)
@@ -85,8 +84,8 @@ def record(spec) -> list:
     torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]  # the launchers read it for fp32's dot
     try:
         with record_launches() as launches:
-            _, h = lora_forward_triton(x, w, bias, a, b, 2.0, p, seed)
-            lora_backward_triton(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
+            _, h = lora.forward(x, w, bias, a, b, 2.0, p, seed)
+            lora.backward(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return launches

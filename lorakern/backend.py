@@ -8,7 +8,13 @@ import warnings
 
 import torch
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .nf4 import native
+
+# x rows up to which a quantized base is read by the fused small-M kernels (decode, serving):
+# memory-bound there, ~4.5 bits a weight read instead of 16; above it the GEMM dominates.
+SMALL_M = 16
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every kernel computes in
 TRITON_MAX_RANK = 256  # the h / dh tiles hold all r columns in registers: [BLOCK_M, 256] fp32 at most
 
 _warned: set[str] = set()
@@ -36,7 +42,7 @@ def triton_unavailable_reason(x: torch.Tensor, r: int) -> str | None:
             return "the Triton kernels need a CUDA GPU of compute capability 8.0 or newer"
     elif not interpreting():
         return f"x is on {x.device.type}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
-    if x.dtype not in TRITON_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         return f"dtype {x.dtype} is not one of float16, bfloat16, float32"
     if r > TRITON_MAX_RANK:
         return f"rank r={r} is above the kernels' maximum of {TRITON_MAX_RANK}"
@@ -52,15 +58,29 @@ def warn_once(message: str) -> None:
 DESCRIBE = {"reference": "the pure-torch reference path", "native": "the native kernels (lorakern._C)",
             "triton": "the Triton kernels"}
 
+# Every op family's backends, in one table: what a caller may name besides "auto". "reference"
+# (pure torch) serves every call; "native" is lorakern._C (the NF4 kernels, CPU and CUDA);
+# "triton" the fused LoRA kernels. Adding a family or a backend is one entry here.
+BACKENDS = {
+    "LoRA": ("reference", "triton"),
+    "QLoRA": ("reference", "native", "triton"),
+    "NF4": ("reference", "native"),
+}
 
-def resolve(what: str, names: tuple[str, ...], requested: str, device: torch.device, prefer, reasons: dict) -> str:
-    """The one backend rule, for every op: which of ``names`` serves this call.
+
+def _names(what: str) -> tuple[str, ...]:
+    return ("auto", *BACKENDS[what])
+
+
+def resolve(what: str, requested: str, device: torch.device, prefer, reasons: dict) -> str:
+    """The one backend rule, for every op: which of family ``what``'s backends serves this call.
 
     ``reasons[name]()`` says why ``name`` cannot serve the call (None: it can); "reference" always
     can. An explicit request runs, or raises naming the reason. "auto" takes the first of
     ``prefer`` that can serve, else "reference"; when it passes one over it says so once per
     message, as "lorakern: <what> uses <the backend> (<why not the preferred one>)" (never for meta
     tensors, which only carry shapes, and never while torch.compile traces)."""
+    names = _names(what)
     if requested not in names:
         raise ValueError(f"backend must be one of {names}, got {requested!r}")
     if requested != "auto":
@@ -80,24 +100,56 @@ def resolve(what: str, names: tuple[str, ...], requested: str, device: torch.dev
     return chosen
 
 
-def check_op_backend(names: tuple[str, ...], backend: str, device: torch.device, reasons: dict) -> None:
+def check_op_backend(what: str, backend: str, device: torch.device, reasons: dict) -> None:
     """An op body's own check of the backend it was handed (a name "auto" already resolved to):
-    one of ``names`` other than "auto", and able to serve the call."""
-    if backend == "auto" or backend not in names:
-        raise ValueError(f"backend: expected one of {names[1:]} (the op runs what it is given), got {backend!r}")
-    resolve("", names, backend, device, (), reasons)
+    one of family ``what``'s backends, and able to serve the call."""
+    if backend not in BACKENDS[what]:
+        raise ValueError(f"backend: expected one of {BACKENDS[what]} (the op runs what it is given), got {backend!r}")
+    resolve(what, backend, device, (), reasons)
 
 
-LORA_BACKENDS = ("auto", "reference", "triton")
+# -- what each backend needs, per family ------------------------------------------------------
 
-def resolve_backend(backend: str, x: torch.Tensor, r: int) -> str:
-    """Map a requested backend to the one that runs: "reference" or "triton" (auto: the Triton
-    kernels for CUDA tensors; interpreted kernels only when asked for by name)."""
-    return resolve("LoRA", LORA_BACKENDS, backend, x.device, ("triton",), {"triton": lambda: _triton(backend, x, r)})
+def native_reasons(device: torch.device) -> dict:
+    return {"native": lambda: native.unavailable_reason(device)}
 
 
-def _triton(backend: str, x: torch.Tensor, r: int) -> str | None:
-    reason = triton_unavailable_reason(x, r)
-    if reason is None and backend == "auto" and x.device.type != "cuda":
-        reason = f"x is on {x.device.type}"  # interpreted kernels only when asked for by name
-    return reason
+def lora_reasons(x: torch.Tensor, r: int, auto: bool = False) -> dict:
+    """Dense LoRA: the Triton kernels (``auto``: only on CUDA; interpreted kernels only by name)."""
+    def triton():
+        reason = triton_unavailable_reason(x, r)
+        if reason is None and auto and x.device.type != "cuda":
+            reason = f"x is on {x.device.type}"
+        return reason
+
+    return {"triton": triton}
+
+
+def qlora_reasons(x2d: torch.Tensor, r: int, base_dtype: torch.dtype | None) -> dict:
+    """QLoRA: the fused Triton kernels compute in one dtype, so a ``base_dtype`` other than x's is
+    not theirs; "native" as for the NF4 ops."""
+    def triton():
+        if base_dtype is not None and base_dtype != x2d.dtype:
+            return f"the base computes in {base_dtype} and x is {x2d.dtype} (the kernels take one dtype)"
+        return triton_unavailable_reason(x2d, r)
+
+    return {"triton": triton, **native_reasons(x2d.device)}
+
+
+def resolve_lora(backend: str, x: torch.Tensor, r: int) -> str:
+    """"reference" or "triton" (auto: the Triton kernels for CUDA tensors)."""
+    return resolve("LoRA", backend, x.device, ("triton",), lora_reasons(x, r, auto=backend == "auto"))
+
+
+def resolve_qlora(backend: str, x2d: torch.Tensor, r: int, base_dtype: torch.dtype | None = None) -> str:
+    """"reference", "native" or "triton". "auto": Triton for CUDA inputs with M > SMALL_M when it
+    can serve them (the GEMM dominates there), else the native NF4 kernels when built for the
+    device, else the reference."""
+    large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
+    prefer = ("triton", "native") if large_cuda else ("native",)
+    return resolve("QLoRA", backend, x2d.device, prefer, qlora_reasons(x2d, r, base_dtype))
+
+
+def resolve_nf4(backend: str, device: torch.device) -> str:
+    """"native" (``lorakern._C``, when built for the device) or "reference"."""
+    return resolve("NF4", backend, device, ("native",), native_reasons(device))

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .nf4.format import NF4Weight
-from .ops import lora_linear
-from .qlora import qlora_linear
+from .ops import lora_linear, qlora_linear
 
 BASE_QUANTS = (None, "nf4")
 

@@ -27,7 +27,7 @@ def lora_forward_reference(x, weight, bias, lora_A, lora_B, scaling: float, drop
 
 def lora_backward_reference(
     dy, x, weight, lora_A, lora_B, h, scaling: float, dropout_p: float, seed,
-    needs_dx: bool = True, needs_dlora: bool = True, needs_dbias: bool = True,
+    needs_dx: bool = True, needs_dlora: bool = True, needs_dbias: bool = True, dx_base=None,
 ):
     """Gradients of :func:`lora_forward_reference` (W frozen: never a grad for it).
 
@@ -39,7 +39,8 @@ def lora_backward_reference(
         dx     = dy W + D(dh A)               [M, K]   (D is its own transpose: elementwise)
         dbias  = sum_m dy                     [N]
 
-    Returns ``(dx, dA, dB, dbias)``; an entry not asked for is an empty tensor.
+    Returns ``(dx, dA, dB, dbias)``; an entry not asked for is an empty tensor. ``dx_base``: ``dy W``
+    when the caller computed it (a quantized base; ``weight`` is then None).
     """
     dh = (dy @ lora_B) * scaling
     dx, dA, dB, dbias = (dy.new_empty(0) for _ in range(4))  # distinct: op outputs may not alias
@@ -47,7 +48,7 @@ def lora_backward_reference(
         dB = ((dy.t() @ h) * scaling).to(lora_B.dtype)
         dA = (dh.t() @ apply_dropout(x, dropout_p, seed)).to(lora_A.dtype)
     if needs_dx:
-        dx = dy @ weight + apply_dropout(dh @ lora_A, dropout_p, seed)
+        dx = (dy @ weight if dx_base is None else dx_base) + apply_dropout(dh @ lora_A, dropout_p, seed)
     if needs_dbias:
         dbias = dy.sum(0)
     return dx, dA, dB, dbias

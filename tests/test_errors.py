@@ -214,20 +214,20 @@ def test_one_backend_rule_for_every_op(monkeypatch):
     from lorakern import backend
 
     monkeypatch.setattr(backend, "_warned", set())
-    names = ("auto", "reference", "native", "triton")
+    monkeypatch.setitem(backend.BACKENDS, "Op", ("reference", "native", "triton"))
     cpu = torch.device("cpu")
     reasons = {"triton": lambda: "no GPU", "native": lambda: None}
     with pytest.warns(UserWarning, match=r"lorakern: Op uses the native kernels \(lorakern._C\) \(no GPU\)"):
-        assert backend.resolve("Op", names, "auto", cpu, ("triton", "native"), reasons) == "native"
+        assert backend.resolve("Op", "auto", cpu, ("triton", "native"), reasons) == "native"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per message
-        assert backend.resolve("Op", names, "auto", cpu, ("triton", "native"), reasons) == "native"
-        assert backend.resolve("Op", names, "auto", torch.device("meta"), ("triton",), reasons) == "reference"
-        assert backend.resolve("Op", names, "native", cpu, ("triton",), reasons) == "native"
-        assert backend.resolve("Op", names, "reference", cpu, ("triton",), reasons) == "reference"
+        assert backend.resolve("Op", "auto", cpu, ("triton", "native"), reasons) == "native"
+        assert backend.resolve("Op", "auto", torch.device("meta"), ("triton",), reasons) == "reference"
+        assert backend.resolve("Op", "native", cpu, ("triton",), reasons) == "native"
+        assert backend.resolve("Op", "reference", cpu, ("triton",), reasons) == "reference"
     with pytest.raises(RuntimeError, match="backend='triton' cannot serve cpu tensors: no GPU"):
-        backend.resolve("Op", names, "triton", cpu, ("triton",), reasons)
+        backend.resolve("Op", "triton", cpu, ("triton",), reasons)
     with pytest.raises(ValueError, match="backend must be one of"):
-        backend.resolve("Op", names, "cuda", cpu, (), reasons)
+        backend.resolve("Op", "cuda", cpu, (), reasons)
     with pytest.raises(ValueError, match="backend: expected one of"):
-        backend.check_op_backend(names, "auto", cpu, reasons)
+        backend.check_op_backend("Op", "auto", cpu, reasons)

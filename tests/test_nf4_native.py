@@ -9,8 +9,8 @@ import torch
 from helpers import assert_close_like_torch
 
 from lorakern import NF4Weight, nf4_dequantize, nf4_matmul
+from lorakern.backend import SMALL_M
 from lorakern.nf4 import native
-from lorakern.nf4.ops import SMALL_M
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (out, in, blocksize): in a multiple of 32 (the vector fast path; 96 an odd number of 64-blocks),
@@ -134,14 +134,14 @@ def test_without_the_extension_auto_falls_back_once_and_native_raises(monkeypatc
 
 
 def test_cpu_only_build_names_the_fix_for_cuda(monkeypatch):
-    from lorakern.nf4.ops import resolve_nf4_backend
+    from lorakern.backend import resolve_nf4
 
     C = native.extension()
     if C is None:
         pytest.skip("extension not built")
     monkeypatch.setattr(C, "with_cuda", False)
     with pytest.raises(RuntimeError, match="built without CUDA .*CUDA_HOME"):
-        resolve_nf4_backend("native", torch.device("cuda"))
+        resolve_nf4("native", torch.device("cuda"))
 
 
 @pytest.mark.gpu

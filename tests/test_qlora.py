@@ -213,17 +213,16 @@ def test_eager_training_path_equals_the_op(p):
 
 def test_triton_backend_runs_the_triton_kernels(monkeypatch):
     needs_triton("triton")
-    import lorakern.triton.lora_bwd as bwd
-    import lorakern.triton.lora_fwd as fwd
+    import lorakern.triton.lora as triton_lora
 
     calls = []
-    for mod, name in ((fwd, "lora_forward_triton"), (bwd, "lora_backward_triton")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    for name in ("forward", "backward"):
+        real = getattr(triton_lora, name)
+        monkeypatch.setattr(triton_lora, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
     x, w, b, a, bb = qlora_inputs(20, 64, 24, 4, torch.float32)
     a.requires_grad_()
     qlora_linear(x, w, b, a, bb, 1.0, backend="triton").sum().backward()
-    assert calls == ["lora_forward_triton", "lora_backward_triton"]
+    assert calls == ["forward", "backward"]
     with pytest.raises(ValueError, match="backend must be one of"):
         qlora_linear(x, w, b, a, bb, 1.0, backend="cuda")
 

@@ -158,7 +158,7 @@ def test_dy_pass_keeps_the_faster_strategy(timings, expected, device, monkeypatc
     """Where the tuner runs, both ways of reading dY are timed once per shape and the faster kept
     (both write the full outputs: right grads whichever wins, and after the timing runs)."""
     from lorakern.triton import configs, launch
-    from lorakern.triton.lora_bwd import TWO_READS, dy_pass
+    from lorakern.triton.lora import TWO_READS, dy_pass
 
     monkeypatch.setattr(configs, "autotune_enabled", lambda device: True)
     monkeypatch.setattr(configs, "_tuned", {})
@@ -204,7 +204,7 @@ def test_deterministic_backward(dtype, device):
 
 def test_backward_paths_agree(device):
     """The one-read-of-dY path and the deterministic path give the same grads (fp32: up to order)."""
-    from lorakern.triton.lora_bwd import lora_backward_triton
+    from lorakern.triton.lora import backward as lora_backward_triton
 
     x, w, b, a, bb = lora_inputs(70, 45, 150, 20, torch.float32, device)
     dy = torch.randn(70, 150, device=device)

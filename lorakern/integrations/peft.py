@@ -30,8 +30,8 @@ from torch.nn.modules import module as _module
 from ..backend import warn_once
 from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
-from ..ops import autocast_dtype, lora_linear
-from ..qlora import qlora_linear
+from ..ops import lora_linear, qlora_linear
+from ..ops.common import autocast_dtype
 
 _FUSED = "_lorakern_fused"
 

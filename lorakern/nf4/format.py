@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .native import resolve_nf4_backend
+from ..backend import FLOAT_DTYPES, resolve_nf4
 from .reference import (
     BLOCKSIZES,
     NESTED_BLOCKSIZE,
@@ -24,7 +24,6 @@ from .reference import (
     quantize_nf4,
 )
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _QS_KEY = "quant_state.bitsandbytes__nf4"  # bitsandbytes packs the non-tensor items here
 
 
@@ -217,13 +216,13 @@ class NF4Weight:
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
         """The weight in ``dtype`` (default: the original dtype), shape ``self.shape``: the op
-        ``lorakern::nf4_dequantize`` (:mod:`.ops` registers it; importing lorakern imports that),
-        on the backend :func:`.native.resolve_nf4_backend` picks."""
+        ``lorakern::nf4_dequantize`` (:mod:`lorakern.ops.nf4` registers it; importing lorakern imports that),
+        on the backend ``lorakern.backend.resolve_nf4`` picks."""
         self.validate()
         dtype = dtype or self.dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
-        chosen = resolve_nf4_backend(backend, self.device)
+        chosen = resolve_nf4(backend, self.device)
         return torch.ops.lorakern.nf4_dequantize(self.packed, self.absmax, self.nested_absmax, self.nested_code,
                                                  self.offset, self.blocksize, list(self.shape), dtype, chosen)
 

@@ -11,8 +11,6 @@ import os
 
 import torch
 
-from ..backend import resolve
-
 ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" or "avx512" (tests cover each path this way)
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -48,18 +46,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"no native NF4 kernels for device type {device.type!r}"
     return None
-
-
-NF4_BACKENDS = ("auto", "reference", "native")
-
-
-def resolve_nf4_backend(backend: str, device: torch.device) -> str:
-    """"native" (``lorakern._C``, when built for the device) or "reference", by :func:`lorakern.backend.resolve`."""
-    return resolve("NF4", NF4_BACKENDS, backend, device, ("native",), native_reasons(device))
-
-
-def native_reasons(device: torch.device) -> dict:
-    return {"native": lambda: unavailable_reason(device)}
 
 
 def cpu_isa() -> str:

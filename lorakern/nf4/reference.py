@@ -141,8 +141,10 @@ def nested_absmax_values(q, nested_absmax, nested_code, offset) -> torch.Tensor:
     return dequantize_blockwise_8bit(q, nested_absmax, nested_code) + offset.float()
 
 
-def nf4_matmul_reference(x: torch.Tensor, weight, transpose: bool = False) -> torch.Tensor:
-    """``x [M, in] @ W^T -> [M, out]`` (or, with ``transpose``, ``dy [M, out] @ W -> [M, in]``),
-    W dequantized to ``x.dtype`` first, as bitsandbytes' ``matmul_4bit`` does."""
-    w = weight.dequantize_reference(x.dtype)
+def nf4_matmul_reference(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                         shape: Sequence[int], transpose: bool = False) -> torch.Tensor:
+    """``x [M, in] @ W^T -> [M, out]`` (or, with ``transpose``, ``dy [M, out] @ W -> [M, in]``) for
+    W ``shape = [out, in]`` given by its ``packed`` codes and float32 ``absmax``, dequantized to
+    ``x.dtype`` first, as bitsandbytes' ``matmul_4bit`` does."""
+    w = dequantize_nf4(packed, absmax, blocksize, shape, x.dtype)
     return x @ w if transpose else x @ w.t()

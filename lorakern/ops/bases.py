@@ -1,0 +1,156 @@
+"""Base weights: the frozen ``W [out, in]`` of a LoRA layer, dense or quantized, behind one interface.
+
+The LoRA bodies (:func:`lorakern.ops.lora.forward_body`, :func:`~lorakern.ops.lora.backward_body`)
+are written once against it, so a new base kind (a group-wise INT4 base, say) is one class here:
+
+    shape                          (out, in)
+    nbytes                         bytes W occupies: what a memory-bound pass over it must read
+    dequantize(dtype, backend)     W [out, in] in dtype (dense: W itself when the dtype matches)
+    dequantize_rows(start, out)    rows start .. start + out.shape[0] of W into out [n, in]
+    matmul(x, transpose, backend)  x [M, in] W^T -> [M, out], or with transpose dy [M, out] W -> [M, in]
+    linear(x, bias, backend, dtype)  x W^T + bias, computed in dtype (default x's), in x's dtype
+    grad_input(dy, backend, dtype)   dy W, computed in dtype (default dy's), in dy's dtype
+    fused_forward(...)             the whole LoRA forward in one call where the base has one, else None
+
+``backend`` is the resolved name ("reference", "native", "triton"); a base serves "triton" with
+what the Triton kernels read (a dense W).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import SMALL_M
+from ..nf4 import native
+from ..nf4.reference import nf4_matmul_reference
+
+TILE_ELEMENTS = 1 << 22  # 4M weights per dequantized tile: 16 MB in fp32, 8 MB in bf16
+
+
+class DenseBase:
+    """A dense ``weight [out, in]`` (any strides)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.shape = weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def dequantize(self, dtype: torch.dtype, backend: str = "reference") -> Tensor:
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
+    def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
+        return out.copy_(self.weight[start:start + out.shape[0]])
+
+    def matmul(self, x: Tensor, transpose: bool, backend: str = "reference") -> Tensor:
+        return x @ self.weight if transpose else x @ self.weight.t()
+
+    def linear(self, x: Tensor, bias: Tensor | None, backend: str = "reference", dtype=None) -> Tensor:
+        return F.linear(x, self.weight, bias)  # one dtype: the dense op's inputs share x's
+
+    def grad_input(self, dy: Tensor, backend: str = "reference", dtype=None) -> Tensor:
+        return dy @ self.weight
+
+    def fused_forward(self, x, bias, adapter, backend):
+        return None
+
+
+class NF4Base:
+    """An NF4 weight (:class:`lorakern.NF4Weight`, already validated), read by the native kernels
+    (``lorakern._C``) or decoded by the reference.
+
+    Matmul strategy (M rows of x):
+        M <= SMALL_M: fused dequant-matmul reading the 4-bit bytes directly (memory-bound: ~4.5 bits
+            per weight read instead of 16 or 32);
+        M >  SMALL_M: compute-bound, so dequantize row tiles of W into one reused buffer and let
+            torch's matmul (cuBLAS / the CPU BLAS) do the FLOPs.
+    """
+
+    def __init__(self, w):
+        self.w = w
+        self.shape = w.shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w.tensors().values())
+
+    def _native(self, backend: str) -> bool:
+        return backend != "reference" and native.unavailable_reason(self.w.device) is None
+
+    def dequantize(self, dtype: torch.dtype, backend: str = "native") -> Tensor:
+        """The native dequantize unless the reference was asked for or the extension is not built
+        for the device (both give the same bits)."""
+        if self._native(backend):
+            return native.dequantize_into(self.w, torch.empty(tuple(self.shape), dtype=dtype, device=self.w.device))
+        return self.w.dequantize_reference(dtype)
+
+    def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
+        """``out [n, in]`` (contiguous) = rows ``start .. start + n`` of W (native, CPU)."""
+        return native.dequantize_into(self.w, out, start=start * self.shape[1])
+
+    def matmul(self, x: Tensor, transpose: bool, backend: str = "native") -> Tensor:
+        """``x`` 2-D in fp16 / bf16 / fp32; a new tensor (callers add into it in place)."""
+        out_features, in_features = self.shape
+        if backend != "native":
+            return nf4_matmul_reference(x, self.w.packed, self.w.absmax_float(), self.w.blocksize, self.shape,
+                                        transpose).contiguous()
+        M = x.shape[0]
+        if M == 0:
+            return x.new_empty(0, in_features if transpose else out_features)
+        if M <= SMALL_M:
+            if x.device.type == "cpu":
+                return native.cpu_matmul(x, self.w, transpose).to(x.dtype)
+            if not transpose:
+                return native.cuda_gemv(x, self.w)
+        return self._tiled_matmul(x.contiguous(), transpose)
+
+    def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
+        """Large M: dequantize ``rows_per_tile`` rows of W at a time into one buffer, matmul each tile."""
+        n_rows, cols = self.shape
+        if x.device.type == "cuda":  # the CUDA dequantize writes whole weights: one tile
+            full = self.dequantize(x.dtype)
+            return x @ full if transpose else x @ full.t()
+        rows_per_tile = max(1, min(n_rows, TILE_ELEMENTS // cols))
+        buf = torch.empty(rows_per_tile * cols, dtype=x.dtype, device=x.device)
+        y = x.new_empty(x.shape[0], cols if transpose else n_rows)
+        if transpose:
+            y.zero_()
+        for r0 in range(0, n_rows, rows_per_tile):
+            n = min(rows_per_tile, n_rows - r0)
+            tile = self.dequantize_rows(r0, buf[: n * cols].view(n, cols))
+            if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
+                y.addmm_(x[:, r0:r0 + n], tile)
+            else:  # y[:, r0:r0+n] = x @ W[r0:r0+n]^T
+                y[:, r0:r0 + n] = x @ tile.t()
+        return y
+
+    def linear(self, x: Tensor, bias: Tensor | None, backend: str = "native", dtype=None) -> Tensor:
+        """``dtype`` other than x's (bitsandbytes' ``compute_dtype``): W decoded to it (rounded there)
+        and one matmul in it, x and bias cast to it, as bitsandbytes computes; then cast to x's."""
+        if dtype is not None and dtype != x.dtype:
+            wd = self.dequantize(dtype, backend)
+            return F.linear(x.to(dtype), wd, None if bias is None else bias.to(dtype)).to(x.dtype)
+        y = self.matmul(x, False, backend)
+        return y if bias is None else y.add_(bias)
+
+    def grad_input(self, dy: Tensor, backend: str = "native", dtype=None) -> Tensor:
+        if dtype is not None and dtype != dy.dtype:  # the base's grad in its own dtype, as bitsandbytes'
+            return (dy.to(dtype) @ self.dequantize(dtype, backend)).to(dy.dtype)
+        return self.matmul(dy, True, backend)
+
+    def fused_forward(self, x, bias, adapter, backend):
+        """On the CPU at small M with float32 contiguous tensors and no dropout, the native kernel
+        does base, LoRA term and bias in one call. Elsewhere the LoRA term is two small torch
+        matmuls, two transposes and an add after the base, each a dispatch on a 0.1-2 ms decode
+        call; in the kernel it measured 0.343 ms against 0.329 ms for the base alone (M = 1,
+        4096 x 4096)."""
+        if backend != "native" or adapter.dropout_p != 0.0 or x.device.type != "cpu" or not 0 < x.shape[0] <= SMALL_M:
+            return None
+        if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
+                   for t in (x, bias, adapter.lora_A, adapter.lora_B)):
+            return None
+        return native.cpu_qlora_forward(x, self.w, bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
