@@ -32,6 +32,8 @@ TILE_ELEMENTS = 1 << 22  # 4M weights per dequantized tile: 16 MB in fp32, 8 MB 
 class DenseBase:
     """A dense ``weight [out, in]`` (any strides)."""
 
+    __slots__ = ("weight", "shape")
+
     def __init__(self, weight: Tensor):
         self.weight = weight
         self.shape = weight.shape
@@ -69,6 +71,8 @@ class NF4Base:
         M >  SMALL_M: compute-bound, so dequantize row tiles of W into one reused buffer and let
             torch's matmul (cuBLAS / the CPU BLAS) do the FLOPs.
     """
+
+    __slots__ = ("w", "shape")
 
     def __init__(self, w):
         self.w = w

@@ -11,6 +11,7 @@ argument such as DoRA's magnitude or a per-row adapter index) never writes its o
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,8 @@ def rows(x: Tensor) -> Tensor:
 
 def is_real(v) -> bool:
     """A Python number or a 0-d tensor (what ``float(v)`` takes), not a bool or a string."""
+    if type(v) is float or type(v) is int:  # the common case, first: this runs on every call
+        return True
     if isinstance(v, Tensor):
         return v.dim() == 0 and not v.is_complex()
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -100,8 +103,8 @@ def check_adapter_args(
     the ``base`` tensors, bias, lora_A and lora_B share x's device and (outside autocast) dtype.
     ``dtypes``: the allowed dtypes (default: any floating point). x itself is checked first, by
     :func:`check_x` (its device picks the autocast state)."""
-    named = {"x": x, **(base or {}), "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
+    named = (("x", x), *(base.items() if base else ()), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in named:
         if not isinstance(t, Tensor) and (t is not None or name != "bias"):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.shape[-1] != in_features:
@@ -119,17 +122,19 @@ def check_adapter_args(
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if not is_real(scaling) or not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
-    for name, t in named.items():
+    device, dtype = x.device, x.dtype
+    for name, t in named:
         if t is None:
             continue
-        if dtypes is None and not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-        if dtypes is not None and t.dtype not in dtypes:
-            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-        if not autocasting and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+        t_dtype = t.dtype
+        if dtypes is None and not t_dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t_dtype}")
+        if dtypes is not None and t_dtype not in dtypes:
+            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t_dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
+        if not autocasting and t_dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {t_dtype}")
 
 
 def check_backward_args(dy, x, h, lora_A, lora_B, out_features: int, in_features: int, scaling, dropout_p,
@@ -163,6 +168,14 @@ def fake_grads(dy, x, lora_A, lora_B, needs_dx: bool, needs_dlora: bool, needs_d
     )
 
 
+def _getter(indices: list[int]):
+    """``f(seq) -> tuple(seq[i] for i in indices)``, as one C call."""
+    if not indices:
+        return lambda seq: ()
+    get = operator.itemgetter(*indices)
+    return get if len(indices) > 1 else lambda seq: (get(seq),)
+
+
 def _is_tensor_arg(arg) -> bool:
     t = arg.type
     if isinstance(t, torch._C.OptionalType):
@@ -185,32 +198,38 @@ class LayerAutograd:
         names = [a.name for a in fwd_args]
         bwd_names = [a.name for a in getattr(torch.ops.lorakern, bwd).default._schema.arguments]
         kept = [i for i, a in enumerate(fwd_args) if a.name in bwd_names]
-        self._saved = [i for i in kept if _is_tensor_arg(fwd_args[i])]
-        self._attrs = [i for i in kept if not _is_tensor_arg(fwd_args[i])]
-        slot = {names[i]: ("saved", k) for k, i in enumerate(self._saved)}
-        slot.update({names[i]: ("attr", k) for k, i in enumerate(self._attrs)})
-        slot["h"] = ("saved", len(self._saved))
-        self._plan = [slot.get(n, (n, None)) for n in bwd_names]  # dy and the needs_* flags: per call
+        saved = [i for i in kept if _is_tensor_arg(fwd_args[i])]
+        attrs = [i for i in kept if not _is_tensor_arg(fwd_args[i])]
+        # Per call, the backward's arguments are picked by index from one tuple:
+        # (*saved tensors, h, *non-tensor inputs, dy, needs_dx, needs_dlora, needs_dbias).
+        pool = [names[i] for i in saved] + ["h"] + [names[i] for i in attrs]
+        pool += ["dy", "needs_dx", "needs_dlora", "needs_dbias"]
+        self._pick = operator.itemgetter(*(pool.index(n) for n in bwd_names))
+        self._saved, self._attrs = _getter(saved), _getter(attrs)
         self._x, self._bias = names.index("x"), names.index("bias")
         self._A, self._B = names.index("lora_A"), names.index("lora_B")
         self._n = len(names)
 
     def setup_context(self, ctx, inputs, output):
-        ctx.save_for_backward(*(inputs[i] for i in self._saved), output[1])
-        ctx.attrs = tuple(inputs[i] for i in self._attrs)
+        ctx.save_for_backward(*self._saved(inputs), output[1])
+        ctx.attrs = self._attrs(inputs)
         ctx.mark_non_differentiable(output[1])
 
     def backward(self, ctx, dy, bwd):
         """The forward's input grads from ``bwd`` (the backward op, or its eager body)."""
         needs = ctx.needs_input_grad
-        per_call = {"dy": dy, "needs_dx": needs[self._x], "needs_dlora": needs[self._A] or needs[self._B],
-                    "needs_dbias": needs[self._bias]}
-        pools = {"saved": ctx.saved_tensors, "attr": ctx.attrs}
-        dx, dA, dB, dbias = bwd(*(per_call[src] if k is None else pools[src][k] for src, k in self._plan))
+        pool = (*ctx.saved_tensors, *ctx.attrs, dy, needs[self._x], needs[self._A] or needs[self._B],
+                needs[self._bias])
+        dx, dA, dB, dbias = bwd(*self._pick(pool))
         grads = [None] * self._n
-        for i, g in ((self._x, dx), (self._A, dA), (self._B, dB), (self._bias, dbias)):
-            if needs[i]:
-                grads[i] = g
+        if needs[self._x]:
+            grads[self._x] = dx
+        if needs[self._A]:
+            grads[self._A] = dA
+        if needs[self._B]:
+            grads[self._B] = dB
+        if needs[self._bias]:
+            grads[self._bias] = dbias
         return tuple(grads)
 
     def register(self, op, bwd_op) -> None:

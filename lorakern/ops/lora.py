@@ -66,8 +66,9 @@ def backward_body(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, need
     else:
         dx_base = base.grad_input(dy, backend, base_dtype) if needs_dx else None
         grads = lora_backward_reference(dy, x, None, A, B, h, s, p, seed, needs_dx, needs_dlora, needs_dbias,
-                                        dx_base=dx_base)
-    return tuple(g.contiguous() for g in grads)
+                                        dx_base)
+    dx, dA, dB, dbias = grads
+    return dx.contiguous(), dA.contiguous(), dB.contiguous(), dbias.contiguous()
 
 
 # -- the dense ops --------------------------------------------------------------------------------
