@@ -11,15 +11,11 @@ against providers measured in that same run.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
 
-
-def load(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from lorakern.bench.records import load
 
 
 def _header(recs: list[dict]) -> str:

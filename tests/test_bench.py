@@ -97,7 +97,7 @@ def test_shape_parsing():
     import torch
 
     shapes = shapes_mod.parse_shapes("7,33,65,3; tiny", torch.device("cpu"))
-    assert shapes[0] == cli.Shape(7, 33, 65, 3) and len(shapes) == 3
+    assert shapes[0] == shapes_mod.Shape(7, 33, 65, 3) and len(shapes) == 3
     with pytest.raises(ValueError, match="M,in,out,r"):
         shapes_mod.parse_shapes("1,2,3", torch.device("cpu"))
     assert len(shapes_mod.preset_shapes("llama3-8b", torch.device("cpu"))) == 4 * 5 * 3
@@ -106,7 +106,7 @@ def test_shape_parsing():
 def test_flops_formula():
     from lorakern.bench.providers import flops
 
-    s = cli.Shape(8, 16, 32, 4)
+    s = shapes_mod.Shape(8, 16, 32, 4)
     assert flops("base", "fwd", s) == 2 * 8 * 32 * 16
     assert flops("fused", "fwd", s) == 2 * 8 * 32 * 16 + 2 * 8 * 4 * (16 + 32)
 
@@ -135,7 +135,7 @@ def test_deterministic_provider_steps_run_in_deterministic_mode():
             seen.append(torch.are_deterministic_algorithms_enabled())
             return Record.apply(super().forward(x))
 
-    s = cli.Shape(3, 8, 5, 2)
+    s = shapes_mod.Shape(3, 8, 5, 2)
     before = torch.are_deterministic_algorithms_enabled()
     for mode in providers.MODES:
         step = providers.make_step(providers.Deterministic(Probe(8, 5)), mode, s, torch.float32, "cpu")

@@ -28,9 +28,9 @@ from torch import nn
 
 import lorakern
 
-from .providers import Shape
-from .shapes import LLAMA3_8B
-from .timing import measure
+from . import records, report
+from .shapes import DTYPES, LLAMA3_8B, Shape
+from .timing import measure, peak_memory
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
 ADAPTER_R = 16
@@ -158,3 +158,87 @@ def dequantize_step(provider: str, module: nn.Module, compute_dtype):
         data, qs = module.weight.data, module.weight.quant_state
         return lambda: F.dequantize_4bit(data, qs)
     return None
+
+
+def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -> list[dict]:
+    """The 4-bit suite: every provider on every shape (modules built once per weight shape), the
+    providers of one shape timed in interleaved rounds (see ``interleaved``)."""
+    env = records.environment(device)
+    bandwidth = copy_bandwidth(device)
+    base_name = "bf16" if compute_dtype == torch.bfloat16 else "fp32"
+    by_weight: dict[tuple[int, int], list[Shape]] = {}
+    for s in shapes:
+        by_weight.setdefault((s.in_features, s.out_features), []).append(s)
+    bar = report.progress(len(shapes) * len(providers), "lorakern-bench nf4", progress)
+    name_of = {v: k for k, v in DTYPES.items()}
+    out = []
+    for (k, n), group_shapes in by_weight.items():
+        group = []
+        built = {}  # provider -> (modules, common record fields)
+        for provider in providers:
+            torch.manual_seed(0)
+            first = make_linear(provider, k, n, compute_dtype, device)
+            wbytes = weight_bytes(provider, first)
+            copies = weight_copies(device, wbytes)
+            modules = [first] + [make_linear(provider, k, n, compute_dtype, device)
+                                 for _ in range(copies - 1)]
+            xdtype = input_dtype(provider, compute_dtype)
+            built[provider] = (modules, {
+                "provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
+                "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
+                "ratio_to_unfused": None, "saved_bytes": None, **env})
+
+        def forward(module, x):
+            def call():
+                with torch.no_grad():
+                    return module(x)
+            return call
+
+        for s in group_shapes:
+            x = torch.randn(s.M, k, device=device)
+            steps = {}
+            for provider, (modules, common) in built.items():
+                xp = x.to(DTYPES[common["dtype"]])
+                steps[provider] = rotating([forward(m, xp) for m in modules])
+            for provider, (med, q20, q80) in interleaved(steps, device, min_run_time).items():
+                common = built[provider][1]
+                wbytes = common["weight_bytes"]
+                group.append({**common, "op": "nf4_linear", "mode": "fwd", "M": s.M,
+                              "r": s.r if provider.startswith("nf4") else 0,
+                              "median_ms": med, "q20_ms": q20, "q80_ms": q80,
+                              "tflops": 2.0 * s.M * n * k / (med * 1e-3) / 1e12,
+                              "gbps": wbytes / (med * 1e-3) / 1e9, "floor_ms": wbytes / bandwidth * 1e3,
+                              "peak_mem_bytes": peak_memory(steps[provider], device)})
+                bar.update(1)
+        deqs = {}
+        for provider, (modules, _) in built.items():
+            parts = [dequantize_step(provider, m, compute_dtype) for m in modules]
+            if parts[0] is not None:
+                deqs[provider] = rotating(parts)
+        for provider, (med, q20, q80) in interleaved(deqs, device, min_run_time).items():
+            common = built[provider][1]
+            moved = common["weight_bytes"] + n * k * torch.tensor([], dtype=compute_dtype).element_size()
+            group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
+                          "dtype": name_of[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
+                          "tflops": 0.0, "gbps": moved / (med * 1e-3) / 1e9, "floor_ms": moved / bandwidth * 1e3,
+                          "peak_mem_bytes": peak_memory(deqs[provider], device)})
+        del built, deqs
+        for rec in group:
+            peers = {r["provider"]: r["median_ms"] for r in group if r["op"] == rec["op"] and r["M"] == rec["M"]}
+            rec["ratio_to_base"] = rec["median_ms"] / peers[base_name] if base_name in peers else None
+            rec["ratio_to_bnb"] = rec["median_ms"] / peers["bnb"] if "bnb" in peers else None
+        out.extend(group)
+    bar.close()
+    return out
+
+COLUMNS = (
+    ("op", "s", lambda r: r["op"]), ("M", "d", lambda r: r["M"]), ("in", "d", lambda r: r["in_features"]),
+    ("out", "d", lambda r: r["out_features"]), ("provider", "s", lambda r: r["provider"]),
+    ("median ms", ".4f", lambda r: r["median_ms"]), ("floor ms", ".4f", lambda r: r["floor_ms"]),
+    ("x floor", ".2f", lambda r: r["median_ms"] / r["floor_ms"]), ("GB/s", ".1f", lambda r: r["gbps"]),
+    ("x base", ".3f", lambda r: r["ratio_to_base"]), ("x bnb", ".3f", lambda r: r["ratio_to_bnb"]),
+)
+
+
+def table(recs: list[dict]) -> str:
+    return report.table(COLUMNS, recs)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +19,10 @@ from torch import nn
 
 import lorakern
 
+from .shapes import Shape
+
 MODES = ("fwd", "bwd", "fwd+bwd")
 
-
-@dataclass(frozen=True)
-class Shape:
-    M: int
-    in_features: int
-    out_features: int
-    r: int
 
 
 def flops(provider: str, mode: str, s: Shape) -> float:

@@ -1,10 +1,22 @@
-"""Shape presets of the benchmark suites (Llama-3 projections) and the ``--shapes`` parser."""
+"""What the suites are run on: the ``Shape`` of a measurement, the dtypes by name, the shape
+presets (Llama-3 projections) and the ``--shapes`` parser."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .providers import Shape
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    M: int
+    in_features: int
+    out_features: int
+    r: int
+
 
 LLAMA3_8B = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
 LLAMA3_70B = ((8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192))

@@ -6,7 +6,6 @@ Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers p
   accumulator is 128*128*4 B / 256 threads = 64 registers a thread (one accumulator, also in the
   backward with dropout: the masked rank-R product is its initial value).
 - fp32 inputs take half the BLOCK_K: the same tiles then need the same bytes.
-Every pruned config is noted beside its list with what ``python -m lorakern.aot`` reported.
 - M <= 16 (decode) is bound by reading W: BLOCK_M=16 and narrow BLOCK_N so that 4096 outputs make
   128 programs, close to one per SM.
 - skinny: one program holds [BLOCK_M, BLOCK_R<=64] fp32 = 32 registers a thread at 64x64, 4 warps.
@@ -48,58 +47,51 @@ class DyConfig:
     num_stages: int
 
 
-# BLOCK_K here is for 16-bit inputs; fp32 halves it (see block_k).
-MATMUL_LARGE = (  # 64x128x64 tiles spilled 8-32 B on sm_80 (with 3 or 4 stages, r=1 or dropout)
+# Each list: what the launcher may choose for one regime, with the reason for its tiles. Every
+# config in them compiles without spills for sm_80 and sm_90 on each supported Triton (the AOT
+# report, ``python -m lorakern.aot``, lists registers, spills and shared memory per config).
+# BLOCK_K is for 16-bit inputs; fp32 halves it (see block_k).
+MATMUL_LARGE = (  # M > 64, 16-bit: the largest tiles whose accumulator and 3 stages fit
     MatmulConfig(128, 128, 64, 8, 3),
     MatmulConfig(64, 64, 64, 4, 4),
 )
-MATMUL_LARGE_DROPOUT = (  # dx with dropout: the mask's hash temporaries live beside the 128x128
-    MatmulConfig(128, 128, 64, 8, 2),  # accumulator; 3 stages spilled 64 B on sm_80 (int64 offsets)
+MATMUL_LARGE_DROPOUT = (  # dx with dropout: the mask's hash temporaries need the third stage's registers
+    MatmulConfig(128, 128, 64, 8, 2),
     MatmulConfig(64, 64, 64, 4, 4),
 )
-MATMUL_FP32 = (  # M > 16 in fp32: without TF32 its dot runs on FMA units with both operand tiles
-    MatmulConfig(32, 64, 64, 8, 3),  # in registers: 128x128, 64x128, 128x64 tiles and 4 stages
-)  # spilled 8-184 B; the --full sweep (no bias, int64 offsets, TF32) found 64x64 spilling 8-84 B on
-#    4 warps and 8-40 B on 8 warps with 2 stages, 32x64 on 4 warps 8-60 B: 32x64 on 8 warps is clean
-MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16 elements: loads are scalar, one
-    MatmulConfig(64, 64, 32, 4, 2),   # 64-bit address per element and stage (64x128x64 tiles
-    MatmulConfig(32, 64, 32, 8, 2),   # spilled 11-15 KiB on sm_80; 64x64x64 still 150-180 B;
-)                                     # 32x64 with 4 warps 12 B on sm_90)
-MATMUL_UNALIGNED_FP32 = (  # fp32's FMA dot: 64x64 spilled 12-36 B, 32x64 up to 76 B (4 or 8 warps),
-    MatmulConfig(16, 64, 32, 8, 2),  # 16x64 on 4 warps 8 B (TF32, int64 offsets)
+MATMUL_FP32 = (  # M > 16, fp32: without TF32 the dot runs on FMA units, both tiles in registers
+    MatmulConfig(32, 64, 64, 8, 3),
+)
+MATMUL_UNALIGNED = (  # K, N or a stride not a multiple of 16: scalar loads, an address per element
+    MatmulConfig(64, 64, 32, 4, 2),
+    MatmulConfig(32, 64, 32, 8, 2),
+)
+MATMUL_UNALIGNED_FP32 = (  # both of the above at once: the smallest tile
+    MatmulConfig(16, 64, 32, 8, 2),
 )
 MATMUL_MEDIUM = (  # 16 < M <= 64: one row panel, so narrow column panels for more programs
     MatmulConfig(64, 64, 64, 4, 4),
     MatmulConfig(64, 32, 64, 4, 4),
 )
-MATMUL_DECODE = (  # M <= 16
+MATMUL_DECODE = (  # M <= 16: bound by reading W, 4096 outputs / BLOCK_N=32 = 128 programs, ~one per SM
     MatmulConfig(16, 32, 128, 4, 4),
     MatmulConfig(16, 64, 64, 4, 4),
 )
-SKINNY = (
+SKINNY = (  # largest BLOCK_M first (skinny_candidates rotates to about one program per SM)
     SkinnyConfig(64, 64, 8, 3),
     SkinnyConfig(32, 64, 4, 3),
     SkinnyConfig(16, 64, 4, 3),
 )
 # dy_kernel: a [BLOCK_M, BLOCK_N] dY tile feeds two dots, dh += dY B (rows x rank) and dB's
 # dY^T h (columns x rank). Every row panel adds its [N, r] share of dB into L2 with atomics:
-# N*r*M/BLOCK_M adds, 1/4 of dY's elements at r=16 and BLOCK_M=64 (the read of dY they replace
-# is M*N elements), so the row panel is as tall as registers allow on every Triton in the range.
-# M > 64: 64-row panels. 128-row ones (half the atomics) spilled 16-36 B on sm_80 at r=8 with every
-# tile shape tried on one Triton or another of 3.6, 3.7 and 3.9 (128x64: 3.6; 128x32: 3.7, 3.9).
-DY_LARGE = (DyConfig(64, 64, 4, 3),)
+# N*r*M/BLOCK_M adds, 1/4 of dY's elements at r=16 and BLOCK_M=64, so panels are as tall as fit.
+DY_LARGE = (DyConfig(64, 64, 4, 3),)  # M > 64: 64-row panels, the tallest that fit
+DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64: one or two row panels
 DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
-DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64    (16x128 spilled
-#                                                              60-80 B on sm_80 at BLOCK_R=64)
-# fp32's FMA dots hold both operand tiles in registers (fp32 halves BLOCK_N): 64x32 and 128x32
-# spilled 12-64 B on sm_90, 32x32 on 4 warps 8 B (int64 offsets) and 16x32 with 3 stages 16 B on sm_80.
-DY_FP32 = (DyConfig(32, 32, 8, 2),)  # 32x16 fp32: 32x32 spilled 8-16 B on sm_80 (Triton 3.6, 4 and 8 warps)
-# M <= 16: a 16x16 fp32 tile on 8 warps (4 warps spilled 24-32 B on sm_90 at r=32 with Triton 3.7).
-DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)
+DY_FP32 = (DyConfig(32, 32, 8, 2),)  # fp32's FMA dots hold both tiles in registers: 32x16 tiles
+DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 warps
 
-# 128 rank columns in one skinny program spilled 8-644 B in the --full sweep (unaligned shapes,
-# dropout; 16-bit, every BLOCK_M), so r > 64 takes several programs (x is read r/64 times for h).
-MAX_BLOCK_R = 64
+MAX_BLOCK_R = 64  # rank columns in one skinny program; r > 64 takes several (x read r/64 times for h)
 
 
 def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.bfloat16,
@@ -127,15 +119,14 @@ def block_k(cfg: MatmulConfig | SkinnyConfig, dtype: torch.dtype) -> int:
 
 
 def matmul_block_r(r_pad: int) -> int:
-    """Rank chunk of the K-concatenated tail: all of it up to 32, else steps of 32. fp32's FMA dot
-    spilled 5-40 KiB with 64-wide chunks at r=256 on sm_80; 16-bit spilled 24 B at 64 (64x64 tile,
-    4 stages, int64 offsets, sm_80). 32 more rank columns per step cost one more K-step of 64."""
+    """Rank chunk of the K-concatenated tail: all of it up to 32, else steps of 32, the widest chunk
+    that fits beside every matmul tile above; 32 more rank columns cost one more K-step of 64."""
     return min(r_pad, 32)
 
 
 def skinny_block_r(r_pad: int, dtype: torch.dtype) -> int:
-    """All r columns in one program up to MAX_BLOCK_R = 64 (16-bit) or 32 (fp32: FMA dot, see
-    matmul_block_r; BLOCK_R=128 spilled 10-36 KiB); larger ranks take several programs."""
+    """All r columns in one program up to MAX_BLOCK_R = 64 (16-bit) or 32 (fp32, whose FMA dot
+    holds both tiles in registers); larger ranks take several programs."""
     return min(r_pad, 32 if dtype == torch.float32 else MAX_BLOCK_R)
 
 
