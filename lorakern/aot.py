@@ -37,7 +37,7 @@ import torch  # noqa: E402
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# What each launch computes (the dY pass is recorded both ways: once, or twice; see triton/lora_bwd.py)
+# What each launch computes (the dY pass is recorded both ways: once, or twice; see triton/lora.py)
 ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx")
 
 
