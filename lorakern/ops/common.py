@@ -20,8 +20,8 @@ from torch import Tensor
 # The adapter's arguments, in the order every layer op's forward schema carries them (after the
 # base weight's). ``seed``: the 0-d int64 dropout seed, None without dropout.
 ADAPTER_ARGS = ("bias", "lora_A", "lora_B", "scaling", "dropout_p", "seed")
-# A backward op's outputs, in order, and the forward input each is the gradient of.
-GRAD_OF = (("dx", "x"), ("dA", "lora_A"), ("dB", "lora_B"), ("dbias", "bias"))
+# A backward op's outputs, in order, are the gradients of these forward inputs (dx, dA, dB, dbias).
+GRAD_OF = ("x", "lora_A", "lora_B", "bias")
 
 
 class Adapter(NamedTuple):
@@ -196,6 +196,9 @@ class LayerAutograd:
     def __init__(self, fwd: str, bwd: str):
         fwd_args = getattr(torch.ops.lorakern, fwd).default._schema.arguments
         names = [a.name for a in fwd_args]
+        start = names.index(ADAPTER_ARGS[0])
+        if tuple(names[start:start + len(ADAPTER_ARGS)]) != ADAPTER_ARGS or names[-1] != "backend":
+            raise TypeError(f"lorakern::{fwd}: a layer op's schema ends in {ADAPTER_ARGS + ('backend',)}")
         bwd_names = [a.name for a in getattr(torch.ops.lorakern, bwd).default._schema.arguments]
         kept = [i for i, a in enumerate(fwd_args) if a.name in bwd_names]
         saved = [i for i in kept if _is_tensor_arg(fwd_args[i])]
@@ -206,8 +209,7 @@ class LayerAutograd:
         pool += ["dy", "needs_dx", "needs_dlora", "needs_dbias"]
         self._pick = operator.itemgetter(*(pool.index(n) for n in bwd_names))
         self._saved, self._attrs = _getter(saved), _getter(attrs)
-        self._x, self._bias = names.index("x"), names.index("bias")
-        self._A, self._B = names.index("lora_A"), names.index("lora_B")
+        self._x, self._A, self._B, self._bias = (names.index(n) for n in GRAD_OF)
         self._n = len(names)
 
     def setup_context(self, ctx, inputs, output):
