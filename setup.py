@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,7 +34,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 # Per-file ISA flags: only these two files may use AVX2 / AVX-512 instructions; everything else is
 # built for the baseline ISA so the binary imports on any x86-64 and dispatches at run time.
-CPU_SOURCES = [("csrc/bindings.cpp", []), ("csrc/cpu/nf4_scalar.cpp", []), ("csrc/cpu/nf4_dispatch.cpp", [])]
+CPU_SOURCES = [("csrc/bindings.cpp", []), ("csrc/cpu/nf4_scalar.cpp", []), ("csrc/cpu/nf4_dispatch.cpp", []),
+               ("csrc/cpu/thread_pool.cpp", [])]
 if X86:
     CPU_SOURCES += [
         ("csrc/cpu/nf4_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),
@@ -79,14 +79,6 @@ def gencode_flags(archs: list[str]) -> list[str]:
     newest = archs[-1].rstrip("a")
     flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
-
-
-def supports_flag(cxx: str, flag: str) -> bool:
-    with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "t.cpp"
-        src.write_text("int main() { return 0; }\n")
-        r = subprocess.run([cxx, flag, str(src), "-o", str(Path(d) / "t")], capture_output=True)
-        return r.returncode == 0
 
 
 def quote(args: list[str]) -> str:
@@ -142,13 +134,11 @@ class NinjaBuildExt(build_ext):
 
         includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
         # -ffp-contract=off: the decode must round code * absmax exactly once, as the reference does.
-        cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
-        openmp = supports_flag(cxx, "-fopenmp")
-        if openmp:
-            cflags.append("-fopenmp")
+        cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra",
+                  "-pthread"]
         if X86:
             cflags.append("-DLORAKERN_X86")
-        ldflags = ["-shared"] + (["-fopenmp"] if openmp else [])
+        ldflags = ["-shared", "-pthread"]
 
         cuda = find_cuda() if with_cuda else None
         if os.environ.get("LORAKERN_CUDA") == "1" and cuda is None:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_close_like_torch
+from helpers import HUNG_S, assert_close_like_torch
 
 from lorakern import NF4Weight, nf4_dequantize, nf4_matmul
 from lorakern.backend import SMALL_M
@@ -192,3 +192,106 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
             where = f"{isa} {(out_f, in_f, bs)} M={M} r={r} bias={with_bias}"
             assert_close_like_torch(f"y {where}", y, want[0], same[0], torch.float32)
             assert_close_like_torch(f"h {where}", h, want[1], same[1], torch.float32)
+
+
+# -- threads: the CPU kernels hand out their loops in pieces (csrc/cpu/thread_pool.cpp) ---------
+
+def _native_results(w, seed=0):
+    """Everything the CPU kernels compute on ``w``: whole dequantizes, a dequantize from inside a
+    row (what the tiled matmul above SMALL_M decodes; its GEMM is torch's, whose sums may follow the
+    thread count), the fused matmul in both directions, and the one-call QLoRA forward (with h and
+    its sizeable lora_h loop)."""
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = w.shape
+    got = [nf4_dequantize(w, dt, backend="native") for dt in (torch.float32, torch.bfloat16)]
+    got.append(native.dequantize_into(w, torch.empty(min(20000, out_f * in_f - 77)), start=77))
+    for M in (1, 5, SMALL_M):
+        for transpose in (False, True):
+            got.append(nf4_matmul(torch.randn(M, out_f if transpose else in_f, generator=g), w, transpose,
+                                  backend="native"))
+    x = torch.randn(SMALL_M, in_f, generator=g)
+    A, B = torch.randn(64, in_f, generator=g), torch.randn(out_f, 64, generator=g)
+    got += list(native.cpu_qlora_forward(x, w, torch.randn(out_f, generator=g), A, B, 0.5))
+    return got
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_every_thread_count_gives_the_same_bits(isa, double_quant):
+    """Each output is computed by one piece, whoever takes it: 1, 2 and 3 threads (more than this
+    machine may have cores) give the same bits, on shapes with many pieces of every loop."""
+    previous = torch.get_num_threads()
+    try:
+        for out_f, in_f, bs in ((300, 1088, 64), (37, 4160, 64), (45, 77, 32)):  # 77: the any-K path
+            w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
+            torch.set_num_threads(1)
+            want = _native_results(w)
+            for threads in (2, 3):
+                torch.set_num_threads(threads)
+                for i, (a, b) in enumerate(zip(_native_results(w), want)):
+                    assert torch.equal(a, b), f"{isa} {(out_f, in_f)} result {i}: {threads} threads != 1"
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_decode_paths_give_the_same_bits(monkeypatch):
+    """The vector decodes (AVX2's two permutes and a blend, AVX-512's one permute) and the scalar
+    one give the same bits, at every start and count (heads, whole 32-chunks, tails)."""
+    w = NF4Weight.quantize(torch.randn(61, 333), 64, double_quant=True)
+    outs = {}
+    for name in isas():
+        monkeypatch.setenv(native.ISA_ENV, name)
+        outs[name] = [native.dequantize_into(w, torch.empty(count, dtype=dt), start=start)
+                      for start, count in ((0, 61 * 333), (3, 4000), (64, 32), (1001, 17))
+                      for dt in (torch.float32, torch.float16)]
+    for name, got in outs.items():
+        for a, b in zip(got, outs["scalar"]):
+            assert torch.equal(a, b), f"{name} != scalar"
+
+
+def test_concurrent_callers_share_the_pool():
+    """Python threads calling the kernels at once (the GIL is released inside): one caller's loop
+    runs on the pool, the others' on their own thread; every result is the one computed alone."""
+    import threading
+
+    w = NF4Weight.quantize(torch.randn(256, 512) / 512**0.5, 64)
+    xs = [torch.randn(M, 512) for M in (1, 3, 16, 40)]
+    want = [nf4_matmul(x, w, backend="native") for x in xs]
+    bad = []
+
+    def call(k):
+        for _ in range(20):
+            for x, ref in zip(xs, want):
+                if not torch.equal(nf4_matmul(x, w, backend="native"), ref):
+                    bad.append(k)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def _child_matmul(conn, packed, absmax, x):
+    w = NF4Weight(packed, absmax, [64, 256], torch.float32, 64)
+    torch.set_num_threads(2)
+    conn.send(nf4_matmul(x, w, backend="native").tolist())  # plain lists: no shared-memory handles
+
+
+def test_kernels_run_in_a_forked_child():
+    """A child forked after the pool's threads started (a DataLoader worker) has none of them: its
+    calls still complete, on the pool it starts itself."""
+    import multiprocessing as mp
+
+    w = NF4Weight.quantize(torch.randn(64, 256), 64)
+    x = torch.randn(3, 256)
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    want = nf4_matmul(x, w, backend="native")  # the parent's workers exist now
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_child_matmul, args=(child, w.packed, w.absmax, x))
+    p.start()
+    # A hang here is the bug (a child waiting for workers that do not exist): bounded wait.
+    assert parent.poll(HUNG_S), "the forked child did not answer"
+    assert torch.equal(torch.tensor(parent.recv()), want)
+    p.join()

@@ -24,10 +24,17 @@
 #include <vector>
 
 #include "nf4_cpu.h"
+#include "thread_pool.h"
 
 namespace lorakern {
 namespace cpu {
 namespace impl {
+
+// Threads: every loop hands out its work in small pieces (parallel_for, thread_pool.h), so that a
+// thread sharing its core with another process takes fewer pieces instead of holding up the call
+// with a fixed share. A piece is 16 weight rows (kRowBlock: ~5 us at M = 1, 4096 columns), 256
+// columns of the transposed product, or kDequantizeGrab * 32 weights of the dequantize.
+constexpr int64_t kDequantizeGrab = 512;  // 16K weights: 64 KB of fp32 output
 
 constexpr int kMTile = 8;      // rows of x sharing one decode: 2 weight rows x 8 accumulators + 4 weights + 2 tables
 constexpr int64_t kRowBlock = 16;  // weight rows per task, sharing one L1-resident x tile
@@ -73,16 +80,17 @@ void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int
     }
     const int64_t body_chunks = (count - head) / 32;
     const int64_t s0 = start + head;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < body_chunks; ++c) {
+    parallel_for((body_chunks + kDequantizeGrab - 1) / kDequantizeGrab, threads, [&](int64_t g) {
         V v;
-        const int64_t f = s0 + c * 32;
-        typename V::vec wv[32 / V::W];
-        v.decode32(w.packed + f / 2, v.set1(scale_of(w, f)), wv);
-        float tmp[32];
-        for (int j = 0; j < 32 / V::W; ++j) v.store(tmp + j * V::W, wv[j]);
-        store_converted(tmp, 32, o + (head + c * 32) * esize, out_dtype);
-    }
+        for (int64_t c = g * kDequantizeGrab, c1 = std::min(body_chunks, c + kDequantizeGrab); c < c1; ++c) {
+            const int64_t f = s0 + c * 32;
+            typename V::vec wv[32 / V::W];
+            v.decode32(w.packed + f / 2, v.set1(scale_of(w, f)), wv);
+            float tmp[32];
+            for (int j = 0; j < 32 / V::W; ++j) v.store(tmp + j * V::W, wv[j]);
+            store_converted(tmp, 32, o + (head + c * 32) * esize, out_dtype);
+        }
+    });
     const int64_t done = head + body_chunks * 32;
     if (done < count) {
         decode_generic(w, start + done, count - done, buf);
@@ -215,17 +223,20 @@ inline float dot(const V& v, const float* a, const float* b, int64_t n) {
     return s;
 }
 
-// h = x A^T [M, r] (and scaled_h = scaling * h): one dot product of length K per (m, j), split over
-// the threads of the enclosing parallel region (r x K x M FMAs: 64K at r = 16, M = 1, K = 4096,
-// ~1% of the decode).
+// h = x A^T [M, r] (and scaled_h = scaling * h): one dot product of length K per (m, j), before any
+// output (r x K x M FMAs: 64K at r = 16, M = 1, K = 4096, ~1% of the decode; below 1M FMAs the
+// caller does them alone, a hand-off to the workers would cost more).
 template <class V>
-inline void lora_h(const V& v, const LoraTerm* lora, const float* x, int64_t M, int64_t K) {
+inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, int threads) {
     if (lora == nullptr) return;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * lora->r; ++i) {
-        lora->h[i] = dot(v, x + (i / lora->r) * K, lora->A + (i % lora->r) * K, K);
-        lora->scaled_h[i] = lora->scaling * lora->h[i];
-    }
+    const int64_t n = M * lora->r;
+    parallel_for((n + 3) / 4, n * K >= (int64_t{1} << 20) ? threads : 1, [&](int64_t g) {
+        V v;
+        for (int64_t i = 4 * g; i < std::min(n, 4 * g + 4); ++i) {
+            lora->h[i] = dot(v, x + (i / lora->r) * K, lora->A + (i % lora->r) * K, K);
+            lora->scaled_h[i] = lora->scaling * lora->h[i];
+        }
+    });
 }
 
 // Output (m, n)'s LoRA term and bias: scaled_h[m] . B[n] added into the accumulator vector s
@@ -495,25 +506,22 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     // Walked through the per-group tables instead, M = 16 took 7% to 11% longer than without
     // double quantization (measured; the compiler spills a table register in that loop).
     const bool flat = S::kNested && M > 2;
-#pragma omp parallel num_threads(threads)
-    {
+    lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
+    parallel_for(blocks, threads, [&](int64_t b) {
         V v;
-        S sc(w), sc1(w);  // the walk's block scales for a row and (pairs) the next one
-        std::vector<float> flat_scales(flat ? ((kRowBlock * K) >> sh) + 2 : 0);
-        lora_h(v, lora, x, M, K);  // ends in a barrier: h is complete before any output
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);
-            if (!flat) {
-                rows_block(v, sc, sc1, w, n0, rows, xs, M, lora, y);
-                continue;
-            }
-            const int64_t b0 = (n0 * K) >> sh, b1 = ((n0 + rows) * K - 1) >> sh;
-            for (int64_t i = b0; i <= b1; ++i) flat_scales[i - b0] = block_scale(w, i);
-            PlainScales p0(flat_scales.data(), b0), p1(flat_scales.data(), b0);
-            rows_block(v, p0, p1, w, n0, rows, xs, M, lora, y);
+        const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);
+        if (!flat) {
+            S sc(w), sc1(w);  // the walk's block scales for a row and (pairs) the next one
+            rows_block(v, sc, sc1, w, n0, rows, xs, M, lora, y);
+            return;
         }
-    }
+        thread_local std::vector<float> flat_scales;
+        flat_scales.resize(std::max<size_t>(flat_scales.size(), ((kRowBlock * K) >> sh) + 2));
+        const int64_t b0 = (n0 * K) >> sh, b1 = ((n0 + rows) * K - 1) >> sh;
+        for (int64_t i = b0; i <= b1; ++i) flat_scales[i - b0] = block_scale(w, i);
+        PlainScales p0(flat_scales.data(), b0), p1(flat_scales.data(), b0);
+        rows_block(v, p0, p1, w, n0, rows, xs, M, lora, y);
+    });
 }
 
 // y [M, N] = x [M, K] @ W^T
@@ -537,15 +545,14 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
             matmul_nt_fast<V, NestedScales>(w, x, xs.data(), M, lora, y, threads);
         return;
     }
-#pragma omp parallel num_threads(threads)
-    {
+    lora_h<V>(lora, x, M, K, threads);
+    parallel_for((N + kRowBlock - 1) / kRowBlock, threads, [&](int64_t b) {
         V v;
-        float* rowbuf = new float[K];
-        lora_h(v, lora, x, M, K);
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) row_dot_generic(v, w, n, x, M, lora, y + n, N, rowbuf);
-        delete[] rowbuf;
-    }
+        thread_local std::vector<float> rowbuf;
+        rowbuf.resize(std::max<size_t>(rowbuf.size(), K));
+        for (int64_t n = b * kRowBlock; n < std::min(N, (b + 1) * kRowBlock); ++n)
+            row_dot_generic(v, w, n, x, M, lora, y + n, N, rowbuf.data());
+    });
 }
 
 // y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
@@ -554,40 +561,37 @@ template <class V>
 void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
     const int64_t chunks = (K + kTChunk - 1) / kTChunk;
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_for(chunks, threads, [&](int64_t c) {
         V v;
-        float* acc = new float[M * kTChunk];
+        thread_local std::vector<float> acc_buf;
+        acc_buf.resize(std::max<size_t>(acc_buf.size(), M * kTChunk));
+        float* acc = acc_buf.data();
         float seg[kTChunk];
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t k0 = c * kTChunk;
-            const int64_t len = std::min(kTChunk, K - k0);
-            std::fill(acc, acc + M * kTChunk, 0.0f);
-            const bool fast = len == kTChunk && K % 32 == 0;
-            for (int64_t n = 0; n < N; ++n) {
-                const int64_t f = n * K + k0;
-                if (fast) {
-                    for (int64_t s = 0; s < kTChunk; s += 32) {
-                        typename V::vec wv[32 / V::W];
-                        v.decode32(w.packed + (f + s) / 2, v.set1(scale_of(w, f + s)), wv);
-                        for (int j = 0; j < 32 / V::W; ++j) v.store(seg + s + j * V::W, wv[j]);
-                    }
-                } else {
-                    decode_generic(w, f, len, seg);
+        const int64_t k0 = c * kTChunk;
+        const int64_t len = std::min(kTChunk, K - k0);
+        std::fill(acc, acc + M * kTChunk, 0.0f);
+        const bool fast = len == kTChunk && K % 32 == 0;
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t f = n * K + k0;
+            if (fast) {
+                for (int64_t s = 0; s < kTChunk; s += 32) {
+                    typename V::vec wv[32 / V::W];
+                    v.decode32(w.packed + (f + s) / 2, v.set1(scale_of(w, f + s)), wv);
+                    for (int j = 0; j < 32 / V::W; ++j) v.store(seg + s + j * V::W, wv[j]);
                 }
-                for (int64_t m = 0; m < M; ++m) {
-                    const typename V::vec xm = v.set1(x[m * N + n]);
-                    float* am = acc + m * kTChunk;
-                    int64_t k = 0;
-                    for (; k + V::W <= len; k += V::W) v.store(am + k, v.fmadd(xm, v.load(seg + k), v.load(am + k)));
-                    for (; k < len; ++k) am[k] += x[m * N + n] * seg[k];
-                }
+            } else {
+                decode_generic(w, f, len, seg);
             }
-            for (int64_t m = 0; m < M; ++m) memcpy(y + m * K + k0, acc + m * kTChunk, len * sizeof(float));
+            for (int64_t m = 0; m < M; ++m) {
+                const typename V::vec xm = v.set1(x[m * N + n]);
+                float* am = acc + m * kTChunk;
+                int64_t k = 0;
+                for (; k + V::W <= len; k += V::W) v.store(am + k, v.fmadd(xm, v.load(seg + k), v.load(am + k)));
+                for (; k < len; ++k) am[k] += x[m * N + n] * seg[k];
+            }
         }
-        delete[] acc;
-    }
+        for (int64_t m = 0; m < M; ++m) memcpy(y + m * K + k0, acc + m * kTChunk, len * sizeof(float));
+    });
 }
 
 template <class V>
