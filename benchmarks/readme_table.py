@@ -1,8 +1,9 @@
 """README's performance tables, generated from committed results files (benchmarks/results/*.jsonl).
 
     python benchmarks/readme_table.py benchmarks/results/<file>.jsonl [...]            # print
-    python benchmarks/readme_table.py benchmarks/results/<file>.jsonl --write README.md  # replace the
-        block between <!-- perf:<device>:begin --> and <!-- perf:<device>:end --> in README.md
+    python benchmarks/readme_table.py benchmarks/results/<file>.jsonl --write README.md [--section S]
+        # replace the block between <!-- perf:S:begin --> and <!-- perf:S:end --> in README.md
+        # (S: the records' device by default; one section per processor measured)
 
 Every number in a table comes from one file, i.e. one run on one machine: times are medians, ratios are
 against providers measured in that same run.
@@ -81,8 +82,8 @@ def render(recs: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def write(readme: str, device: str, text: str) -> None:
-    begin, end = f"<!-- perf:{device}:begin -->", f"<!-- perf:{device}:end -->"
+def write(readme: str, section: str, text: str) -> None:
+    begin, end = f"<!-- perf:{section}:begin -->", f"<!-- perf:{section}:end -->"
     with open(readme) as f:
         content = f.read()
     if begin not in content or end not in content:
@@ -97,12 +98,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--write", help="README to update in place")
+    parser.add_argument("--section", help="the README block to replace (default: the records' device)")
     args = parser.parse_args(argv)
     for path in args.files:
         recs = load(path)
         text = render(recs)
         if args.write:
-            write(args.write, recs[0]["device"], text)
+            write(args.write, args.section or recs[0]["device"], text)
         else:
             print(text)
     return 0

@@ -1,0 +1,87 @@
+"""Thread scaling of the native CPU NF4 matmul, on a quiet machine and beside one busy process.
+
+    python benchmarks/cpu_threads.py [--isa avx2|avx512|scalar] [--out results.jsonl]
+
+For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
+the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
+another process (as a data loader or tokenizer would). Prints a table; with ``--out`` appends one
+JSON line per measurement (processor and ISA path included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SPIN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
+
+
+def median_ms(fn, calls: int, rounds: int = 7) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        times.append((time.perf_counter() - t) / calls * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--isa", default=None, help="force a CPU path (LORAKERN_CPU_ISA)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.isa:
+        os.environ["LORAKERN_CPU_ISA"] = args.isa
+    import lorakern
+    from lorakern.bench.records import environment
+
+    torch.manual_seed(0)
+    weights = [lorakern.NF4Weight.quantize(torch.randn(4096, 4096) / 64, 64) for _ in range(8)]
+    env = environment(torch.device("cpu"))
+    previous, recs = torch.get_num_threads(), []
+    try:
+        for load in ("quiet", "one busy process"):
+            spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if load != "quiet" else None
+            try:
+                time.sleep(0.2)
+                for M in (1, 16):
+                    x = torch.randn(M, 4096)
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        lorakern.nf4_matmul(x, weights[0])
+                        ms = median_ms(lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]), 60 if M == 1 else 15)
+                        recs.append({"op": "nf4_matmul", "M": M, "in_features": 4096, "out_features": 4096,
+                                     "threads": threads, "load": load, "median_ms": ms,
+                                     "device_name": env["device_name"], "date": env["date"],
+                                     "commit": env["commit"], "torch": env["torch"]})
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+    finally:
+        torch.set_num_threads(previous)
+    print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
+    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8}")
+    for load in ("quiet", "one busy process"):
+        for M in (1, 16):
+            one, two = (next(r["median_ms"] for r in recs if r["load"] == load and r["M"] == M and r["threads"] == t)
+                        for t in (1, 2))
+            print(f"{load:>17} {M:>3} {one:>12.3f} {two:>13.3f} {one / two:>8.2f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
