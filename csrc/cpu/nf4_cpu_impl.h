@@ -501,11 +501,13 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     const int64_t K = w.cols;
     const int sh = w.block_shift;
-    // Double quantization with M > 2: each row block's scales are decoded once into a float array
-    // (a few instructions a block, against 16 x 2 x M FMAs a block) and the walk is the plain one.
-    // Walked through the per-group tables instead, M = 16 took 7% to 11% longer than without
-    // double quantization (measured; the compiler spills a table register in that loop).
-    const bool flat = S::kNested && M > 2;
+    // Double quantization with M > 2, or on AVX2 at any M: each row block's scales are decoded once
+    // into a float array (a few instructions a block, against 16 x 2 x M FMAs a block) and the walk
+    // is the plain one. Walked through the per-group tables instead, M = 16 took 7% to 11% longer
+    // than without double quantization (the compiler spills a table register in that loop), and on
+    // AVX2 M = 1 and 2 took 1.5x and 1.6x as long (4096 x 4096, Zen 4); AVX-512 at M <= 2 runs the
+    // tables at the plain walk's speed (its 32 vector registers hold them).
+    const bool flat = S::kNested && (M > 2 || V::W < 16);
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
     parallel_for(blocks, threads, [&](int64_t b) {
         V v;
