@@ -68,7 +68,6 @@ BACKENDS = {
 }
 
 
-_NAMES = {what: ("auto", *names) for what, names in BACKENDS.items()}
 
 
 def resolve(what: str, requested: str, device: torch.device, prefer, reasons: dict) -> str:
@@ -79,7 +78,7 @@ def resolve(what: str, requested: str, device: torch.device, prefer, reasons: di
     ``prefer`` that can serve, else "reference"; when it passes one over it says so once per
     message, as "lorakern: <what> uses <the backend> (<why not the preferred one>)" (never for meta
     tensors, which only carry shapes, and never while torch.compile traces)."""
-    names = _NAMES.get(what) or ("auto", *BACKENDS[what])
+    names = ("auto", *BACKENDS[what])
     if requested not in names:
         raise ValueError(f"backend must be one of {names}, got {requested!r}")
     if requested != "auto":

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from . import records, report
 from .providers import flops, make_module, make_step, saved_activation_bytes
-from .shapes import DTYPES
+from .shapes import DTYPE_NAMES
 from .timing import measure, peak_memory
 
 
 def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
     env = records.environment(device)
-    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    dtype_name = DTYPE_NAMES[dtype]
     bar = report.progress(len(shapes) * len(modes) * len(providers), "lorakern-bench", progress)
     out = []
     for s in shapes:

@@ -29,7 +29,7 @@ from torch import nn
 import lorakern
 
 from . import records, report
-from .shapes import DTYPES, LLAMA3_8B, Shape
+from .shapes import DTYPE_NAMES, DTYPES, LLAMA3_8B, Shape
 from .timing import measure, peak_memory
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
@@ -170,7 +170,6 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
     for s in shapes:
         by_weight.setdefault((s.in_features, s.out_features), []).append(s)
     bar = report.progress(len(shapes) * len(providers), "lorakern-bench nf4", progress)
-    name_of = {v: k for k, v in DTYPES.items()}
     out = []
     for (k, n), group_shapes in by_weight.items():
         group = []
@@ -185,7 +184,7 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
             xdtype = input_dtype(provider, compute_dtype)
             built[provider] = (modules, {
                 "provider": provider, "in_features": k, "out_features": n, "dropout": 0.0,
-                "dtype": name_of[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
+                "dtype": DTYPE_NAMES[xdtype], "weight_bytes": wbytes, "weight_copies": copies,
                 "ratio_to_unfused": None, "saved_bytes": None, **env})
 
         def forward(module, x):
@@ -219,7 +218,7 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
             common = built[provider][1]
             moved = common["weight_bytes"] + n * k * torch.tensor([], dtype=compute_dtype).element_size()
             group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
-                          "dtype": name_of[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
+                          "dtype": DTYPE_NAMES[compute_dtype], "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                           "tflops": 0.0, "gbps": moved / (med * 1e-3) / 1e9, "floor_ms": moved / bandwidth * 1e3,
                           "peak_mem_bytes": peak_memory(deqs[provider], device)})
         del built, deqs

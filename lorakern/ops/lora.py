@@ -106,9 +106,7 @@ def lora_bwd(
     needs_dx: bool, needs_dlora: bool, needs_dbias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty."""
-    check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    _check_weight(weight, frozen=False)
     check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight})
     _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
     return _bwd_body(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias,
@@ -131,11 +129,12 @@ _autograd.register(lora_fwd, torch.ops.lorakern.lora_bwd)
 EagerLoRA = _autograd.eager(_fwd_body, _bwd_body)
 
 
-def _check_weight(weight) -> None:
+def _check_weight(weight, frozen: bool = True) -> None:
+    """``weight [out, in]``; ``frozen``: it must not require a grad (the forward's entry points)."""
     check_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.requires_grad:
+    if frozen and weight.requires_grad:
         raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
 
 

@@ -18,12 +18,15 @@ from .common import rows
 
 
 def check_weight(w: NF4Weight, device: torch.device, name: str = "weight") -> None:
-    """``w`` is a valid :class:`NF4Weight` (its pieces checked against each other) on ``device``."""
+    """``w`` is a valid 2-D :class:`NF4Weight` ``[out, in]`` (its pieces checked against each other)
+    on ``device``: what every NF4 op and entry point takes."""
     if not isinstance(w, NF4Weight):
         raise TypeError(f"{name}: expected an lorakern.NF4Weight, got {type(w).__name__}")
     w.validate()
     if w.device != device:
         raise ValueError(f"{name}: on {w.device}, but x is on {device}")
+    if len(w.shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D [out, in] NF4 weight, got shape {tuple(w.shape)}")
 
 
 def _check_op_backend(backend: str, device: torch.device) -> None:
@@ -74,8 +77,6 @@ def check_matmul_x(x, w: NF4Weight, transpose: bool, dim: int | None = None) -> 
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
     check_weight(w, x.device)
-    if len(w.shape) != 2:
-        raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(w.shape)}")
     k = w.shape[0] if transpose else w.shape[1]
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected last dim {k} ({'out' if transpose else 'in'}_features), "

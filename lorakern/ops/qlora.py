@@ -144,8 +144,6 @@ def qlora_linear(
     """
     check_x(x)
     check_weight(weight, x.device)
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight: expected a 2-D [out, in] NF4 weight, got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     cast = autocast_dtype(x.device.type)
     check_adapter_args(x, out_features, in_features, bias, lora_A, lora_B, scaling, dropout_p, cast is not None,
