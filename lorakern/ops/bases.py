@@ -80,15 +80,12 @@ class NF4Base:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.w.tensors().values())
-
-    def _native(self, backend: str) -> bool:
-        return backend != "reference" and native.unavailable_reason(self.w.device) is None
+        return self.w.nbytes()
 
     def dequantize(self, dtype: torch.dtype, backend: str = "native") -> Tensor:
         """The native dequantize unless the reference was asked for or the extension is not built
         for the device (both give the same bits)."""
-        if self._native(backend):
+        if backend != "reference" and native.unavailable_reason(self.w.device) is None:
             return native.dequantize_into(self.w, torch.empty(tuple(self.shape), dtype=dtype, device=self.w.device))
         return self.w.dequantize_reference(dtype)
 
