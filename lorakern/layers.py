@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .nf4.format import NF4Weight
-from .ops import lora_linear, qlora_linear
+from .ops import dora, lora_linear, qlora_linear
+from .ops.bases import DenseBase, NF4Base
+from .ops.common import Adapter
 
 BASE_QUANTS = (None, "nf4")
 
@@ -30,26 +32,33 @@ class FusedLoRALinear(nn.Module):
     (``self.weight_nf4``, ``self.weight`` is None) in bitsandbytes' layout and state_dict keys;
     ``blocksize`` and ``double_quant`` as in :meth:`NF4Weight.quantize`. Compute runs in the
     original weight dtype (the LoRA parameters' dtype).
+
+    DoRA: with ``use_dora=True`` the layer also trains ``lora_magnitude_vector [out]`` (PEFT's
+    name), initialised to ``||W + s B A||`` per output row, and computes
+    ``y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + bias`` (see :func:`lorakern.lora_linear`;
+    dropout as PEFT applies it). ``merge`` writes PEFT's merged weight ``(m / n) (W + s B A)``.
     """
 
     def __init__(
         self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
         lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
         init_lora_weights: bool | str = True, backend: str = "auto", device=None, dtype=None,
-        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False,
+        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False, use_dora: bool = False,
     ):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         weight = _maybe_quantize(base.weight, base_quant, blocksize, double_quant)
-        self._setup(weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
+        self._setup(weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, use_dora)
 
-    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend):
+    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, use_dora):
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected an integer >= 1, got {r!r}")
         if not (0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora: expected a bool, got {use_dora!r}")
         self.out_features, self.in_features = weight.shape
         if isinstance(weight, NF4Weight):
             self.weight_nf4, self.weight = weight, None
@@ -63,14 +72,16 @@ class FusedLoRALinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         self.merged = False
+        self._merged_norm = None  # DoRA: the weight norm merge() used, which unmerge() needs
         self.reset_lora_parameters(init_lora_weights)
 
     @classmethod
     def from_linear(
         cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
         use_rslora: bool = False, init_lora_weights: bool | str = True, backend: str = "auto",
-        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False,
+        base_quant: str | None = None, blocksize: int = 64, double_quant: bool = False, use_dora: bool = False,
     ) -> FusedLoRALinear:
         """Wrap ``linear``, sharing (not copying) its weight and bias; the weight is frozen in place.
 
@@ -85,7 +96,8 @@ class FusedLoRALinear(nn.Module):
             raise TypeError(f"linear: expected an nn.Linear or a bitsandbytes Linear4bit, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend)
+        self._setup(weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend,
+                    use_dora)
         return self
 
     @property
@@ -95,6 +107,10 @@ class FusedLoRALinear(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.lora_A.dtype
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
@@ -106,44 +122,82 @@ class FusedLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        if self.use_dora:  # PEFT: m = ||W + s B A|| of the initial adapter, so y starts as LoRA's
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def _base(self):
+        return DenseBase(self.weight) if self.weight_nf4 is None else NF4Base(self.weight_nf4)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``||W + s B A||`` per output row [out] (fp32; float64 for a float64 layer), from the
+        unmerged base weight."""
+        if self.merged:
+            raise RuntimeError("weight_norm: the layer is merged; unmerge() first")
+        adapter = Adapter(self.lora_A, self.lora_B, self.scaling, 0.0, None)
+        return dora.weight_norm(self._base(), adapter, "reference" if self.backend == "reference" else "native",
+                                self.compute_dtype)
 
     def _base_dtype(self) -> torch.dtype:
         return self.compute_dtype if self.weight is None else self.weight.dtype
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` [out, in], computed in at least fp32, returned in the weight's dtype."""
-        dtype = torch.promote_types(self._base_dtype(), torch.float32)
-        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-        return delta.to(self._base_dtype())
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s * B A`` [out, in], computed in at least fp32, returned in ``dtype`` (default: the weight's)."""
+        wide = torch.promote_types(self._base_dtype(), torch.float32)
+        delta = (self.lora_B.to(wide) @ self.lora_A.to(wide)) * self.scaling
+        return delta.to(self._base_dtype() if dtype is None else dtype)
 
     def _no_inplace_merge(self):
         if self.weight_nf4 is not None:
             raise RuntimeError("merge/unmerge: the NF4 base cannot absorb the adapter without re-quantizing it; "
                                "use to_linear() for a merged (dequantized) nn.Linear")
 
+    def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """``m / n`` [out, 1] in at least fp32."""
+        return (self.lora_magnitude_vector.to(norm.dtype) / norm)[:, None]
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight a merged layer holds [out, in], in the weight's dtype: ``W + s B A``, for DoRA
+        ``(m / n) (W + s B A)`` (PEFT's merge), computed in at least fp32."""
+        base = self.weight if self.weight_nf4 is None else self.weight_nf4.dequantize(self.compute_dtype)
+        dtype = torch.promote_types(base.dtype, torch.float32)
+        merged = base.to(dtype) + self.delta_weight(dtype)
+        if self.use_dora:
+            merged = merged * self._dora_factor(self.weight_norm())
+        return merged.to(base.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (inference); forward is then a plain linear."""
         self._no_inplace_merge()
         if not self.merged:
-            self.weight.add_(self.delta_weight())
+            if self.use_dora:
+                self._merged_norm = self.weight_norm().clone()
+            self.weight.copy_(self.merged_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         self._no_inplace_merge()
         if self.merged:
-            self.weight.sub_(self.delta_weight())
+            if self.use_dora:
+                if self._merged_norm is None:
+                    raise RuntimeError("unmerge: the weight norm this DoRA layer was merged with is unknown")
+                dtype = self._merged_norm.dtype
+                base = self.weight.to(dtype) / self._dora_factor(self._merged_norm) - self.delta_weight(dtype)
+                self.weight.copy_(base)
+                self._merged_norm = None
+            else:
+                self.weight.sub_(self.delta_weight())
             self.merged = False
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new ``nn.Linear`` holding ``W + s B A`` (and a copy of the bias); an NF4 base is
-        dequantized first."""
-        base = self.weight if self.weight_nf4 is None else self.weight_nf4.dequantize(self.compute_dtype)
+        """A new ``nn.Linear`` holding the merged weight (:meth:`merged_weight`) and a copy of the
+        bias; an NF4 base is dequantized first."""
+        weight = self.weight if self.merged else self.merged_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=base.device, dtype=base.dtype)
-        weight = base if self.merged else base + self.delta_weight()
+                           device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -154,19 +208,21 @@ class FusedLoRALinear(nn.Module):
             return qlora_linear(
                 x, self.weight_nf4, self.bias, self.lora_A, self.lora_B, self.scaling,
                 dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+                magnitude=self.lora_magnitude_vector,
             )
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+            magnitude=self.lora_magnitude_vector,
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-            f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+            f"use_rslora={self.use_rslora}, use_dora={self.use_dora}, backend={self.backend!r}, merged={self.merged}"
             + ("" if self.weight_nf4 is None else f", base_quant='nf4', blocksize={self.weight_nf4.blocksize}, "
                f"double_quant={self.weight_nf4.double_quant}")
         )
@@ -185,11 +241,14 @@ class FusedLoRALinear(nn.Module):
     # -- merged: a merged layer's state says so (key "merged"), so that loading it never adds the
     # adapter a second time; an unmerged state keeps nn.Linear's keys plus lora_A / lora_B.
     _MERGED_KEY = "merged"
+    _MERGED_NORM_KEY = "merged_weight_norm"  # DoRA: the norm merge() divided by (unmerge needs it)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             destination[prefix + self._MERGED_KEY] = torch.tensor(True)
+            if self._merged_norm is not None:
+                destination[prefix + self._MERGED_NORM_KEY] = self._merged_norm
         if self.weight_nf4 is not None:
             destination.update(self.weight_nf4.state_dict(prefix))
 
@@ -217,7 +276,13 @@ class FusedLoRALinear(nn.Module):
             error_msgs.append(f"{key}: True for an NF4 base, which never merges in place")
         else:
             self.merged = bool(merged)
-        state_dict = {k: v for k, v in state_dict.items() if k != key}
+            norm_key = prefix + self._MERGED_NORM_KEY
+            if self.merged and self.use_dora:
+                norm = state_dict.get(norm_key)
+                self._merged_norm = None if norm is None else norm.to(self.lora_A.device)
+            elif not self.merged:
+                self._merged_norm = None
+        state_dict = {k: v for k, v in state_dict.items() if k not in (key, prefix + self._MERGED_NORM_KEY)}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -12,6 +12,7 @@ Computed in the inputs' dtype, in the same order PEFT's LoRA ``Linear`` uses (ba
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .dropout import apply_dropout
@@ -61,4 +62,24 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling: float, dropo
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["lora_forward_reference", "lora_backward_reference", "lora_linear_reference"]
+def dora_weight_norm_reference(weight, lora_A, lora_B, scaling: float):
+    """DoRA's weight norm by its definition: ``||W + s B A||`` over each output row, ``[N]``, detached."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float = 0.0,
+                          seed=None):
+    """DoRA on ``x [..., K]`` with plain torch autograd, PEFT's ``DoraLinearVariant`` written out:
+    ``y = x W^T + bias + (g - 1) (x~ W^T) + g s (x~ A^T) B^T``, ``g = m / ||W + s B A||_row`` with
+    the norm detached, ``x~ = dropout(x)`` (``x`` itself without dropout, where this is
+    ``g (x W^T + s x A^T B^T) + bias``). The float64 oracle of the DoRA tests."""
+    x2d = x.reshape(-1, x.shape[-1])
+    xd = apply_dropout(x2d, dropout_p, seed)
+    g = magnitude / dora_weight_norm_reference(weight, lora_A, lora_B, scaling)
+    y = F.linear(x2d, weight, bias) + (g - 1) * F.linear(xd, weight) + g * ((xd @ lora_A.t()) @ lora_B.t()) * scaling
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["dora_linear_reference", "dora_weight_norm_reference", "lora_backward_reference", "lora_forward_reference",
+           "lora_linear_reference"]

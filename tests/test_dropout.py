@@ -120,7 +120,7 @@ def test_backward_uses_forward_mask():
     a = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
     b = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(55)
-    y, _ = torch.ops.lorakern.lora_fwd(x, w, None, a, b, 0.5, 0.4, seed, "reference")
+    y, *_ = torch.ops.lorakern.lora_fwd(x, w, None, a, b, 0.5, 0.4, seed, None, "reference")
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, b), g)
     y_ref = lorakern.lora_linear_reference(x, w, None, a, b, 0.5, 0.4, seed)
@@ -129,11 +129,13 @@ def test_backward_uses_forward_mask():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_saved_tensors_hold_no_mask(p):
-    """Saved for backward: x, h [M, r], the parameters and a 0-d seed; nothing else of [M, K]."""
+def test_saved_tensors_hold_no_mask(p, use_dora):
+    """Saved for backward: x, h [M, r], the parameters and a 0-d seed; nothing else of [M, K].
+    DoRA adds its magnitude [N], z [M, N] and the norm [N]; plain LoRA's two empty placeholders."""
     M, K, N, r = 64, 48, 40, 4
-    layer = lorakern.FusedLoRALinear(K, N, r=r, lora_dropout=p, backend="reference")
+    layer = lorakern.FusedLoRALinear(K, N, r=r, lora_dropout=p, backend="reference", use_dora=use_dora)
     x = torch.randn(M, K, requires_grad=True)
     saved = []
 
@@ -144,4 +146,5 @@ def test_saved_tensors_hold_no_mask(p):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([(M, K), (N, K), (r, K), (N, r), (M, r)] + ([()] if p > 0 else [])), shapes
+    extra = [(N,), (M, N), (N,)] if use_dora else [(0,), (0,)]
+    assert shapes == sorted([(M, K), (N, K), (r, K), (N, r), (M, r)] + extra + ([()] if p > 0 else [])), shapes

@@ -136,9 +136,9 @@ def test_public_nf4_ops_check_their_own_arguments(backend):
         kw = dict(x=x, bias=bias, A=A, B=B, in_features=128, base_dtype=f32, seed=None, p=0.0, backend=backend)
         kw.update(over)
         return op.qlora_fwd(kw["x"], *a, 24, kw["in_features"], kw["base_dtype"], kw["bias"], kw["A"], kw["B"],
-                            1.0, kw["p"], kw["seed"], kw["backend"])
+                            1.0, kw["p"], kw["seed"], None, kw["backend"])
 
-    y, h = fwd()
+    y, h, _, _ = fwd()
     assert y.shape == (3, 24) and h.shape == (3, 4)
     for over, exc, match in [
         (dict(A=torch.randn(5, 16), B=torch.randn(24, 4)), ValueError, r"lora_A: expected shape \[r, 128\]"),
@@ -160,7 +160,7 @@ def test_public_nf4_ops_check_their_own_arguments(backend):
         kw = dict(dy=dy, x=x, A=A, B=B, h=h)
         kw.update(over)
         return op.qlora_bwd(kw["dy"], kw["x"], *a, 24, 128, f32, kw["A"], kw["B"], kw["h"], 1.0, 0.0, None,
-                            True, True, True, backend)
+                            None, torch.empty(0), torch.empty(0), True, True, True, backend)
 
     assert bwd()[0].shape == (3, 128)
     for over, match in [
@@ -191,19 +191,19 @@ def test_public_dense_ops_check_their_own_arguments(backend):
         ((x[None], W, b, A, B), r"x: expected a 2-D \[M, in_features\]"),
     ]:
         with pytest.raises(ValueError, match=match):
-            op.lora_fwd(*args, 1.0, 0.0, None, backend)
+            op.lora_fwd(*args, 1.0, 0.0, None, None, backend)
     with pytest.raises(ValueError, match=r"backend: expected one of \('reference', 'triton'\)"):
-        op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, "auto")
-    y, h = op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, backend)
+        op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, None, "auto")
+    y, h, z, n = op.lora_fwd(x, W, b, A, B, 1.0, 0.0, None, None, backend)
     dy = torch.randn(4, 6)
-    assert op.lora_bwd(dy, x, W, A, B, h, 1.0, 0.0, None, True, True, True, backend)[0].shape == (4, 10)
+    assert op.lora_bwd(dy, x, W, A, B, h, 1.0, 0.0, None, None, z, n, True, True, True, backend)[0].shape == (4, 10)
     for args, match in [
         ((torch.randn(4, 5), x, W, A, B, h), r"dy: expected shape \[4, 6\]"),
         ((dy, x, W, A, B, torch.randn(4, 3)), r"h: expected shape \[4, 2\]"),
         ((dy, x, torch.randn(6, 9), A, B, h), "x: expected last dim in_features=9"),
     ]:
         with pytest.raises(ValueError, match=match):
-            op.lora_bwd(*args, 1.0, 0.0, None, True, True, True, backend)
+            op.lora_bwd(*args, 1.0, 0.0, None, None, z, n, True, True, True, backend)
 
 
 def test_one_backend_rule_for_every_op(monkeypatch):

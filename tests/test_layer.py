@@ -142,7 +142,7 @@ def test_eager_paths_equal_the_op(backend, p):
     def run(via_op, leaves, seed):
         if not via_op:
             return lorakern.lora_linear(*leaves[:1], w, *leaves[1:], 1.5, p, backend=backend)
-        y, _ = torch.ops.lorakern.lora_fwd(leaves[0].reshape(-1, 24), w, *leaves[1:], 1.5, p, seed, backend)
+        y, *_ = torch.ops.lorakern.lora_fwd(leaves[0].reshape(-1, 24), w, *leaves[1:], 1.5, p, seed, None, backend)
         return y.reshape(2, 9, 20)
 
     y_op = assert_same_as_op(run, (x, b, a, bb), torch.randn(2, 9, 20), p, seed=7)

@@ -85,13 +85,13 @@ def test_opcheck_qlora_ops():
     backends = ("reference", "native") + (("triton",) if interpreting() or torch.cuda.is_available() else ())
     for backend in backends:
         args = (x, *nf4, 24, 128, torch.float32, b, a.requires_grad_(), bb.requires_grad_(), 0.5, 0.2, seed,
-                backend)
+                None, backend)
         torch.library.opcheck(torch.ops.lorakern.qlora_fwd, args)
-        _, h = torch.ops.lorakern.qlora_fwd(*args)
+        _, h, z, n = torch.ops.lorakern.qlora_fwd(*args)
         dy = torch.randn(6, 24)
         torch.library.opcheck(torch.ops.lorakern.qlora_bwd,
                               (dy, x, *nf4, 24, 128, torch.float32, a.detach(), bb.detach(), h, 0.5, 0.2, seed,
-                               True, True, True, backend))
+                               None, z, n, True, True, True, backend))
 
 
 def test_layer_from_linear_quantizes_and_trains():
@@ -203,9 +203,9 @@ def test_eager_training_path_equals_the_op(p):
     def run(via_op, leaves, seed):
         if not via_op:
             return qlora_linear(leaves[0], w, *leaves[1:], 0.5, p, backend="reference")
-        y, _ = torch.ops.lorakern.qlora_fwd(leaves[0].reshape(-1, 128), w.packed, w.absmax, w.nested_absmax,
+        y, *_ = torch.ops.lorakern.qlora_fwd(leaves[0].reshape(-1, 128), w.packed, w.absmax, w.nested_absmax,
                                             w.nested_code, w.offset, w.blocksize, 40, 128, torch.float32,
-                                            *leaves[1:], 0.5, p, seed, "reference")
+                                            *leaves[1:], 0.5, p, seed, None, "reference")
         return y.reshape(2, 5, 40)
 
     assert_same_as_op(run, (x, b, a, bb), torch.randn(2, 5, 40), p, seed=3)

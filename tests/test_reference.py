@@ -29,7 +29,7 @@ def test_gradcheck_float64(p, bias):
 
     def f(x, a, bb, *maybe_b):
         bias_t = maybe_b[0] if maybe_b else None
-        return torch.ops.lorakern.lora_fwd(x, w, bias_t, a, bb, 1.3, p, seed, "reference")[0]
+        return torch.ops.lorakern.lora_fwd(x, w, bias_t, a, bb, 1.3, p, seed, None, "reference")[0]
 
     assert torch.autograd.gradcheck(f, leaves)
 
@@ -45,12 +45,13 @@ def test_opcheck(backend):
     x, w, b, a, bb = lora_inputs(9, 20, 12, 4, torch.float32)
     seed = torch.tensor(5)
     for p, s in ((0.0, None), (0.2, seed)):
-        args = (x.requires_grad_(), w, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_(), 2.0, p, s, backend)
+        args = (x.requires_grad_(), w, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_(), 2.0, p, s, None, backend)
         torch.library.opcheck(torch.ops.lorakern.lora_fwd.default, args)
-    y, h = torch.ops.lorakern.lora_fwd(x.detach(), w, b.detach(), a.detach(), bb.detach(), 2.0, 0.2, seed, backend)
+    y, h, z, n = torch.ops.lorakern.lora_fwd(x.detach(), w, b.detach(), a.detach(), bb.detach(), 2.0, 0.2, seed, None,
+                                             backend)
     dy = torch.randn_like(y)
     for flags in ((True, True, True), (False, True, False), (True, False, True)):
-        args = (dy, x.detach(), w, a.detach(), bb.detach(), h, 2.0, 0.2, seed, *flags, backend)
+        args = (dy, x.detach(), w, a.detach(), bb.detach(), h, 2.0, 0.2, seed, None, z, n, *flags, backend)
         torch.library.opcheck(torch.ops.lorakern.lora_bwd.default, args)
 
 

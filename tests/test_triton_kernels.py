@@ -21,7 +21,7 @@ def _run_and_check(M, K, N, r, dtype, device, bias, p, config=None):
     x, w, b, a, bb = lora_inputs(M, K, N, r, dtype, device, bias=bias)
     seed = torch.tensor(987654, device=device)
     s = 1.7
-    y, h = torch.ops.lorakern.lora_fwd(x, w, b, a, bb, s, p, seed, "triton")
+    y, h, z, n = torch.ops.lorakern.lora_fwd(x, w, b, a, bb, s, p, seed, None, "triton")
     f64 = [t.double() if t is not None else None for t in (x, w, b, a, bb)]
     y64, h64 = lora_forward_reference(*f64, s, p, seed)
     y16, h16 = lora_forward_reference(x, w, b, a, bb, s, p, seed)
@@ -29,7 +29,7 @@ def _run_and_check(M, K, N, r, dtype, device, bias, p, config=None):
     assert_close_like_torch("h", h, h64, h16, dtype)
 
     dy = torch.randn(M, N, dtype=dtype, device=device)
-    got = torch.ops.lorakern.lora_bwd(dy, x, w, a, bb, h, s, p, seed, True, True, bias, "triton")
+    got = torch.ops.lorakern.lora_bwd(dy, x, w, a, bb, h, s, p, seed, None, z, n, True, True, bias, "triton")
     ref64 = lora_backward_reference(dy.double(), *f64[:2], *f64[3:], h64, s, p, seed, True, True, bias)
     ref16 = lora_backward_reference(dy, x, w, a, bb, h16, s, p, seed, True, True, bias)
     for name, g, g64, g16 in zip(("dx", "dA", "dB", "dbias"), got, ref64, ref16):
@@ -194,8 +194,8 @@ def test_deterministic_backward(dtype, device):
         x, w, b, a, bb = lora_inputs(130, 19, 150, 33, dtype, device)
         dy = torch.randn(130, 150, dtype=dtype, device=device)
         seed = torch.tensor(5, device=device)
-        _, h = torch.ops.lorakern.lora_fwd(x, w, b, a, bb, 1.5, 0.25, seed, "triton")
-        runs = [torch.ops.lorakern.lora_bwd(dy, x, w, a, bb, h, 1.5, 0.25, seed, True, True, True, "triton")
+        _, h, z, n = torch.ops.lorakern.lora_fwd(x, w, b, a, bb, 1.5, 0.25, seed, None, "triton")
+        runs = [torch.ops.lorakern.lora_bwd(dy, x, w, a, bb, h, 1.5, 0.25, seed, None, z, n, True, True, True, "triton")
                 for _ in range(2)]
         assert all(torch.equal(g1, g2) for g1, g2 in zip(*runs))
     finally:
@@ -237,8 +237,8 @@ def test_dropout_mask_matches_reference_exactly(device):
     x = torch.rand(M, K, device=device) + 0.5  # no zeros: a zero in h means dropped
     seed = torch.tensor(31337, device=device)
     eye = torch.eye(K, device=device)
-    _, h = torch.ops.lorakern.lora_fwd(
-        x, torch.zeros(3, K, device=device), None, eye, torch.zeros(3, K, device=device), 1.0, p, seed, "triton"
+    _, h, *_ = torch.ops.lorakern.lora_fwd(
+        x, torch.zeros(3, K, device=device), None, eye, torch.zeros(3, K, device=device), 1.0, p, seed, None, "triton"
     )
     mask = keep_mask(seed, M, K, p)
     assert torch.equal(h != 0, mask)

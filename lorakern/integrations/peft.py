@@ -15,10 +15,10 @@ Fused: exactly PEFT's LoRA ``Linear`` on an ``nn.Linear`` and its bitsandbytes `
 layer, whose math the op implements; not their subclasses (AdaLoRA's ``SVDLinear`` is a LoRA
 layer with other math), not a layer whose base is another adapter layer (mixed models), not a
 layer whose ``forward`` another library has replaced (X-LoRA). Every call is checked again, since
-adapters can be added and switched after ``fuse``: the op serves one active vanilla-LoRA adapter
-(no DoRA or other variant, no ``lora_bias``, dropout p < 1, a frozen base weight, no hooks on the
-modules it would bypass); anything else is PEFT's own forward, never an approximation, with a
-one-time warning per reason.
+adapters can be added and switched after ``fuse``: the op serves one active LoRA or DoRA adapter
+(``use_dora=True``; no other variant, no ``lora_bias``, dropout p < 1, a frozen base weight, no
+hooks on the modules it would bypass); anything else is PEFT's own forward, never an
+approximation, with a one-time warning per reason.
 """
 
 from __future__ import annotations
@@ -93,8 +93,14 @@ def unsupported_reason(layer) -> str | None:
 def adapter_reason(layer, adapter: str) -> str | None:
     """Why the op cannot compute ``adapter`` of ``layer`` (checked at fuse and again at every call,
     since adapters are added after fuse), or None."""
-    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
-        return f"adapter {adapter!r} is a LoRA variant (DoRA, ...)"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None or layer.use_dora.get(adapter, False):
+        if not _is_dora(variant):
+            return f"adapter {adapter!r} is a LoRA variant other than DoRA ({type(variant).__name__})"
+        vectors = getattr(layer, "lora_magnitude_vector", None) or {}
+        magnitude = vectors[adapter] if adapter in vectors else None
+        if type(magnitude).__name__ != "DoraLinearLayer" or getattr(magnitude, "fan_in_fan_out", True):
+            return f"adapter {adapter!r} has a DoRA magnitude module of type {type(magnitude).__name__}"
     if layer.lora_bias.get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
@@ -103,6 +109,18 @@ def adapter_reason(layer, adapter: str) -> str | None:
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return f"adapter {adapter!r} has a dropout module of type {type(dropout).__name__}"
     return None
+
+
+def _is_dora(variant) -> bool:
+    """PEFT's DoRA variant of a Linear layer itself (whose math the op implements), not a subclass."""
+    return type(variant).__name__ == "DoraLinearVariant" and type(variant).__module__.startswith("peft.")
+
+
+def _magnitude(layer, adapter: str) -> nn.Module | None:
+    """The DoRA magnitude module of ``adapter`` (its ``weight`` is the magnitude [out]), or None."""
+    if adapter not in getattr(layer, "lora_variant", {}):
+        return None
+    return layer.lora_magnitude_vector[adapter]
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -141,7 +159,10 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
         return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
     if not getattr(layer, "cast_input_dtype_enabled", True) and A.weight.dtype != x.dtype:
         return "input dtype casting is disabled and the adapter's dtype is not x's"
-    if _hooked(base, A, B, dropout):
+    magnitude = _magnitude(layer, adapter)
+    if magnitude is not None and magnitude.weight.dtype != A.weight.dtype:
+        return "the DoRA magnitude's dtype is not the adapter's"
+    if _hooked(base, A, B, dropout, *(() if magnitude is None else (magnitude,))):
         return "hooks on the base layer or the adapter's modules"
     return None
 
@@ -169,22 +190,30 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     dropout = layer.lora_dropout[adapter]
-    # The dropout module's own mode decides, as in PEFT (it can differ from the layer's).
+    # The dropout module's own mode decides, as in PEFT (it can differ from the layer's); PEFT's
+    # DoRA applies it only while the layer itself trains, too.
+    magnitude = _magnitude(layer, adapter)
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     training = dropout.training if isinstance(dropout, nn.Dropout) else False
+    if magnitude is not None:
+        magnitude, training = magnitude.weight, training and layer.training
     scaling = layer.scaling[adapter]
     if is_bnb_linear4bit(base):
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
         if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
-            A, B = A.to(x.dtype), B.to(x.dtype)
+            A, B, magnitude = _cast(x.dtype, A, B, magnitude)
         bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
         return qlora_linear(x, NF4Weight.from_bnb(base), bias, A, B, scaling, p, training=training,
-                            compute_dtype=getattr(base, "compute_dtype", None))
+                            compute_dtype=getattr(base, "compute_dtype", None), magnitude=magnitude)
     if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
         # PEFT keeps adapters in fp32 on a 16-bit base; the fused op computes in x's dtype.
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training)
+        A, B, magnitude = _cast(x.dtype, A, B, magnitude)
+    return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training, magnitude=magnitude)
+
+
+def _cast(dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def fuse(model: nn.Module) -> int:

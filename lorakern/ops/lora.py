@@ -16,6 +16,7 @@ from torch import Tensor
 from ..backend import check_op_backend, lora_reasons, resolve_lora
 from ..dropout import apply_dropout, draw_seed
 from ..reference import lora_backward_reference
+from . import dora
 from .bases import DenseBase
 from .common import (
     Adapter,
@@ -29,46 +30,56 @@ from .common import (
     check_tensor,
     check_x,
     fake_grads,
+    fake_saved,
+    norm_dtype,
     rows,
+    triton_ops,
 )
 
 
-def _triton():
-    """The Triton launch sequences, imported on first use: triton is optional (CPU installs)."""
-    from ..triton import lora
-
-    return lora
-
-
-def forward_body(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str, base_dtype=None):
-    """``x [M, in]`` -> ``(y [M, out], h [M, r])``: ``y = base(x) + bias + s * h B^T``,
-    ``h = dropout(x) A^T``; the base in ``base_dtype`` when given (see the bases' ``linear``)."""
-    A, B, s, p, seed = adapter
+def forward_body(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str, base_dtype=None,
+                 keep_z: bool = True):
+    """``x [M, in]`` -> ``(y [M, out], h [M, r], z, norm)``: ``y = base(x) + bias + s * h B^T``,
+    ``h = dropout(x) A^T``; the base in ``base_dtype`` when given (see the bases' ``linear``).
+    With ``adapter.magnitude``, DoRA (:mod:`.dora`; ``z`` is kept for backward only with ``keep_z``);
+    else ``z`` and ``norm`` are empty."""
+    if adapter.magnitude is not None:
+        return dora.forward(x, base, bias, adapter, backend, base_dtype, keep_z)
+    A, B, s, p, seed, _ = adapter
     if backend == "triton":
-        return _triton().forward(x, base.dequantize(x.dtype, backend), bias, A, B, s, p, seed)
+        y, h = triton_ops().forward(x, base.dequantize(x.dtype, backend), bias, A, B, s, p, seed)
+        return y, h, *_no_dora(x)
     one_dtype = base_dtype is None or base_dtype == x.dtype
     fused = base.fused_forward(x, bias, adapter, backend) if one_dtype else None
     if fused is not None:
-        return fused
+        return (*fused, *_no_dora(x))
     h = apply_dropout(x, p, seed) @ A.t()
     y = base.linear(x, bias, backend, base_dtype)  # a new tensor: the LoRA term is added in place
-    return y.add_((h @ B.t()).mul_(s)), h
+    return y.add_((h @ B.t()).mul_(s)), h, *_no_dora(x)
 
 
-def backward_body(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, needs_dx: bool, needs_dlora: bool,
-                  needs_dbias: bool, backend: str, base_dtype=None):
-    """``(dx [M, in], dA [r, in], dB [out, r], dbias [out])`` (one not asked for is empty); W frozen.
-    "triton" decodes a quantized base again (W is never saved)."""
-    A, B, s, p, seed = adapter
-    if backend == "triton":
-        grads = _triton().backward(dy, x, base.dequantize(dy.dtype, backend), A, B, h, s, p, seed,
-                                   needs_dx, needs_dlora, needs_dbias)
+def _no_dora(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The empty ``(z, norm)`` of a plain LoRA forward (distinct: op outputs may not alias)."""
+    return x.new_empty(0), x.new_empty(0, dtype=norm_dtype(x.dtype))
+
+
+def backward_body(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, z: Tensor, norm: Tensor, needs_dx: bool,
+                  needs_dlora: bool, needs_dbias: bool, backend: str, base_dtype=None):
+    """``(dx [M, in], dA [r, in], dB [out, r], dbias [out], dmagnitude [out])`` (one not asked for,
+    and dmagnitude without DoRA, is empty); W frozen. "triton" decodes a quantized base again (W is
+    never saved)."""
+    A, B, s, p, seed, m = adapter
+    if m is not None:
+        grads = dora.backward(dy, x, base, adapter, h, z, norm, needs_dx, needs_dlora, needs_dbias, backend,
+                              base_dtype)
+    elif backend == "triton":
+        grads = (*triton_ops().backward(dy, x, base.dequantize(dy.dtype, backend), A, B, h, s, p, seed,
+                                     needs_dx, needs_dlora, needs_dbias), dy.new_empty(0))
     else:
         dx_base = base.grad_input(dy, backend, base_dtype) if needs_dx else None
-        grads = lora_backward_reference(dy, x, None, A, B, h, s, p, seed, needs_dx, needs_dlora, needs_dbias,
-                                        dx_base)
-    dx, dA, dB, dbias = grads
-    return dx.contiguous(), dA.contiguous(), dB.contiguous(), dbias.contiguous()
+        grads = (*lora_backward_reference(dy, x, None, A, B, h, s, p, seed, needs_dx, needs_dlora, needs_dbias,
+                                          dx_base), dy.new_empty(0))
+    return tuple(g.contiguous() for g in grads)
 
 
 # -- the dense ops --------------------------------------------------------------------------------
@@ -76,52 +87,59 @@ def backward_body(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, need
 @torch.library.custom_op("lorakern::lora_fwd", mutates_args=())
 def lora_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor | None, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``x [M, K]`` -> ``(y [M, N], h [M, r])`` with ``y = x W^T + bias + s * h B^T``, ``h = dropout(x) A^T``.
+    scaling: float, dropout_p: float, seed: Tensor | None, magnitude: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x [M, K]`` -> ``(y [M, N], h [M, r], z, norm)`` with ``y = x W^T + bias + s * h B^T``,
+    ``h = dropout(x) A^T``; with DoRA's ``magnitude [N]``, ``y`` is DoRA's and ``z [M, N]``,
+    ``norm [N]`` are saved for backward (see :mod:`.dora`), else both are empty.
 
     The op is public (``torch.ops.lorakern.lora_fwd``): it checks its own arguments, as
     :func:`lora_linear` does, before any kernel sees a pointer."""
     check_x(x, dim=2)
     _check_weight(weight)
-    check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, False, base={"weight": weight})
+    check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, False, base={"weight": weight},
+                       magnitude=magnitude)
     _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
-    return _fwd_body(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    return _fwd_body(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, magnitude, backend)
 
 
-def _fwd_body(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    y, h = forward_body(x, DenseBase(weight), bias, Adapter(lora_A, lora_B, scaling, dropout_p, seed), backend)
-    return y.contiguous(), h.contiguous()
+def _fwd_body(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, magnitude, backend, keep_z=True):
+    y, h, z, norm = forward_body(x, DenseBase(weight), bias, Adapter(lora_A, lora_B, scaling, dropout_p, seed,
+                                                                      magnitude), backend, keep_z=keep_z)
+    return y.contiguous(), h.contiguous(), z.contiguous(), norm.clone()  # the norm may be cached
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, magnitude, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), *fake_saved(x, weight.shape[0], lora_A.shape[0], magnitude)
 
 
 @torch.library.custom_op("lorakern::lora_bwd", mutates_args=())
 def lora_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor | None,
+    scaling: float, dropout_p: float, seed: Tensor | None, magnitude: Tensor | None, z: Tensor, norm: Tensor,
     needs_dx: bool, needs_dlora: bool, needs_dbias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N])``; one not asked for is empty."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N], dmagnitude [N])``; one not asked for
+    (and dmagnitude without DoRA) is empty. ``z``, ``norm``: the forward's, for DoRA."""
     _check_weight(weight, frozen=False)
-    check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight})
+    check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight},
+                        magnitude=magnitude, z=z, norm=norm, needs_dlora=needs_dlora)
     _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
-    return _bwd_body(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias,
-                     backend)
+    return _bwd_body(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, magnitude, z, norm, needs_dx,
+                     needs_dlora, needs_dbias, backend)
 
 
-def _bwd_body(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias,
-              backend):
-    return backward_body(dy, x, DenseBase(weight), Adapter(lora_A, lora_B, scaling, dropout_p, seed), h,
-                         needs_dx, needs_dlora, needs_dbias, backend)
+def _bwd_body(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, magnitude, z, norm, needs_dx, needs_dlora,
+              needs_dbias, backend):
+    return backward_body(dy, x, DenseBase(weight), Adapter(lora_A, lora_B, scaling, dropout_p, seed, magnitude), h,
+                         z, norm, needs_dx, needs_dlora, needs_dbias, backend)
 
 
 @lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, needs_dx, needs_dlora, needs_dbias, backend):
-    return fake_grads(dy, x, lora_A, lora_B, needs_dx, needs_dlora, needs_dbias)
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, magnitude, z, norm, needs_dx, needs_dlora,
+      needs_dbias, backend):
+    return fake_grads(dy, x, lora_A, lora_B, magnitude, needs_dx, needs_dlora, needs_dbias)
 
 
 _autograd = LayerAutograd("lora_fwd", "lora_bwd")
@@ -148,8 +166,9 @@ def _check_op_backend(backend: str, x: Tensor, r: int, seed, dropout_p: float) -
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float = 0.0, training: bool = True, backend: str = "auto",
+    magnitude: Tensor | None = None,
 ) -> Tensor:
-    """LoRA linear ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T``.
+    """LoRA linear ``y = x W^T + bias + scaling * (dropout(x) A^T) B^T``, or DoRA with ``magnitude``.
 
     Args:
         x: ``[..., in_features]``, any leading dims and strides.
@@ -160,6 +179,10 @@ def lora_linear(
         dropout_p: dropout on the LoRA branch's input, applied only when ``training``.
         backend: "auto" (Triton on CUDA, else the reference, with a one-time warning), "reference",
             or "triton" (raises if it cannot serve the inputs).
+        magnitude: DoRA's magnitude vector ``[out_features]`` (PEFT's ``lora_magnitude_vector``), or
+            None for plain LoRA. With it, ``y = x W^T + bias + (g - 1) (x~ W^T) + g s (x~ A^T) B^T``
+            with ``g = magnitude / ||W + s B A||_row`` (the norm detached, as PEFT and the DoRA paper
+            have it) and ``x~ = dropout(x)``: without dropout, ``g (x W^T + s x A^T B^T) + bias``.
 
     Returns ``y [..., out_features]``. Under ``torch.autocast`` every input is cast to the autocast
     dtype, as ``nn.Linear`` does.
@@ -168,14 +191,14 @@ def lora_linear(
     cast = autocast_dtype(x.device.type)
     _check_weight(weight)
     check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, cast is not None,
-                       base={"weight": weight})
+                       base={"weight": weight}, magnitude=magnitude)
     if cast is not None:
-        x, weight, bias, lora_A, lora_B = autocast_to(cast, x, weight, bias, lora_A, lora_B)
+        x, weight, bias, lora_A, lora_B, magnitude = autocast_to(cast, x, weight, bias, lora_A, lora_B, magnitude)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     x2d = rows(x)
     chosen = resolve_lora(backend, x2d, lora_A.shape[0])
-    args = (x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, chosen)
-    y, _ = call_layer_op(torch.ops.lorakern.lora_fwd, EagerLoRA, args, (x, bias, lora_A, lora_B),
-                         lambda: _fwd_body(*args))
+    args = (x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, magnitude, chosen)
+    y = call_layer_op(torch.ops.lorakern.lora_fwd, EagerLoRA, args, (x, bias, lora_A, lora_B, magnitude),
+                      lambda: _fwd_body(*args, keep_z=False))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # 2-D: no view (FSDP2 hooks)

@@ -68,15 +68,23 @@ def _row_rank_offsets(pid_m, pid_r, M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.con
 
 @triton.jit
 def lora_matmul_kernel(
-    a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr,
+    a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr, ascale_ptr, colscale_ptr, z_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr,
-    stride_bn, stride_br, stride_om, stride_on, stride_bias,
+    stride_bn, stride_br, stride_om, stride_on, stride_bias, stride_zm, stride_zn,
     scaling, threshold, inv_keep,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
+    A_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, A_SCALE: tl.constexpr, COL_SCALE: tl.constexpr,
+    STORE_Z: tl.constexpr, ADD_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """DoRA's variants (see lorakern/ops/dora.py), each a constexpr that is off for plain LoRA:
+    A_DROPOUT 1: ``a`` is dropout(x) in the K-loop, 2: ``x - dropout(x)`` (the forward with dropout);
+    A_SCALE: ``a``'s column k scaled by ``ascale[k]`` (dx: ``(g * dY) W``); OUT_DROPOUT: everything
+    computed is masked by dropout after the K-loop (dx with dropout: ``D((g - 1) dY W + dh A)``);
+    STORE_Z: the accumulator (``z``) stored before COL_SCALE scales column n by ``colscale[n]``;
+    ADD_OUT: ``out`` is added to, not overwritten."""
     # Grouped launch order: GROUP_M row panels share each column panel of w while it is in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -96,6 +104,8 @@ def lora_matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype = out_ptr.dtype.element_ty
+    if HAS_DROPOUT or A_DROPOUT != 0 or OUT_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
 
     # The rank-R part first, as the accumulator's initial value: cdiv(R, BLOCK_R) K-steps over
     # [h | b], masked beyond R (BLOCK_R >= 16, the MMA minimum: r=1..16 is one padded step).
@@ -114,7 +124,6 @@ def lora_matmul_kernel(
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(h.to(dtype), b.to(dtype), acc, DOT_F32, PRECISION)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.uint32)
         keep = dropout_keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], threshold)
         acc = tl.where(keep, acc * inv_keep, 0.0)
 
@@ -123,15 +132,32 @@ def lora_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if A_DROPOUT != 0:  # a = x [M, K]: element (m, k) has dropout index m * K + k
+            keep_a = dropout_keep(seed, offs_m[:, None].to(tl.int64) * K + (k0 + offs_k[None, :]), threshold)
+            kept = tl.where(keep_a, a.to(tl.float32) * inv_keep, 0.0)
+            a = (kept if A_DROPOUT == 1 else a.to(tl.float32) - kept).to(dtype)
+        if A_SCALE:
+            v = tl.load(ascale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            a = (a.to(tl.float32) * v[None, :]).to(dtype)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(a, w, acc, DOT_F32, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if OUT_DROPOUT:
+        keep = dropout_keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], threshold)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
+    if STORE_Z:
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, acc.to(dtype), mask=mask_out)
+    if COL_SCALE:
+        acc = acc * tl.load(colscale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+    if ADD_OUT:
+        acc += tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(dtype), mask=mask_out)
 
 
 @triton.jit
@@ -179,18 +205,19 @@ def skinny_kernel(
 
 @triton.jit
 def dy_kernel(
-    a_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, dbias_ptr,
+    a_ptr, b_ptr, h_ptr, dh_ptr, db_ptr, dbias_ptr, z_ptr, dm_ptr,
     M, N, R, TILES_PER_SPLIT,
     stride_am, stride_an, stride_bn, stride_br, stride_hm, stride_hr,
-    stride_dhm, stride_dhr, stride_dbn, stride_dbr,
+    stride_dhm, stride_dhr, stride_dbn, stride_dbr, stride_zm, stride_zn,
     scale,
     HAS_DH: tl.constexpr, DH_ATOMIC: tl.constexpr, HAS_DB: tl.constexpr, HAS_DBIAS: tl.constexpr,
-    USE_INT64: tl.constexpr,
+    HAS_DM: tl.constexpr, USE_INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """a = dY [M, N], b = B [N, R], h [M, R]; dh [M, R] fp32 (added to when DH_ATOMIC: the column
-    tiles are split over programs), db [N, R] and dbias [N] fp32, zeroed by the caller."""
+    tiles are split over programs), db [N, R] and dbias [N] fp32, zeroed by the caller. HAS_DM
+    (DoRA): dm [N] fp32 += column sums of dY * z, z [M, N] read beside each dY tile."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -225,6 +252,12 @@ def dy_kernel(
         if HAS_DBIAS:
             if pid_r == 0:
                 tl.atomic_add(dbias_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n, sem="relaxed")
+        if HAS_DM:
+            if pid_r == 0:
+                z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                tl.atomic_add(dm_ptr + offs_n, tl.sum(dy.to(tl.float32) * z.to(tl.float32), axis=0), mask=mask_n,
+                              sem="relaxed")
 
     if HAS_DH:
         dh_ptrs = dh_ptr + offs_m[:, None] * stride_dhm + offs_r[None, :] * stride_dhr

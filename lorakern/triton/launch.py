@@ -75,29 +75,42 @@ def _run(kernel, key, candidates, call, device, role, before=None):
     return choose(key, candidates, launch, device)[1]
 
 
-def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, seed=None, config=None, role=""):
+def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, seed=None, config=None, role="",
+                a_dropout: int = 0, out_dropout: bool = False, a_scale=None, col_scale=None, z=None,
+                add_out: bool = False, rank: bool = True):
     """``out[M, N] = a[M, K] w[N, K]^T + lora + bias``; lora = ``s * h b^T`` or, with dropout,
     ``dropout(h b^T)`` (the backward's dx). ``h [M, R]``, ``b [N, R]``; any strides.
-    Returns the config used (None when there was nothing to compute)."""
+    DoRA's variants (see the kernel): ``a_dropout`` 1 / 2 (a is dropout(x) / x - dropout(x), with
+    ``dropout_p`` and ``seed``), ``out_dropout`` (all of it masked at the end), ``a_scale [K]`` and
+    ``col_scale [N]`` fp32, ``z [M, N]`` (the product before col_scale), ``add_out``, and
+    ``rank=False`` (no rank-R part: the plain GEMM). Returns the config used (None when there was
+    nothing to compute)."""
     M, K = a.shape
-    N, R = w.shape[0], h.shape[1]
+    N, R = w.shape[0], (h.shape[1] if rank else 0)
     if M == 0 or N == 0:
         return None
     seed, threshold, inv_keep, has_dropout = _dropout_args(dropout_p, seed, a.device)
-    r_pad = padded_rank(R)
-    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, h, b, out, bias) if t is not None), M * N)
+    masks_a, masks_out = has_dropout and a_dropout != 0, has_dropout and out_dropout
+    masks_rank = has_dropout and not masks_a and not masks_out
+    r_pad = padded_rank(max(R, 1))
+    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (a, w, h, b, out, bias, z) if t is not None), M * N)
 
     def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
         return grid, dict(
             a_ptr=a, w_ptr=w, h_ptr=h, b_ptr=b, bias_ptr=bias if bias is not None else out, out_ptr=out,
-            seed_ptr=seed, M=M, N=N, K=K, R=R,
+            seed_ptr=seed, ascale_ptr=a_scale if a_scale is not None else out,
+            colscale_ptr=col_scale if col_scale is not None else out, z_ptr=z if z is not None else out,
+            M=M, N=N, K=K, R=R,
             stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
             stride_hm=h.stride(0), stride_hr=h.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
             stride_om=out.stride(0), stride_on=out.stride(1),
             stride_bias=bias.stride(0) if bias is not None else 0,  # an expanded bias has stride 0
+            stride_zm=z.stride(0) if z is not None else 0, stride_zn=z.stride(1) if z is not None else 0,
             scaling=scaling, threshold=threshold, inv_keep=inv_keep,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, USE_INT64=use_int64,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=masks_rank, USE_INT64=use_int64,
+            A_DROPOUT=a_dropout if masks_a else 0, OUT_DROPOUT=masks_out, A_SCALE=a_scale is not None,
+            COL_SCALE=col_scale is not None, STORE_Z=z is not None, ADD_OUT=add_out,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k(cfg, a.dtype),
             BLOCK_R=matmul_block_r(r_pad), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
@@ -106,7 +119,11 @@ def lora_matmul(a, w, h, b, bias, out, scaling: float, dropout_p: float = 0.0, s
     # Triton specializes ints divisible by 16; without that hint loads are scalar (see configs).
     aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
     candidates = (config,) if config is not None else matmul_candidates(M, aligned, a.dtype, dropout=has_dropout)
-    key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned)
+    if add_out:  # the tuner's timing runs would add into out more than once
+        candidates = candidates[:1]
+    variant = (a_dropout if masks_a else 0, masks_out, a_scale is not None, col_scale is not None, z is not None,
+               add_out, rank)
+    key = ("matmul", bucket(M), N, K, r_pad, a.dtype, bias is not None, has_dropout, aligned, variant)
     return _run(lora_matmul_kernel, key, candidates, call, a.device, role)
 
 
@@ -149,14 +166,15 @@ def sm_count(device: torch.device) -> int:
     return SM_COUNT_GUESS
 
 
-def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
+def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role="", z=None, dm=None):
     """From one read of ``dy [M, N]``: ``dh [M, R] = scale * dy b``, ``db [N, R] = scale * dy^T h``,
-    ``dbias [N] = sum_m dy``, each fp32 and each optional (None). ``b [N, R]``, ``h [M, R]``; any
-    strides. db, dbias (and dh, when the column tiles are split) are summed into by atomic adds:
-    they are zeroed here before each launch. Returns the config used (None: nothing to compute)."""
+    ``dbias [N] = sum_m dy``, DoRA's ``dm [N] = sum_m dy * z`` (``z [M, N]``), each fp32 and each
+    optional (None). ``b [N, R]``, ``h [M, R]``; any strides. db, dbias, dm (and dh, when the column
+    tiles are split) are summed into by atomic adds: they are zeroed here before each launch.
+    Returns the config used (None: nothing to compute)."""
     M, N = dy.shape
     R = b.shape[1]
-    targets = [t for t in (dh, db, dbias) if t is not None]
+    targets = [t for t in (dh, db, dbias, dm) if t is not None]
 
     def zero():
         for t in targets:
@@ -168,7 +186,7 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
     r_pad = padded_rank(R)
     block_r = skinny_block_r(r_pad, dy.dtype)
     r_blocks = -(-r_pad // block_r) if (dh is not None or db is not None) else 1
-    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (dy, b, h, *targets)))
+    use_int64 = needs_int64(*(max_offset(t) + 1 for t in (dy, b, h, *targets, *(() if z is None else (z,)))))
     sms = sm_count(dy.device)
     fp32 = dy.dtype == torch.float32
 
@@ -179,17 +197,19 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role=""):
         return grid, dict(
             a_ptr=dy, b_ptr=b, h_ptr=h, dh_ptr=dh if dh is not None else targets[0],
             db_ptr=db if db is not None else targets[0], dbias_ptr=dbias if dbias is not None else targets[0],
+            z_ptr=z if dm is not None else targets[0], dm_ptr=dm if dm is not None else targets[0],
             M=M, N=N, R=R, TILES_PER_SPLIT=per,
             stride_am=dy.stride(0), stride_an=dy.stride(1), stride_bn=b.stride(0), stride_br=b.stride(1),
             stride_hm=h.stride(0), stride_hr=h.stride(1),
             stride_dhm=dh.stride(0) if dh is not None else 0, stride_dhr=dh.stride(1) if dh is not None else 0,
             stride_dbn=db.stride(0) if db is not None else 0, stride_dbr=db.stride(1) if db is not None else 0,
+            stride_zm=z.stride(0) if dm is not None else 0, stride_zn=z.stride(1) if dm is not None else 0,
             scale=scale, HAS_DH=dh is not None, DH_ATOMIC=dh is not None and splits > 1,
-            HAS_DB=db is not None, HAS_DBIAS=dbias is not None, USE_INT64=use_int64,
+            HAS_DB=db is not None, HAS_DBIAS=dbias is not None, HAS_DM=dm is not None, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=bn, BLOCK_R=block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dy.dtype),
         )
 
     candidates = (config,) if config is not None else dy_candidates(M, dy.dtype)
-    key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None)
+    key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None, dm is not None)
     return _run(dy_kernel, key, candidates, call, dy.device, role, before=zero)

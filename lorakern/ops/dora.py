@@ -1,0 +1,193 @@
+"""DoRA (weight-decomposed LoRA) as a variant of the LoRA bodies: the weight norm, its caches, and
+the forward / backward on any base (dense or NF4): in plain torch, or for "triton" by the launch
+sequences of :mod:`lorakern.triton.lora` on the dense (or decoded) W. The float64 definition is
+:func:`lorakern.reference.dora_linear_reference`.
+
+PEFT's ``DoraLinearVariant`` is the contract. With ``g = m / n`` (per output row j),
+``n_j = ||W_j + s (B A)_j||`` detached (no gradient flows through the norm: DoRA paper, 4.3),
+``x~ = dropout(x)``, ``h = x~ A^T``:
+
+    y = x W^T + bias + (g - 1) * (x~ W^T) + g * s h B^T
+
+Without dropout (or in eval) ``x~ = x`` and this is ``y = g * (x W^T + s h B^T) + bias``; with
+dropout PEFT computes the base product a second time, on ``x~``, and so does this. Naming
+``u = x~ W^T`` and ``z = u + s h B^T`` [M, out]: ``y = x W^T + bias - u + g * z``.
+
+The norm never needs the dense ``B A`` [out, in]:
+
+    n_j^2 = ||W_j||^2 + 2 s B_j . (A W^T)^T_j + s^2 B_j (A A^T) B_j^T
+
+``||W_j||^2`` is cached per base weight (constant while W is frozen); ``A W^T`` [r, out] is one more
+pass over W, taken in the same matmul as ``x~ W^T`` at small M (rows [x~; A] together: memory-bound,
+so r more rows cost little on a dense base); the rest is O(out * r^2 + in * r^2). The whole norm is
+cached per (W, A, B, s) while none of them changes (eval, gradient accumulation), checked by each
+tensor's identity and version counter.
+
+Gradients (n constant):
+
+    dz     = g * dy                                   [M, out]
+    dm     = sum_m (dy * z) / n                       [out]
+    dh     = s dz B,  dB = s dz^T h,  dA = dh^T x~    (LoRA's, with dz for dy)
+    dx     = dz W + D(dh A)                           (no dropout)
+    dx     = dy W + D((g - 1) dy W + dh A)            (dropout; D regenerated from the seed)
+    dbias  = sum_m dy
+
+Saved for backward, beyond LoRA's x and h [M, r]: z [M, out] in x's dtype (for dm) and n [out]
+fp32. PEFT's autograd keeps x, dropout(x), lora_A(x) [M, r], the base result and the LoRA result
+(two [M, out] tensors), and their products with the scale.
+
+A zero row ``W_j + s (B A)_j = 0`` makes n_j = 0 and g_j = m_j / 0 (inf or nan): output column j
+and the grads it touches are nan, as in PEFT, which divides by the same zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.weak import TensorWeakRef, WeakTensorKeyDictionary
+
+from ..dropout import apply_dropout
+from ..reference import lora_backward_reference
+from .common import Adapter, triton_ops
+
+# The norms cached so far: base weight tensor -> (stamp, ||W_j||^2 [out] fp32), and lora_A ->
+# (stamp of W, A, B, s, n [out] fp32). Weak keys: an entry goes with its tensor.
+_ROW_SQ_NORMS = WeakTensorKeyDictionary()
+_NORMS = WeakTensorKeyDictionary()
+
+
+def _stamp(*tensors):
+    """What identifies the values of ``tensors`` now: each one's identity (a weak reference is
+    compared, not an id that a later tensor can reuse) and version counter, bumped by every
+    in-place op. None where a tensor has no version counter (inference-mode tensors)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
+def _lookup(cache, key: Tensor, stamp, others: tuple):
+    hit = cache.get(key)
+    if hit is None or stamp is None or hit[0] != stamp or len(hit[1]) != len(others):
+        return None
+    if any(ref() is not t for ref, t in zip(hit[1], others)):
+        return None
+    return hit[2]
+
+
+def _store(cache, key: Tensor, stamp, others: tuple, value: Tensor) -> None:
+    if stamp is not None:
+        cache[key] = (stamp, tuple(TensorWeakRef(t) for t in others), value)
+
+
+def row_sq_norms(base) -> Tensor:
+    """``||W_j||^2`` [out] fp32 of a base weight, cached while its tensors are unchanged."""
+    tensors = base.tensors()
+    stamp = _stamp(*tensors)
+    cached = _lookup(_ROW_SQ_NORMS, tensors[0], stamp, tensors[1:])
+    if cached is None:
+        cached = base.row_sq_norms()
+        _store(_ROW_SQ_NORMS, tensors[0], stamp, tensors[1:], cached)
+    return cached
+
+
+def norm_from(wsq: Tensor, aw: Tensor, adapter: Adapter) -> Tensor:
+    """``n = ||W + s B A||_row`` [out] (fp32, fp64 for float64) from ``wsq = ||W_j||^2`` and ``aw = A W^T`` [r, out]."""
+    dtype = wsq.dtype
+    A, B, s = adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling
+    cross = (B * aw.to(dtype).t()).sum(1)                     # B_j . (W A^T)_j
+    quad = ((B @ (A @ A.t())) * B).sum(1)                    # B_j (A A^T) B_j^T
+    return (wsq + (2.0 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
+
+
+def cached_norm(base, adapter: Adapter) -> tuple[Tensor | None, tuple]:
+    """``(n or None, key)``: the norm cached for this base and adapter, and the key to store one."""
+    A, B = adapter.lora_A, adapter.lora_B
+    tensors = base.tensors()
+    stamp = _stamp(*tensors, A, B)
+    key = (None if stamp is None else (*stamp, float(adapter.scaling)), (*tensors, B))
+    return _lookup(_NORMS, A, *key), key
+
+
+def store_norm(adapter: Adapter, key: tuple, norm: Tensor) -> None:
+    _store(_NORMS, adapter.lora_A, *key, norm)
+
+
+def weight_norm(base, adapter: Adapter, backend: str, base_dtype=None, weight: Tensor | None = None) -> Tensor:
+    """``||W + s B A||_row`` [out] fp32 (detached), cached (see the module docstring). ``weight``:
+    the dense W the Triton kernels read, where "triton" already has it."""
+    norm, key = cached_norm(base, adapter)
+    if norm is None:
+        A = adapter.lora_A.detach()
+        if backend == "triton":
+            aw = triton_ops().weight_a(base.dequantize(A.dtype, backend) if weight is None else weight, A).t()
+        else:
+            aw = base.linear(A, None, backend, base_dtype)
+        norm = norm_from(row_sq_norms(base), aw, adapter._replace(lora_A=A, lora_B=adapter.lora_B.detach()))
+        store_norm(adapter, key, norm)
+    return norm
+
+
+def scale(adapter: Adapter, norm: Tensor) -> Tensor:
+    """``g = m / n`` [out] in the norm's dtype."""
+    return adapter.magnitude.detach().to(norm.dtype) / norm
+
+
+def forward(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str, base_dtype=None,
+            keep_z: bool = True):
+    """``x [M, in]`` -> ``(y [M, out], h [M, r], z [M, out] (empty unless keep_z), n [out] fp32)``."""
+    A, B, s, p, seed, _ = adapter
+    if backend == "triton":
+        weight = base.dequantize(x.dtype, backend)
+        norm = weight_norm(base, adapter, backend, weight=weight)
+        y, h, z = triton_ops().dora_forward(x, weight, bias, A, B, s, p, seed, scale(adapter, norm), keep_z)
+        return y, h, x.new_empty(0) if z is None else z, norm
+    M = x.shape[0]
+    xd = apply_dropout(x, p, seed)
+    h = xd @ A.t()
+    norm, key = cached_norm(base, adapter)
+    if norm is None and M + A.shape[0] <= base.shared_rows:
+        # One pass over W for both products: [x~; A] W^T (see the module docstring).
+        both = base.linear(torch.cat([xd, A.detach()]), None, backend, base_dtype)
+        u, aw = both[:M], both[M:]
+        norm = norm_from(row_sq_norms(base), aw, adapter._replace(lora_A=A.detach(), lora_B=B.detach()))
+        store_norm(adapter, key, norm)
+    else:
+        if norm is None:
+            norm = weight_norm(base, adapter, backend, base_dtype)
+        u = base.linear(xd, None, backend, base_dtype)
+    g = scale(adapter, norm).to(x.dtype)
+    z = u + (h @ B.t()).mul_(s)
+    if p == 0.0:
+        y = z * g if bias is None else torch.addcmul(bias, z, g)
+    else:  # PEFT's order: the base on x, then (g - 1) * u + g * s h B^T added
+        y = base.linear(x, bias, backend, base_dtype).sub_(u).add_(z * g)
+    return y, h, z if keep_z else x.new_empty(0), norm
+
+
+def backward(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, z: Tensor, norm: Tensor, needs_dx: bool,
+             needs_dlora: bool, needs_dbias: bool, backend: str, base_dtype=None):
+    """``(dx, dA, dB, dbias, dm)`` of :func:`forward` (one not asked for is empty); W frozen."""
+    A, B, s, p, seed, m = adapter
+    g32 = scale(adapter, norm)
+    if backend == "triton":
+        dx, dA, dB, dbias, dm = triton_ops().dora_backward(dy, x, base.dequantize(dy.dtype, backend), A, B, h, z,
+                                                           norm, g32, s, p, seed, needs_dx, needs_dlora, needs_dbias)
+        return dx, dA, dB, dbias, dm.to(m.dtype)
+    g = g32.to(dy.dtype)
+    dz = dy * g
+    dx_base = None
+    if needs_dx:
+        if p == 0.0:
+            dx_base = base.grad_input(dz, backend, base_dtype)
+        else:
+            dx_base = base.grad_input(dy, backend, base_dtype).add_(
+                apply_dropout(base.grad_input(dz - dy, backend, base_dtype), p, seed))
+    # LoRA's grads with dz for dy: dh = s dz B = s dy (g B), dB = s dz^T h = g * (s dy^T h).
+    dx, dA, dB, dbias = lora_backward_reference(dy, x, None, A, B * g[:, None], h, s, p, seed, needs_dx,
+                                                needs_dlora, needs_dbias, dx_base)
+    dm = dy.new_empty(0)
+    if needs_dlora:
+        dB = (dB * g[:, None]).to(B.dtype)
+        dm = ((dy * z).sum(0, dtype=norm.dtype) / norm).to(m.dtype)
+    return dx, dA, dB, dbias, dm
