@@ -30,7 +30,16 @@ def make_model(seed=0, **cfg):
     base = Block()
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"], lora_dropout=0.0,
                              init_lora_weights=False, **cfg)
-    return peft.get_peft_model(base, config)
+    return _spread_magnitudes(peft.get_peft_model(base, config))
+
+
+def _spread_magnitudes(model):
+    """DoRA starts at m = ||W + s B A|| (a scale of 1): spread m so that the scale m / n matters."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.rand_like(p) + 0.5)
+    return model
 
 
 def outputs_and_grads(model, x):
@@ -50,9 +59,10 @@ def _served_by_op(monkeypatch, name="lora_linear"):
     return calls
 
 
-def test_fuse_matches_peft_outputs_and_grads(monkeypatch):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fuse_matches_peft_outputs_and_grads(monkeypatch, use_dora):
     calls = _served_by_op(monkeypatch)
-    model = make_model()
+    model = make_model(use_dora=use_dora)
     x = torch.randn(3, 5, 48)
     y_ref, g_ref = outputs_and_grads(model, x)
     params_before = {n: p for n, p in model.named_parameters()}
@@ -71,11 +81,12 @@ def test_fuse_matches_peft_outputs_and_grads(monkeypatch):
     assert len(calls) == 3, "unfused: PEFT's forward again"
 
 
-def test_optimizer_built_before_fuse_trains_the_same():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_optimizer_built_before_fuse_trains_the_same(use_dora):
     x = torch.randn(4, 48)
     losses = []
     for do_fuse in (False, True):
-        model = make_model(seed=1)
+        model = make_model(seed=1, use_dora=use_dora)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         if do_fuse:
             fuse(model)
@@ -91,13 +102,14 @@ def test_optimizer_built_before_fuse_trains_the_same():
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]))
 
 
-def test_save_pretrained_round_trips_with_plain_peft(tmp_path):
-    model = make_model(seed=2)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_save_pretrained_round_trips_with_plain_peft(tmp_path, use_dora):
+    model = make_model(seed=2, use_dora=use_dora)
     fuse(model)
     x = torch.randn(2, 48)
     with torch.no_grad():
         model.base_model.model.q.lora_B["default"].weight.normal_()
-        y_fused = model(x)
+        y_fused = model(x)  # DoRA: with spread magnitudes, which a fresh DoRA init (m = ||W + s B A||) lacks
     model.save_pretrained(tmp_path / "fused")
     torch.manual_seed(2)
     plain = peft.PeftModel.from_pretrained(Block(), tmp_path / "fused")
@@ -135,7 +147,8 @@ def test_unsupported_layers_and_calls_fall_back_to_peft():
             torch.relu(model.base_model.model.up.base_layer(model.base_model.model.q.base_layer(x)))) + x)
 
 
-def test_bnb_linear4bit_base_is_fused(monkeypatch):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_bnb_linear4bit_base_is_fused(monkeypatch, use_dora):
     bnb = pytest.importorskip("bitsandbytes")
     calls = _served_by_op(monkeypatch, "qlora_linear")
 
@@ -152,8 +165,8 @@ def test_bnb_linear4bit_base_is_fused(monkeypatch):
     net = Net()
     net.proj.load_state_dict(dense.state_dict())
     net = net.to("cpu")
-    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"],
-                                                     init_lora_weights=False))
+    model = _spread_magnitudes(peft.get_peft_model(net, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["proj"], init_lora_weights=False, use_dora=use_dora)))
     x = torch.randn(5, 128)
     y_ref, g_ref = outputs_and_grads(model, x)
     assert fuse(model) == 1
@@ -164,8 +177,9 @@ def test_bnb_linear4bit_base_is_fused(monkeypatch):
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-5, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_tiny_llama_with_gradient_checkpointing_and_autocast(autocast):
+def test_tiny_llama_with_gradient_checkpointing_and_autocast(autocast, use_dora):
     transformers = pytest.importorskip("transformers")
 
     def build():
@@ -175,8 +189,8 @@ def test_tiny_llama_with_gradient_checkpointing_and_autocast(autocast):
         model = transformers.LlamaForCausalLM(cfg)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                               init_lora_weights=False)
-        return peft.get_peft_model(model, lora).train()
+                               init_lora_weights=False, use_dora=use_dora)
+        return _spread_magnitudes(peft.get_peft_model(model, lora)).train()
 
     ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(5))
     results = []
@@ -197,8 +211,9 @@ def test_tiny_llama_with_gradient_checkpointing_and_autocast(autocast):
 
 
 @pytest.mark.slow
-def test_fused_peft_model_compiles_fullgraph():
-    model = make_model(seed=4)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fused_peft_model_compiles_fullgraph(use_dora):
+    model = make_model(seed=4, use_dora=use_dora)
     fuse(model)
     x = torch.randn(2, 3, 48)
     y_eager, g_eager = outputs_and_grads(model, x)

@@ -45,7 +45,8 @@ def test_opcheck(backend):
     x, w, b, a, bb = lora_inputs(9, 20, 12, 4, torch.float32)
     seed = torch.tensor(5)
     for p, s in ((0.0, None), (0.2, seed)):
-        args = (x.requires_grad_(), w, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_(), 2.0, p, s, None, backend)
+        args = (x.requires_grad_(), w, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_(), 2.0, p, s, None,
+                backend)
         torch.library.opcheck(torch.ops.lorakern.lora_fwd.default, args)
     y, h, z, n = torch.ops.lorakern.lora_fwd(x.detach(), w, b.detach(), a.detach(), bb.detach(), 2.0, 0.2, seed, None,
                                              backend)
