@@ -38,11 +38,11 @@ import torch  # noqa: E402
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # What each launch computes (the dY pass is recorded both ways: once, or twice; see triton/lora.py)
-ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx")
+ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx", "WA", "y base", "dx base")
 
 
 def _shape_specs(full: bool):
-    """(dtype, r, bias, dropout, M, K, N, tf32) combinations whose launches are compiled.
+    """(dtype, r, bias, dropout, M, K, N, tf32[, dora]) combinations whose launches are compiled.
 
     Default (a covering subset for CI): every dtype at r = 8 and 32 (BLOCK_R 16 and 32, a rank
     that is and is not a multiple of 16), 16-bit at r = 64 or 256 (the skinny kernel's BLOCK_R
@@ -59,7 +59,8 @@ def _shape_specs(full: bool):
             for r, bias, p, M, (K, N) in product(ranks[dtype], (True, False), (0.0, 0.1),
                                                  (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001))):
                 for tf32 in ((False, True) if dtype == "fp32" else (False,)):
-                    yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32)
+                    for dora in (False, True):
+                        yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32, dora=dora)
         return
     ranks = {"fp16": (8, 32, 64), "bf16": (1, 8, 16, 32, 256), "fp32": (8, 32)}
     for dtype in DTYPES:
@@ -67,6 +68,12 @@ def _shape_specs(full: bool):
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False)
         for r, bias, p in product((1, 8, 32), (True, False), (0.0, 0.1)):  # rank == 1, odd, % 16
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False)
+        # DoRA: its matmul variants (per-row scale, z, dropout on x, per-K scale, add to out) and
+        # the dY pass with dm, at each regime's tiles; ranks as LoRA's where they change BLOCK_R.
+        for r, bias, p, M in product(ranks[dtype][:2], (True, False), (0.0, 0.1), (1, 64, 4096)):
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False, dora=True)
+        for bias, p in product((True, False), (0.0, 0.1)):
+            yield dict(dtype=dtype, r=8, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False, dora=True)
 
 
 def record(spec) -> list:
@@ -84,8 +91,16 @@ def record(spec) -> list:
     torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]  # the launchers read it for fp32's dot
     try:
         with record_launches() as launches:
-            _, h = lora.forward(x, w, bias, a, b, 2.0, p, seed)
-            lora.backward(torch.empty(M, N, **meta), x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
+            dy = torch.empty(M, N, **meta)
+            if spec.get("dora"):
+                g = norm = torch.empty(N, device="meta", dtype=torch.float32)
+                lora.weight_a(w, a)
+                lora.dora_forward(x, w, bias, a, b, 2.0, p, seed, g, keep_z=False)  # inference: no z
+                _, h, z = lora.dora_forward(x, w, bias, a, b, 2.0, p, seed, g, keep_z=True)
+                lora.dora_backward(dy, x, w, a, b, h, z, norm, g, 2.0, p, seed, True, True, spec["bias"])
+            else:
+                _, h = lora.forward(x, w, bias, a, b, 2.0, p, seed)
+                lora.backward(dy, x, w, a, b, h, 2.0, p, seed, True, True, spec["bias"])
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return launches
@@ -139,10 +154,14 @@ def compile_job(kernel, kwargs, arch: int) -> dict:
     )
 
 
+# The constexprs that choose a kernel variant (the rest are block sizes and launch options).
+VARIANT_PREFIXES = ("HAS_", "USE_", "PRECISION", "A_", "OUT_", "COL_", "STORE_", "ADD_")
+
+
 def verified_key(job) -> str:
     """What a launcher's choice must match in the sweep: kernel, dtype, every block size and
     boolean variant, warps and stages (int specializations of shapes aside)."""
-    prefixes = ("BLOCK_", "HAS_", "USE_", "PRECISION")
+    prefixes = VARIANT_PREFIXES + ("BLOCK_",)
     variant = sorted((k, v) for k, v in job["constexprs"].items() if k.startswith(prefixes))
     return json.dumps([job["kernel"], job["signature"]["a_ptr"], variant, job["options"]["num_warps"],
                        job["options"]["num_stages"]])
@@ -200,7 +219,7 @@ def run_job(job) -> dict:
     c = job["constexprs"]
     rec.update(
         dtype=job["signature"]["a_ptr"].lstrip("*"), block_r=c.get("BLOCK_R"),
-        variant={k: v for k, v in c.items() if k.startswith(("HAS_", "USE_", "PRECISION"))},
+        variant={k: v for k, v in c.items() if k.startswith(VARIANT_PREFIXES)},
         ok=False, error=None, regs=None, spill_bytes=None, shared_bytes=None, mma=None,
     )
     t0 = time.time()

@@ -20,7 +20,8 @@ def _in_subprocess(code: str) -> str:
 
 def test_launcher_choices_are_all_in_the_default_sweep():
     """Every config a launcher can pick (every autotune candidate) for many shapes was compiled by
-    the default sweep: M = 0, 1, 7, 16, 33, 64, 4096, 65537, odd in/out, r from 1 to 256, every dtype."""
+    the default sweep: M = 0, 1, 7, 16, 33, 64, 4096, 65537, odd in/out, r from 1 to 256, every dtype,
+    LoRA and DoRA."""
     code = r'''
 import json, torch
 import lorakern.aot as aot
@@ -31,8 +32,8 @@ for dtype in aot.DTYPES:
         for (K, N) in ((4096, 4096), (4096, 14336), (45, 53), (4097, 11001)):
             for r in (1, 3, 8, 16, 33, 64, 100, 256):
                 for bias in (True, False):
-                    for p in (0.0, 0.1):
-                        spec = dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=False)
+                    for p, dora in ((0.0, False), (0.1, False), (0.0, True), (0.1, True)):
+                        spec = dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=False, dora=dora)
                         for role, cands in aot.record(spec):
                             for kernel, _cfg, _grid, kw in cands:
                                 key = aot.verified_key(aot.compile_job(kernel, kw, 90))

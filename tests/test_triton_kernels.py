@@ -87,10 +87,10 @@ def _dy_reference(dy, b, h, scale):
 @pytest.mark.parametrize("cfg", all_dy_configs(), ids=str)
 @pytest.mark.parametrize("split", ["none", "132 SMs", "3 tiles"])
 def test_every_dy_config_and_split(cfg, split, device, monkeypatch):
-    """dh, dB, dbias from one read of dY: every config, column tiles in one run per row panel
-    (one SM) or split over programs with dh summed by atomics (132 SMs; runs of 3 tiles, the
-    last one shorter); dY a transposed view, several row panels, ragged edges, two rank blocks
-    (fp32 takes 32 rank columns a program)."""
+    """dh, dB, dbias and DoRA's dm = sum_m dY z from one read of dY: every config, column tiles in
+    one run per row panel (one SM) or split over programs with dh summed by atomics (132 SMs; runs
+    of 3 tiles, the last one shorter); dY and z transposed views, several row panels, ragged
+    edges, two rank blocks (fp32 takes 32 rank columns a program)."""
     from lorakern.triton import launch
 
     monkeypatch.setattr(launch, "sm_count", lambda device: 1 if split == "none" else 132)
@@ -101,9 +101,11 @@ def test_every_dy_config_and_split(cfg, split, device, monkeypatch):
         dy = torch.randn(N, M, dtype=dtype, device=device).t()
         b = torch.randn(N, r, dtype=dtype, device=device)
         h = torch.randn(M, r, dtype=dtype, device=device)
-        dh, db, dbias = (torch.full(shape, float("nan"), device=device) for shape in ((M, r), (N, r), (N,)))
-        launch.dy_grads(dy, b, h, dh, db, dbias, s, config=cfg)
-        for name, got, ref in zip(("dh", "dB", "dbias"), (dh, db, dbias), _dy_reference(dy, b, h, s)):
+        z = torch.randn(N, M, dtype=dtype, device=device).t()
+        dh, db, dbias, dm = (torch.full(shape, float("nan"), device=device) for shape in ((M, r), (N, r), (N,), (N,)))
+        launch.dy_grads(dy, b, h, dh, db, dbias, s, config=cfg, z=z, dm=dm)
+        refs = (*_dy_reference(dy, b, h, s), (dy.double() * z.double()).sum(0))
+        for name, got, ref in zip(("dh", "dB", "dbias", "dm"), (dh, db, dbias, dm), refs):
             tol = 1e-5 if dtype == torch.float32 else 1e-3  # fp32 sums of fp16 products: only order differs
             torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(), msg=name)
 

@@ -7,8 +7,10 @@
     lorakern-bench --shapes 4096,4096,4096,16 --dtype bf16 --out bench-out
 
 Suites: ``lora`` (providers base, unfused, peft, fused; modes fwd, bwd, fwd+bwd; see
-lorakern/bench/lora.py) and ``nf4`` (the QLoRA layer's eval forward against dense fp32 / bf16 and
-bitsandbytes, plus NF4 dequantize; see lorakern/bench/nf4.py).
+lorakern/bench/lora.py), ``dora`` (the same runner on providers fused, peft-dora, fused-dora; modes
+fwd, fwd+bwd, eval; ratios against fused plain LoRA and PEFT's DoRA) and ``nf4`` (the QLoRA
+layer's eval forward against dense fp32 / bf16 and bitsandbytes, plus NF4 dequantize; see
+lorakern/bench/nf4.py).
 
 Each measurement is appended to ``OUT/results.jsonl`` (schema in lorakern/bench/records.py), a
 table is printed, and one PNG per mode is written to OUT.
@@ -22,23 +24,26 @@ import os
 import torch
 
 from . import lora, nf4, records, report
-from .providers import MODES, available_providers
+from .providers import DORA_PROVIDERS, MODES, available_providers
 from .shapes import DTYPES, parse_shapes
 
-SUITES = ("lora", "nf4")
+SUITES = ("lora", "dora", "nf4")
+DEFAULT_MODES = {"lora": ("fwd", "bwd", "fwd+bwd"), "dora": ("fwd", "fwd+bwd", "eval")}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lorakern-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated, from lora,nf4")
+    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated, from lora,dora,nf4")
     parser.add_argument("--shapes", default=None,
                         help="presets (llama3-8b, llama3-70b, tiny, cpu) or M,in,out,r items, ';'-separated "
                              "(the nf4 suite uses r only for its adapter; default: Llama-3-8B projections)")
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated, from {available_providers()} (lora) and {nf4.available()} (nf4)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd,bwd,fwd+bwd (lora suite)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated, from fwd,bwd,fwd+bwd,eval (default: fwd,bwd,fwd+bwd for lora, "
+                             "fwd,fwd+bwd,eval for dora)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--out", default="bench-out", help="folder for results.jsonl and the plots")
     parser.add_argument("--quick", action="store_true", help="the 'tiny' shapes, short timing runs")
@@ -55,20 +60,26 @@ def main(argv=None) -> int:
     unknown = [p for p in wanted if p not in lora_all + nf4_all]
     if unknown:
         parser.error(f"--providers: {unknown} not available; choose from {lora_all + nf4_all}")
-    modes = args.modes.split(",")
-    if any(m not in MODES for m in modes):
+    modes = args.modes.split(",") if args.modes else None
+    if modes is not None and any(m not in MODES for m in modes):
         parser.error(f"--modes: expected a comma-separated subset of {MODES}")
     min_run_time = 0.05 if args.quick else 0.2
 
     recs, text = [], []
-    lora_providers = [p for p in wanted if p in lora_all]
-    if "lora" in suites and lora_providers:
-        default_shapes = "tiny" if args.quick else ("llama3-8b" if device.type == "cuda" else "cpu")
+    default_shapes = "tiny" if args.quick else ("llama3-8b" if device.type == "cuda" else "cpu")
+    for suite in ("lora", "dora"):
+        if suite == "lora":
+            providers = [p for p in wanted if p in lora_all and p not in DORA_PROVIDERS]
+        else:  # against fused plain LoRA, always measured beside
+            providers = [p for p in ("fused", *DORA_PROVIDERS) if p in lora_all and (p in wanted or p == "fused")]
+            providers = providers if any(p in DORA_PROVIDERS for p in providers) else []
+        if suite not in suites or not providers:
+            continue
         shapes = parse_shapes(args.shapes or default_shapes, device)
-        got = lora.run(shapes, lora_providers, modes, dtype, device, args.dropout, min_run_time,
+        got = lora.run(shapes, providers, modes or DEFAULT_MODES[suite], dtype, device, args.dropout, min_run_time,
                        progress=not args.no_progress)
         recs += got
-        text.append(lora.table(got))
+        text.append(lora.table(got, dora=suite == "dora"))
     nf4_providers = [p for p in wanted if p in nf4_all]
     if "nf4" in suites and nf4_providers:
         shapes = parse_shapes(args.shapes, device) if args.shapes else nf4.shapes(device, args.quick)

@@ -1,13 +1,14 @@
-"""The LoRA suite: every provider (base, unfused, peft, fused, ...) in each mode (fwd, bwd,
-fwd+bwd) on each shape, providers of one shape and mode run back to back; ratios are against the
-base matmul and the unfused LoRA of the same run."""
+"""The LoRA and DoRA suites: every provider (base, unfused, peft, fused, peft-dora, fused-dora, ...)
+in each mode on each shape, the providers of one shape and mode timed together (interleaved on the
+CPU); ratios are against the base matmul, the unfused LoRA, fused LoRA and PEFT's DoRA of the same
+run."""
 
 from __future__ import annotations
 
 from . import records, report
 from .providers import flops, make_module, make_step, saved_activation_bytes
 from .shapes import DTYPE_NAMES
-from .timing import measure, peak_memory
+from .timing import measure_group, peak_memory
 
 
 def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
@@ -17,30 +18,40 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
     out = []
     for s in shapes:
         for mode in modes:
+            modules = [make_module(provider, s, dtype, device, dropout).train() for provider in providers]
+            steps = [make_step(module, mode, s, dtype, device) for module in modules]
+            timings = measure_group(steps, device, min_run_time)
             group = []
-            for provider in providers:
-                module = make_module(provider, s, dtype, device, dropout).train()
-                step = make_step(module, mode, s, dtype, device)
-                med, q20, q80 = measure(step, device, min_run_time)
-                saved = saved_activation_bytes(module, s, dtype, device)
+            for provider, module, step, (med, q20, q80) in zip(providers, modules, steps, timings):
                 group.append({
                     "op": "lora_linear", "provider": provider, "mode": mode, "M": s.M,
                     "in_features": s.in_features, "out_features": s.out_features, "r": s.r,
                     "dtype": dtype_name, "dropout": dropout, "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                     "tflops": flops(provider, mode, s) / (med * 1e-3) / 1e12,
-                    "peak_mem_bytes": peak_memory(step, device), "saved_bytes": saved, **env,
+                    "peak_mem_bytes": peak_memory(step, device),
+                    "saved_bytes": saved_activation_bytes(module, s, dtype, device), **env,
                 })
-                del module, step
                 bar.update(1)
+            del modules, steps
             times = {r["provider"]: r["median_ms"] for r in group}
             for r in group:
-                r["ratio_to_base"] = r["median_ms"] / times["base"] if "base" in times else None
-                r["ratio_to_unfused"] = r["median_ms"] / times["unfused"] if "unfused" in times else None
+                for key, name in RATIOS:
+                    r[key] = r["median_ms"] / times[name] if name in times else None
             out.extend(group)
     bar.close()
     return out
 
 
+# Each record's time over another provider's of the same shape and mode, measured in the same run.
+RATIOS = (("ratio_to_base", "base"), ("ratio_to_unfused", "unfused"), ("ratio_to_fused", "fused"),
+          ("ratio_to_peft_dora", "peft-dora"))
+DORA_COLUMNS = (
+    ("M", "d", lambda r: r["M"]), ("in", "d", lambda r: r["in_features"]), ("out", "d", lambda r: r["out_features"]),
+    ("r", "d", lambda r: r["r"]), ("mode", "s", lambda r: r["mode"]), ("provider", "s", lambda r: r["provider"]),
+    ("median ms", ".4f", lambda r: r["median_ms"]), ("x fused LoRA", ".2f", lambda r: r.get("ratio_to_fused")),
+    ("x peft-dora", ".3f", lambda r: r.get("ratio_to_peft_dora")),
+    ("saved MiB", ".2f", lambda r: None if r["saved_bytes"] is None else r["saved_bytes"] / 2**20),
+)
 COLUMNS = (
     ("M", "d", lambda r: r["M"]), ("in", "d", lambda r: r["in_features"]), ("out", "d", lambda r: r["out_features"]),
     ("r", "d", lambda r: r["r"]), ("mode", "s", lambda r: r["mode"]), ("provider", "s", lambda r: r["provider"]),
@@ -50,5 +61,5 @@ COLUMNS = (
 )
 
 
-def table(recs: list[dict]) -> str:
-    return report.table(COLUMNS, recs)
+def table(recs: list[dict], dora: bool = False) -> str:
+    return report.table(DORA_COLUMNS if dora else COLUMNS, recs)

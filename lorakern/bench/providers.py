@@ -7,6 +7,13 @@
 - fused-det: the same layer under ``torch.use_deterministic_algorithms(True)``: its Triton backward
            then reads dY twice instead of adding dB into L2 with atomics (CUDA only; on CPU the
            two are the same reference path).
+- peft-dora: PEFT's DoRA ``Linear`` (``use_dora=True``; PEFT's default, no DoRA caching).
+- fused-dora: ``FusedLoRALinear(use_dora=True)``.
+
+Modes: ``fwd`` (a training-mode forward without grad), ``bwd``, ``fwd+bwd`` (a training step) and
+``eval`` (``module.eval()`` under no_grad: inference). In the training modes a DoRA layer's
+weight norm is computed every step, as after every optimizer step (its cache is invalidated by
+an in-place no-op on lora_A); in ``eval`` lorakern may serve it from its cache.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import lorakern
 
 from .shapes import Shape
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "eval")
+DORA_PROVIDERS = ("peft-dora", "fused-dora")
 
 
 
@@ -33,7 +41,7 @@ def flops(provider: str, mode: str, s: Shape) -> float:
     lora = 0.0 if provider == "base" else 1.0
     fwd = base + lora * 2.0 * M * r * (K + N)
     bwd = base + lora * 4.0 * M * r * (K + N)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd, "eval": fwd}[mode]
 
 
 class UnfusedLoRA(nn.Module):
@@ -50,7 +58,7 @@ class UnfusedLoRA(nn.Module):
         return result + (h @ f.lora_B.t()) * f.scaling
 
 
-def _peft_layer(fused: lorakern.FusedLoRALinear):
+def _peft_layer(fused: lorakern.FusedLoRALinear, use_dora: bool = False):
     import peft
 
     class Wrap(nn.Module):
@@ -60,7 +68,7 @@ def _peft_layer(fused: lorakern.FusedLoRALinear):
                                   device=fused.weight.device, dtype=fused.weight.dtype)
 
     cfg = peft.LoraConfig(r=fused.r, lora_alpha=fused.lora_alpha, lora_dropout=fused.lora_dropout,
-                          target_modules=["proj"])
+                          target_modules=["proj"], use_dora=use_dora)
     model = peft.get_peft_model(Wrap(), cfg, autocast_adapter_dtype=False)
     return model.base_model.model.proj
 
@@ -72,8 +80,10 @@ def available_providers(device=None) -> list[str]:
         import peft  # noqa: F401
 
         names.insert(2, "peft")
+        names.append("peft-dora")
     except ImportError:
         pass
+    names.append("fused-dora")
     if device is None or torch.device(device).type == "cuda":
         names.append("fused-det")
     return names
@@ -106,11 +116,13 @@ def _deterministic(on: bool):
 
 def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Module:
     fused = lorakern.FusedLoRALinear(s.in_features, s.out_features, r=s.r, lora_alpha=2 * s.r, lora_dropout=dropout,
-                                     device=device, dtype=dtype)
+                                     device=device, dtype=dtype, use_dora=provider == "fused-dora")
     with torch.no_grad():
         fused.lora_B.normal_(std=0.02)
-    if provider == "fused":
+    if provider in ("fused", "fused-dora"):
         return fused
+    if provider == "peft-dora":
+        return _peft_layer(fused, use_dora=True)
     if provider == "fused-det":
         return Deterministic(fused)
     if provider == "unfused":
@@ -124,14 +136,38 @@ def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Mo
     raise ValueError(f"unknown provider {provider!r}; choose from {available_providers()}")
 
 
+def _lora_A(module: nn.Module):
+    """The adapter's A of a DoRA provider (bumped each training step: see the module docstring)."""
+    if isinstance(module, lorakern.FusedLoRALinear):
+        return module.lora_A if module.use_dora else None
+    if isinstance(getattr(module, "lora_magnitude_vector", None), nn.ModuleDict) and module.lora_magnitude_vector:
+        return module.lora_A["default"].weight  # PEFT's DoRA layer
+    return None
+
+
 def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
     """A zero-argument callable running one ``mode`` step, and the input it uses."""
     x = torch.randn(s.M, s.in_features, device=device, dtype=dtype, requires_grad=True)
     params = [p for p in module.parameters() if p.requires_grad]
     inputs = [x] + params
     det = isinstance(module, Deterministic)
+    if mode == "eval":
+        module.eval()
+
+        def step():
+            with torch.no_grad():
+                return module(x)
+        return step
+    lora_A = _lora_A(module)
+
+    def touch():  # a new A, as after an optimizer step: the DoRA norm is computed again
+        if lora_A is not None:
+            with torch.no_grad():
+                lora_A.add_(0.0)
+
     if mode == "fwd":
         def step():
+            touch()
             with torch.no_grad(), _deterministic(det):
                 return module(x)
         return step
@@ -145,6 +181,7 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
         return step
 
     def step():
+        touch()
         with _deterministic(det):
             return torch.autograd.grad(module(x), inputs, dy)
     return step

@@ -1,8 +1,11 @@
-"""Timing: CUDA with triton's do_bench (events, L2 flushed), CPU with torch.utils.benchmark."""
+"""Timing: CUDA with triton's do_bench (events, L2 flushed), CPU with torch.utils.benchmark, and
+a group of providers interleaved on the CPU (round after round, each provider once a round), so
+that a noisy machine slows every provider of a ratio alike."""
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -35,3 +38,32 @@ def peak_memory(step, device: torch.device) -> int | None:
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure_group(steps: list, device: torch.device, min_run_time: float = 0.2) -> list[tuple[float, float, float]]:
+    """``measure`` for each of ``steps``; on the CPU interleaved: every round runs each step once
+    (a block of calls of about 1 ms for fast ones), until each step has run ``min_run_time`` and
+    at least 7 rounds. Returns (median, 20%, 80%) in milliseconds per step."""
+    if device.type == "cuda":
+        return [measure(step, device, min_run_time) for step in steps]
+    calls = []
+    for step in steps:  # warm up, and size each step's block of calls to ~1 ms
+        step()
+        t0 = time.perf_counter()
+        step()
+        calls.append(max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7))))
+    samples = [[] for _ in steps]
+    spent = [0.0] * len(steps)
+    while len(samples[0]) < 7 or min(spent) < min_run_time:
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            for _ in range(calls[i]):
+                step()
+            dt = time.perf_counter() - t0
+            spent[i] += dt
+            samples[i].append(dt / calls[i])
+    out = []
+    for times in samples:
+        q = statistics.quantiles(times, n=5)
+        out.append((statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3))
+    return out

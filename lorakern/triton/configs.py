@@ -88,6 +88,8 @@ SKINNY = (  # largest BLOCK_M first (skinny_candidates rotates to about one prog
 DY_LARGE = (DyConfig(64, 64, 4, 3),)  # M > 64: 64-row panels, the tallest that fit
 DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64: one or two row panels
 DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
+DY_LARGE_DM = (DyConfig(64, 64, 8, 3),)  # DoRA's dm reads a z tile beside each dY tile: 4 warps spilled 220 B
+DY_MEDIUM_DM = (DyConfig(64, 64, 8, 3), DyConfig(32, 64, 4, 3))  # (sm_80, 16-bit), 8 warps hold both unspilled
 DY_FP32 = (DyConfig(32, 32, 8, 2),)  # fp32's FMA dots hold both tiles in registers: 32x16 tiles
 DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 warps
 
@@ -139,19 +141,19 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
     return SKINNY[::-1]
 
 
-def dy_candidates(M: int, dtype: torch.dtype) -> tuple[DyConfig, ...]:
+def dy_candidates(M: int, dtype: torch.dtype, dm: bool = False) -> tuple[DyConfig, ...]:
     if dtype == torch.float32:
         return DY_FP32_SMALL if M <= 16 else DY_FP32
     if M <= 16:
         return DY_SMALL
     if M <= 64:
-        return DY_MEDIUM
-    return DY_LARGE
+        return DY_MEDIUM_DM if dm else DY_MEDIUM
+    return DY_LARGE_DM if dm else DY_LARGE
 
 
 def all_dy_configs() -> tuple[DyConfig, ...]:
     """Every distinct dy_kernel config the launcher can choose."""
-    return tuple(dict.fromkeys(DY_SMALL + DY_MEDIUM + DY_LARGE + DY_FP32 + DY_FP32_SMALL))
+    return tuple(dict.fromkeys(DY_SMALL + DY_MEDIUM + DY_LARGE + DY_MEDIUM_DM + DY_LARGE_DM + DY_FP32 + DY_FP32_SMALL))
 
 
 def dy_split(programs: int, num_tiles: int, sm_count: int) -> tuple[int, int]:

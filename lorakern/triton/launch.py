@@ -210,6 +210,6 @@ def dy_grads(dy, b, h, dh, db, dbias, scale: float, config=None, role="", z=None
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dy.dtype),
         )
 
-    candidates = (config,) if config is not None else dy_candidates(M, dy.dtype)
+    candidates = (config,) if config is not None else dy_candidates(M, dy.dtype, dm is not None)
     key = ("dy", bucket(M), N, r_pad, dy.dtype, dh is not None, db is not None, dbias is not None, dm is not None)
     return _run(dy_kernel, key, candidates, call, dy.device, role, before=zero)
