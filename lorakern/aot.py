@@ -69,11 +69,11 @@ def _shape_specs(full: bool):
         for r, bias, p in product((1, 8, 32), (True, False), (0.0, 0.1)):  # rank == 1, odd, % 16
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False)
         # DoRA: its matmul variants (per-row scale, z, dropout on x, per-K scale, add to out) and
-        # the dY pass with dm, at each regime's tiles; ranks as LoRA's where they change BLOCK_R.
-        for r, bias, p, M in product(ranks[dtype][:2], (True, False), (0.0, 0.1), (1, 64, 4096)):
+        # the dY pass with dm, at each regime's tiles and LoRA's ranks (every BLOCK_R).
+        for r, bias, p, M in product(ranks[dtype], (True, False), (0.0, 0.1), (1, 64, 4096)):
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False, dora=True)
-        for bias, p in product((True, False), (0.0, 0.1)):
-            yield dict(dtype=dtype, r=8, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False, dora=True)
+        for r, bias, p in product((8, 32), (True, False), (0.0, 0.1)):
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False, dora=True)
 
 
 def record(spec) -> list:

@@ -82,9 +82,11 @@ def test_providers_are_timed_in_interleaved_rounds(monkeypatch):
         order.append(step())
         return {"a": (1.0, 0.5, 2.0), "b": (3.0, 2.0, 4.0)}[order[-1]] if len(order) != 2 else (9.0, 9.0, 9.0)
 
-    monkeypatch.setattr(nf4_suite, "measure", fake_measure)
-    got = nf4_suite.interleaved({"a": lambda: "a", "b": lambda: "b"}, torch.device("cpu"), 1.0)
-    assert order == ["a", "b"] * nf4_suite.ROUNDS  # every provider once per round, in turn
+    from lorakern.bench import timing
+
+    monkeypatch.setattr(timing, "measure", fake_measure)
+    got = timing.interleaved({"a": lambda: "a", "b": lambda: "b"}, torch.device("cpu"), 1.0)
+    assert order == ["a", "b"] * timing.ROUNDS  # every provider once per round, in turn
     assert got == {"a": (1.0, 0.5, 2.0), "b": (3.0, 2.0, 4.0)}  # per provider, the median over rounds
 
 
@@ -141,7 +143,7 @@ def test_deterministic_provider_steps_run_in_deterministic_mode():
         step = providers.make_step(providers.Deterministic(Probe(8, 5)), mode, s, torch.float32, "cpu")
         step()
         assert torch.are_deterministic_algorithms_enabled() == before
-    assert seen == [True, False, True]  # fwd, bwd (its forward ran when the step was made), fwd+bwd
+    assert seen == [True, False, True, True]  # fwd, bwd (its forward ran when the step was made), fwd+bwd, eval
     assert seen_bwd == [True, True]  # bwd, fwd+bwd
     module = providers.make_module("fused-det", s, torch.float32, "cpu", 0.0)
     assert isinstance(module, providers.Deterministic) and module.layer.r == 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import records, report
 from .providers import flops, make_module, make_step, saved_activation_bytes
 from .shapes import DTYPE_NAMES
-from .timing import measure_group, peak_memory
+from .timing import interleaved, peak_memory
 
 
 def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
@@ -20,7 +20,8 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
         for mode in modes:
             modules = [make_module(provider, s, dtype, device, dropout).train() for provider in providers]
             steps = [make_step(module, mode, s, dtype, device) for module in modules]
-            timings = measure_group(steps, device, min_run_time)
+            timed = interleaved(dict(zip(providers, steps)), device, min_run_time)
+            timings = [timed[p] for p in providers]
             group = []
             for provider, module, step, (med, q20, q80) in zip(providers, modules, steps, timings):
                 group.append({

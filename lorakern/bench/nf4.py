@@ -21,7 +21,6 @@ a 260 MB L3 and reads at L3 speed: 1.3 ms instead of 2.2 ms at M = 1 (2 threads,
 from __future__ import annotations
 
 import glob
-import statistics
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ import lorakern
 
 from . import records, report
 from .shapes import DTYPE_NAMES, DTYPES, LLAMA3_8B, Shape
-from .timing import measure, peak_memory
+from .timing import interleaved, measure, peak_memory
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
 ADAPTER_R = 16
@@ -91,21 +90,6 @@ def rotating(steps):
         return steps[state[0]]()
 
     return step
-
-
-ROUNDS = 5
-
-
-def interleaved(steps: dict, device: torch.device, min_run_time: float) -> dict:
-    """``{name: (median, q20, q80)}`` in ms for each step of ``steps``, timed in ``ROUNDS`` rounds
-    that take every step in turn (``min_run_time / ROUNDS`` each), so slow drifts of the machine
-    (clock, other load; ~10% on a shared 2-core VM) fall on all providers alike; per name, the
-    median of its rounds' figures."""
-    runs: dict = {name: [] for name in steps}
-    for _ in range(ROUNDS):
-        for name, step in steps.items():
-            runs[name].append(measure(step, device, min_run_time / ROUNDS))
-    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
 
 
 def make_linear(provider: str, in_f: int, out_f: int, compute_dtype, device) -> nn.Module:

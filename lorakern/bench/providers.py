@@ -155,7 +155,7 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
         module.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), _deterministic(det):
                 return module(x)
         return step
     lora_A = _lora_A(module)

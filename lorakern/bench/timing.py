@@ -1,11 +1,10 @@
 """Timing: CUDA with triton's do_bench (events, L2 flushed), CPU with torch.utils.benchmark, and
-a group of providers interleaved on the CPU (round after round, each provider once a round), so
+the providers of one comparison interleaved (round after round, each provider once a round), so
 that a noisy machine slows every provider of a ratio alike."""
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -40,30 +39,17 @@ def peak_memory(step, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def measure_group(steps: list, device: torch.device, min_run_time: float = 0.2) -> list[tuple[float, float, float]]:
-    """``measure`` for each of ``steps``; on the CPU interleaved: every round runs each step once
-    (a block of calls of about 1 ms for fast ones), until each step has run ``min_run_time`` and
-    at least 7 rounds. Returns (median, 20%, 80%) in milliseconds per step."""
-    if device.type == "cuda":
-        return [measure(step, device, min_run_time) for step in steps]
-    calls = []
-    for step in steps:  # warm up, and size each step's block of calls to ~1 ms
-        step()
-        t0 = time.perf_counter()
-        step()
-        calls.append(max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7))))
-    samples = [[] for _ in steps]
-    spent = [0.0] * len(steps)
-    while len(samples[0]) < 7 or min(spent) < min_run_time:
-        for i, step in enumerate(steps):
-            t0 = time.perf_counter()
-            for _ in range(calls[i]):
-                step()
-            dt = time.perf_counter() - t0
-            spent[i] += dt
-            samples[i].append(dt / calls[i])
-    out = []
-    for times in samples:
-        q = statistics.quantiles(times, n=5)
-        out.append((statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3))
-    return out
+
+ROUNDS = 5
+
+
+def interleaved(steps: dict, device: torch.device, min_run_time: float) -> dict:
+    """``{name: (median, q20, q80)}`` in ms for each step of ``steps``, timed in ``ROUNDS`` rounds
+    that take every step in turn (``min_run_time / ROUNDS`` each), so slow drifts of the machine
+    (clock, other load; ~10% on a shared 2-core VM) fall on all providers alike; per name, the
+    median of its rounds' figures."""
+    runs: dict = {name: [] for name in steps}
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            runs[name].append(measure(step, device, min_run_time / ROUNDS))
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
