@@ -69,6 +69,31 @@ def lora_table(recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DORA = ("peft-dora", "fused-dora")
+
+
+def dora_table(recs: list[dict]) -> str:
+    """The DoRA suite: fused DoRA against fused plain LoRA and PEFT's DoRA, measured together."""
+    groups = defaultdict(dict)
+    for r in recs:
+        if r["op"] == "lora_linear":
+            groups[(r["in_features"], r["out_features"], r["r"], r["M"], r["mode"])][r["provider"]] = r
+    groups = {k: g for k, g in groups.items() if any(p in g for p in DORA)}
+    if not groups:
+        return ""
+    head = ("| in -> out | r | M | mode | fused LoRA ms | peft-dora ms | fused-dora ms | fused-dora / fused LoRA "
+            "| speedup vs peft-dora |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    order = {"fwd": 0, "fwd+bwd": 1, "bwd": 2, "eval": 3}
+    for (k, n, rank, m, mode), g in sorted(groups.items(), key=lambda kv: (*kv[0][:4], order.get(kv[0][4], 9))):
+        ms = " | ".join(f"{g[p]['median_ms']:.2f}" if p in g else "-" for p in ("fused", *DORA))
+        f = g.get("fused-dora")
+        rf = f"{f['ratio_to_fused']:.2f}" if f and f.get("ratio_to_fused") else "-"
+        sp = f"{1 / f['ratio_to_peft_dora']:.1f}" if f and f.get("ratio_to_peft_dora") else "-"
+        lines.append(f"| {k} -> {n} | {rank} | {m} | {mode} | {ms} | {rf} | {sp} |")
+    return "\n".join(lines)
+
+
 def render(recs: list[dict]) -> str:
     parts = [_header(recs)]
     nf4 = nf4_table(recs)
@@ -76,6 +101,14 @@ def render(recs: list[dict]) -> str:
         parts += ["", "QLoRA layer, eval forward (NF4 base, blocksize 64, r=16 adapter; `nf4-dq`: double "
                       "quantization) against dense `nn.Linear` and bitsandbytes' `Linear4bit`. Speedup = the "
                       "other provider's median time / nf4's (above 1: nf4 is faster):", "", nf4]
+    dora = dora_table(recs)
+    if dora:
+        parts += ["", "DoRA layer (`fused-dora` = `FusedLoRALinear(use_dora=True)`, `peft-dora` = PEFT's DoRA "
+                      "`Linear` with its default, uncached norm; in `fwd` and `fwd+bwd` the weight norm is "
+                      "computed every step, as after each optimizer step; `eval` may use lorakern's norm cache):",
+                  "", dora]
+        recs = [r for r in recs if r["provider"] not in DORA and not (r["provider"] == "fused" and "fused-dora" in
+                {q["provider"] for q in recs})]
     lora = lora_table(recs)
     if lora:
         parts += ["", "LoRA layer (`fused` = lorakern on this device's automatic backend):", "", lora]
