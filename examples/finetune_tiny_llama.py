@@ -3,6 +3,7 @@
 
     python examples/finetune_tiny_llama.py                 # both, 300 steps, prints loss and tokens/s
     python examples/finetune_tiny_llama.py --steps 50 --mode fused
+    python examples/finetune_tiny_llama.py --dora           # DoRA adapters (LoraConfig(use_dora=True))
 
 The model is built from a ``LlamaConfig`` (no download) and trained as a character-level language
 model on examples/data/corpus.txt; the base weights stay frozen and random, only the adapters learn.
@@ -29,7 +30,7 @@ def load_corpus() -> tuple[torch.Tensor, int]:
     return ids, len(vocab)
 
 
-def build_model(vocab: int, seed: int, dropout: float, r: int = 8):
+def build_model(vocab: int, seed: int, dropout: float, r: int = 8, use_dora: bool = False):
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +39,7 @@ def build_model(vocab: int, seed: int, dropout: float, r: int = 8):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config)
     lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
-                           init_lora_weights=True)
+                           init_lora_weights=True, use_dora=use_dora)
     return peft.get_peft_model(model, lora)
 
 
@@ -50,12 +51,12 @@ def batches(ids: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
 
 
 def train(mode: str, steps: int = 300, batch: int = 16, seq: int = 64, lr: float = 3e-3, dropout: float = 0.0,
-          seed: int = 0, log_every: int = 0) -> dict:
+          seed: int = 0, log_every: int = 0, use_dora: bool = False) -> dict:
     """Train one model ("peft" or "fused"); returns its per-step losses and tokens per second."""
     import lorakern
 
     ids, vocab = load_corpus()
-    model = build_model(vocab, seed, dropout)
+    model = build_model(vocab, seed, dropout, use_dora=use_dora)
     if mode == "fused":
         lorakern.integrations.peft.fuse(model)
     elif mode != "peft":
@@ -86,13 +87,14 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True)")
     args = parser.parse_args(argv)
     modes = ["peft", "fused"] if args.mode == "both" else [args.mode]
     results = {}
     for mode in modes:
         print(f"{mode}: training {args.steps} steps (batch {args.batch} x {args.seq} tokens)")
         results[mode] = train(mode, args.steps, args.batch, args.seq, args.lr, args.dropout, args.seed,
-                              log_every=max(1, args.steps // 6))
+                              log_every=max(1, args.steps // 6), use_dora=args.dora)
     print()
     for mode, r in results.items():
         print(f"{mode:>5}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['tokens_per_s']:,.0f} tokens/s "

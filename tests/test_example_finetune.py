@@ -1,4 +1,5 @@
-"""The fine-tuning example, short: the fused and PEFT runs agree step by step (dropout 0) and learn."""
+"""The fine-tuning example, short: the fused and PEFT runs (LoRA and DoRA) agree step by step (dropout 0) and
+learn."""
 
 import importlib.util
 import pathlib
@@ -18,10 +19,11 @@ def load_example():
     return mod
 
 
-def test_fused_and_peft_losses_agree_step_by_step():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fused_and_peft_losses_agree_step_by_step(use_dora):
     ft = load_example()
-    peft_run = ft.train("peft", steps=20, batch=8, seq=48)
-    fused_run = ft.train("fused", steps=20, batch=8, seq=48)
+    peft_run = ft.train("peft", steps=20, batch=8, seq=48, use_dora=use_dora)
+    fused_run = ft.train("fused", steps=20, batch=8, seq=48, use_dora=use_dora)
     a, b = peft_run["losses"], fused_run["losses"]
     # Same init, same batches, same math: only float rounding differs (it compounds through Adam after
     # ~30 steps, so the comparison stays short).
