@@ -388,10 +388,12 @@ def test_fuse_twice_and_after_add_adapter(monkeypatch):
     assert len(calls) == 1, "the new plain adapter on q is served by the op (up, down have no 'b')"
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
-def test_bnb_compute_dtype_is_followed(monkeypatch, compute_dtype):
+def test_bnb_compute_dtype_is_followed(monkeypatch, compute_dtype, use_dora):
     """fp32 activations on a Linear4bit with compute_dtype=bf16/fp16 (prepare_model_for_kbit_training
-    leaves hidden states in fp32): the base in compute_dtype, the LoRA term in fp32, as PEFT."""
+    leaves hidden states in fp32): the base in compute_dtype, the LoRA term in fp32, as PEFT (DoRA:
+    the base layer's output less its bias, the norm from W decoded to fp32, as PEFT's DoRA)."""
     bnb = pytest.importorskip("bitsandbytes")
     calls = _served_by_op(monkeypatch, "qlora_linear")
     torch.manual_seed(14)
@@ -399,8 +401,8 @@ def test_bnb_compute_dtype_is_followed(monkeypatch, compute_dtype):
     net = nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=compute_dtype, quant_type="nf4"))
     net[0].load_state_dict(dense.state_dict())
     net = net.to("cpu")
-    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
-                                                     init_lora_weights=False))
+    model = _spread_magnitudes(peft.get_peft_model(net, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False, use_dora=use_dora)))
     x = torch.randn(5, 128, requires_grad=True)
 
     def run():

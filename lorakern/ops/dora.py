@@ -145,17 +145,24 @@ def forward(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str
     M = x.shape[0]
     xd = apply_dropout(x, p, seed)
     h = xd @ A.t()
+    # base_dtype (bitsandbytes' compute_dtype) other than x's: PEFT's DoRA takes the base product
+    # from the base layer (in base_dtype, bias added there) less the bias, or with dropout
+    # recomputes it on dropout(x) with W decoded to x's dtype, as the norm is.
+    mixed = base_dtype is not None and base_dtype != x.dtype
     norm, key = cached_norm(base, adapter)
-    if norm is None and M + A.shape[0] <= base.shared_rows:
+    if norm is None and not mixed and M + A.shape[0] <= base.shared_rows:
         # One pass over W for both products: [x~; A] W^T (see the module docstring).
-        both = base.linear(torch.cat([xd, A.detach()]), None, backend, base_dtype)
+        both = base.linear(torch.cat([xd, A.detach()]), None, backend)
         u, aw = both[:M], both[M:]
         norm = norm_from(row_sq_norms(base), aw, adapter._replace(lora_A=A.detach(), lora_B=B.detach()))
         store_norm(adapter, key, norm)
     else:
         if norm is None:
-            norm = weight_norm(base, adapter, backend, base_dtype)
-        u = base.linear(xd, None, backend, base_dtype)
+            norm = weight_norm(base, adapter, backend)
+        if mixed and p == 0.0 and bias is not None:
+            u = base.linear(x, bias, backend, base_dtype).sub_(bias)
+        else:
+            u = base.linear(xd, None, backend, base_dtype if p == 0.0 else None)
     g = scale(adapter, norm).to(x.dtype)
     z = u + (h @ B.t()).mul_(s)
     if p == 0.0:
@@ -182,7 +189,7 @@ def backward(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, z: Tensor
             dx_base = base.grad_input(dz, backend, base_dtype)
         else:
             dx_base = base.grad_input(dy, backend, base_dtype).add_(
-                apply_dropout(base.grad_input(dz - dy, backend, base_dtype), p, seed))
+                apply_dropout(base.grad_input(dz - dy, backend), p, seed))  # u's grad: in x's dtype
     # LoRA's grads with dz for dy: dh = s dz B = s dy (g B), dB = s dz^T h = g * (s dy^T h).
     dx, dA, dB, dbias = lora_backward_reference(dy, x, None, A, B * g[:, None], h, s, p, seed, needs_dx,
                                                 needs_dlora, needs_dbias, dx_base)
