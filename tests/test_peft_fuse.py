@@ -300,6 +300,22 @@ def test_calls_the_op_cannot_serve_go_to_peft(monkeypatch):
     _same_as_unfused(model, x, train=True)
 
 
+def test_adapter_on_another_device_goes_to_peft(monkeypatch):
+    """An adapter (or DoRA magnitude) not on x's device (PEFT's ephemeral GPU offload keeps them on
+    the CPU): PEFT's forward, not an error from the op's device check."""
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=6, use_dora=True)
+    fuse(model)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        want = model(x)
+        model.base_model.model.q.lora_magnitude_vector["default"].to("meta")  # a device x is not on
+        with pytest.warns(UserWarning, match="another device than x"):
+            with pytest.raises((NotImplementedError, RuntimeError)):  # PEFT's forward meets the meta tensor
+                model(x)
+    assert len(calls) == 3 and want.shape == (2, 48)
+
+
 def test_dropout_module_mode_decides_as_in_peft():
     model = make_model(seed=8)
     for layer in (model.base_model.model.q, model.base_model.model.up, model.base_model.model.down):

@@ -162,6 +162,8 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
     magnitude = _magnitude(layer, adapter)
     if magnitude is not None and magnitude.weight.dtype != A.weight.dtype:
         return "the DoRA magnitude's dtype is not the adapter's"
+    if any(t.device != x.device for t in (A.weight, B.weight, *(() if magnitude is None else (magnitude.weight,)))):
+        return "the adapter is on another device than x (ephemeral_gpu_offload, ...)"
     if _hooked(base, A, B, dropout, *(() if magnitude is None else (magnitude,))):
         return "hooks on the base layer or the adapter's modules"
     return None
