@@ -70,6 +70,13 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=None) -
     return random_bits(seed.to(device), index) >= keep_threshold(p)
 
 
+def keep_mask_rows(seed: torch.Tensor, row_ids: torch.Tensor, cols: int, p: float) -> torch.Tensor:
+    """The keep mask ``[len(row_ids), cols]`` of rows ``row_ids`` of an ``[M, cols]`` input: the
+    rows of :func:`keep_mask` for the whole input, without drawing the others."""
+    index = row_ids.to(torch.int64)[:, None] * cols + torch.arange(cols, device=row_ids.device, dtype=torch.int64)
+    return random_bits(seed.to(row_ids.device), index) >= keep_threshold(p)
+
+
 def apply_dropout(x2d: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """``x2d * keep / (1 - p)`` with the seed's mask; ``x2d`` itself when ``p == 0``."""
     if p == 0.0 or seed is None:

@@ -81,5 +81,26 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling: f
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def multi_lora_linear_reference(x, weight, bias, lora_A, lora_B, scalings, adapter_index, dropout_ps=None,
+                                seed=None):
+    """Several adapters, one per row of ``x [..., K]`` (``adapter_index``, -1: none), by the definition:
+    each row's own adapter term, its dropout mask the single-adapter mask of the whole input for
+    ``seed``. The float64 oracle of the multi-adapter tests."""
+    x2d = x.reshape(-1, x.shape[-1])
+    index = adapter_index.reshape(-1)
+    y = F.linear(x2d, weight, bias)
+    rows = []
+    for m in range(x2d.shape[0]):
+        a = int(index[m])
+        if a < 0:
+            rows.append(y[m])
+            continue
+        p = 0.0 if dropout_ps is None else dropout_ps[a]
+        xm = apply_dropout(x2d, p, seed)[m] if p > 0 else x2d[m]
+        rows.append(y[m] + scalings[a] * ((xm @ lora_A[a].t()) @ lora_B[a].t()))
+    out = torch.stack(rows) if rows else y
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 __all__ = ["dora_linear_reference", "dora_weight_norm_reference", "lora_backward_reference", "lora_forward_reference",
-           "lora_linear_reference"]
+           "lora_linear_reference", "multi_lora_linear_reference"]

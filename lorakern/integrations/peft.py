@@ -30,7 +30,7 @@ from torch.nn.modules import module as _module
 from ..backend import warn_once
 from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
-from ..ops import lora_linear, qlora_linear
+from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype
 
 _FUSED = "_lorakern_fused"
@@ -135,7 +135,7 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
     """Why this call must go to PEFT's forward (None: the fused op serves it). Cheap: attribute
     and dict look-ups, traced by torch.compile without a graph break."""
     if args or kwargs:
-        return "extra forward arguments (adapter_names mixed batches, ...)"
+        return "extra forward arguments"
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
@@ -169,6 +169,58 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
     return None
 
 
+def mixed_batch_reason(layer, x, adapter_names) -> str | None:
+    """Why a mixed batch (``adapter_names``, one per sample) must go to PEFT's forward, or None.
+    PEFT's own checks run first (they raise for a wrong length, merged adapters, DoRA)."""
+    layer._check_forward_args(x, adapter_names=adapter_names)
+    if layer.disable_adapters:
+        return "adapters disabled"
+    base = _plain_base(layer)
+    if base is None:
+        return "its base layer is not an nn.Linear or an NF4 Linear4bit"
+    if base.weight.requires_grad:
+        return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
+    if is_bnb_linear4bit(base) and getattr(base, "compute_dtype", None) not in (None, x.dtype):
+        return "a mixed batch on a Linear4bit whose compute_dtype is not the input's"
+    modules = [base]
+    for name in set(adapter_names) & set(layer.lora_A):
+        reason = adapter_reason(layer, name) or (f"adapter {name!r} is DoRA" if _magnitude(layer, name) else None)
+        if reason is not None:
+            return reason
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if A.device != x.device or B.device != x.device:
+            return "the adapter is on another device than x (ephemeral_gpu_offload, ...)"
+        modules += [layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]]
+    if _hooked(*modules):
+        return "hooks on the base layer or the adapter's modules"
+    return None
+
+
+def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
+    """PEFT's mixed batch through :func:`lorakern.multi_lora_linear`: sample i of x takes adapter
+    ``adapter_names[i]`` ("__base__", or a name the layer lacks: the base alone)."""
+    names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    slot = {n: i for i, n in enumerate(names)}
+    index = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device)
+    index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    base = layer.base_layer
+    if not names:
+        return base(x)
+    As, Bs, ps, scalings = [], [], [], []
+    for n in names:
+        A, B = layer.lora_A[n].weight, layer.lora_B[n].weight
+        if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        dropout = layer.lora_dropout[n]
+        As.append(A)
+        Bs.append(B)
+        ps.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
+        scalings.append(layer.scaling[n])
+    weight = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else base.weight
+    bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
+    return multi_lora_linear(x, weight, bias, As, Bs, scalings, index, ps, training=True)
+
+
 class FusedForward:
     """The ``forward`` of a fused layer: the fused op where it serves the call, else the layer's
     class forward (PEFT's). A module-level class, not a bound function, so that pickling the model
@@ -179,11 +231,16 @@ class FusedForward:
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.layer
-        reason = runtime_reason(layer, x, args, kwargs)
-        if reason is not None:
-            warn_once(f"lorakern.integrations.peft: PEFT's own forward runs for this call ({reason})")
-            return type(layer).forward(layer, x, *args, **kwargs)
-        return fused_lora_forward(layer, x)
+        if not args and set(kwargs) == {"adapter_names"} and kwargs["adapter_names"] is not None:
+            reason = mixed_batch_reason(layer, x, kwargs["adapter_names"])
+            if reason is None:
+                return fused_mixed_forward(layer, x, kwargs["adapter_names"])
+        else:
+            reason = runtime_reason(layer, x, args, kwargs)
+            if reason is None:
+                return fused_lora_forward(layer, x)
+        warn_once(f"lorakern.integrations.peft: PEFT's own forward runs for this call ({reason})")
+        return type(layer).forward(layer, x, *args, **kwargs)
 
 
 def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:

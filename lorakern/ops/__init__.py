@@ -6,6 +6,8 @@ argument checks and public entry point.
     bases    the base weights (dense, NF4) behind one interface the LoRA bodies are written against
     lora     dense LoRA: lorakern::lora_fwd / lora_bwd, lora_linear, and the LoRA bodies
     qlora    LoRA on an NF4 base: lorakern::qlora_fwd / qlora_bwd, qlora_linear
+    dora     DoRA, the magnitude variant of the LoRA bodies: its weight norm, caches, bodies
+    multi    several adapters in one call, one per row (mixed batches): multi_lora_linear
     nf4      lorakern::nf4_matmul / nf4_dequantize, nf4_matmul, nf4_dequantize
 
 The backend bodies stay beside what they compute: the pure-torch references in
@@ -23,7 +25,8 @@ not torch.library's device keys.
 """
 
 from .lora import lora_linear
+from .multi import multi_lora_linear
 from .nf4 import nf4_dequantize, nf4_matmul
 from .qlora import qlora_linear
 
-__all__ = ["lora_linear", "nf4_dequantize", "nf4_matmul", "qlora_linear"]
+__all__ = ["lora_linear", "multi_lora_linear", "nf4_dequantize", "nf4_matmul", "qlora_linear"]

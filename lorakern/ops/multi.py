@@ -1,0 +1,150 @@
+"""Several adapters over one base in one call: each row of x names its adapter (a mixed batch for
+serving, or several adapters trained in one batch), on a dense or NF4 base.
+
+    y_m = x_m W^T + bias + s_a * dropout_a(x_m) A_a^T B_a^T,   a = adapter_index[m]  (-1: the base only)
+
+This is the pure-torch path (every device; autograd through torch): the base once for the whole
+batch (its small-M kernels, its tiled decode for an NF4 base), then per adapter its rows gathered,
+two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
+None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
+Dropout draws one seed per call; the mask of element (m, k) is the one the single-adapter op
+draws for that seed and element index ``m * in + k``, with adapter a(m)'s probability: a batch
+whose rows are all one adapter's gets exactly the single-adapter op's masks.
+
+Cost against one adapter on the same rows: the base product is shared, each adapter with rows adds
+``2 * rows_a * r_a * (in + out)`` FLOPs and a gather of its rows of x (rows_a * in elements, as
+PEFT's mixed batch); an adapter without rows costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..backend import FLOAT_DTYPES, resolve_nf4
+from ..dropout import draw_seed, keep_mask_rows
+from ..nf4.format import NF4Weight
+from .bases import DenseBase, NF4Base
+from .common import autocast_dtype, check_adapter_args, check_tensor, check_x, is_real, rows
+from .nf4 import check_weight
+
+
+class _BaseLinear(torch.autograd.Function):
+    """``x W^T + bias`` through a base weight (dense or NF4) with its own backward ``dY W``: the NF4
+    kernels have no autograd of their own, and W never gets a grad."""
+
+    @staticmethod
+    def forward(ctx, x, bias, base, backend):
+        ctx.base, ctx.backend, ctx.has_bias = base, backend, bias is not None
+        return base.linear(x, bias, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = ctx.base.grad_input(dy, ctx.backend) if ctx.needs_input_grad[0] else None
+        dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return dx, dbias, None, None
+
+
+def _per_adapter(name: str, value, n: int) -> list[float]:
+    """A float for every adapter, from one value or a sequence of n."""
+    values = [value] * n if is_real(value) else list(value) if isinstance(value, Sequence) else None
+    if values is None or len(values) != n or not all(is_real(v) for v in values):
+        raise ValueError(f"{name}: expected a number or a sequence of {n} numbers (one per adapter), got {value!r}")
+    return [float(v) for v in values]
+
+
+def check_index(adapter_index, x: Tensor, n: int) -> Tensor:
+    """``adapter_index`` [M] int64 on x's device: one entry per row of x (x's leading shape, or flat)."""
+    check_tensor("adapter_index", adapter_index)
+    lead = tuple(x.shape[:-1])
+    if adapter_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"adapter_index: expected an integer tensor, got {adapter_index.dtype}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index: expected device {x.device} (the device of x), got {adapter_index.device}")
+    if tuple(adapter_index.shape) not in (lead, (math.prod(lead),)):
+        raise ValueError(f"adapter_index: expected shape {list(lead)} (x's leading dims) or [{math.prod(lead)}], "
+                         f"got {tuple(adapter_index.shape)}")
+    index = adapter_index.reshape(-1).to(torch.int64)
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
+        raise ValueError(f"adapter_index: expected values in [-1, {n - 1}] (-1: no adapter), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    return index
+
+
+def multi_lora_linear(
+    x: Tensor, weight, bias: Tensor | None, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scaling,
+    adapter_index: Tensor, dropout_p=0.0, training: bool = True, backend: str = "auto",
+) -> Tensor:
+    """LoRA with a different adapter per row of ``x [..., in]`` -> ``[..., out]``.
+
+    Args:
+        weight: the frozen base, ``[out, in]`` dense or an :class:`lorakern.NF4Weight`.
+        lora_A, lora_B: n adapters, ``lora_A[a] [r_a, in]``, ``lora_B[a] [out, r_a]`` (ranks may differ).
+        scaling, dropout_p: one number for all adapters, or one per adapter.
+        adapter_index: integer, x's leading shape (or flat ``[M]``): the adapter of each row, -1 for
+            the base alone.
+        backend: for the base product: "auto", "reference", or for an NF4 base "native".
+
+    Returns y with grads for x, bias and every adapter's A and B (from its own rows only).
+    """
+    check_x(x)
+    if isinstance(lora_A, Tensor) or isinstance(lora_B, Tensor) or len(lora_A) != len(lora_B) or not lora_A:
+        raise ValueError("lora_A, lora_B: expected two sequences of the same number (>= 1) of adapter tensors")
+    n = len(lora_A)
+    nf4 = isinstance(weight, NF4Weight)
+    if nf4:
+        check_weight(weight, x.device)
+    else:
+        check_tensor("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        if weight.requires_grad:
+            raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
+    out_features, in_features = weight.shape
+    scalings, ps = _per_adapter("scaling", scaling, n), _per_adapter("dropout_p", dropout_p, n)
+    autocasting = autocast_dtype(x.device.type) is not None
+    for a in range(n):
+        try:
+            check_adapter_args(x, out_features, in_features, bias, lora_A[a], lora_B[a], scalings[a], ps[a],
+                               autocasting, base=None if nf4 else {"weight": weight},
+                               dtypes=FLOAT_DTYPES if nf4 else None)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapter {a}: {e}") from None
+    index = check_index(adapter_index, x, n)
+    if backend not in ("auto", "reference", "native") or (backend == "native" and not nf4):
+        raise ValueError(f"backend: expected 'auto' or 'reference'{', or native' if nf4 else ''} for several "
+                         f"adapters in one call, got {backend!r}")
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        x, bias = x.to(cast), None if bias is None else bias.to(cast)
+        lora_A, lora_B = [t.to(cast) for t in lora_A], [t.to(cast) for t in lora_B]
+        weight = weight if nf4 else weight.to(cast)
+    ps = [p if training else 0.0 for p in ps]
+    seed = draw_seed(x.device) if any(p > 0.0 for p in ps) else None
+    base = NF4Base(weight) if nf4 else DenseBase(weight)
+    chosen = resolve_nf4(backend, x.device) if nf4 else "reference"
+    x2d = rows(x)
+    y = _BaseLinear.apply(x2d, bias, base, chosen)
+    y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
+    """``y`` with each adapter's term added on its rows, in place (autograd tracks it)."""
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index + 1, minlength=len(lora_A) + 1).tolist()  # bin 0: rows with -1
+    start = counts[0]
+    for a, count in enumerate(counts[1:]):
+        # An adapter without rows runs on none (a few us): its dA and dB are then zeros, not None.
+        row_ids = order[start:start + count]
+        start += count
+        xa = x2d.index_select(0, row_ids)
+        if ps[a] > 0.0:
+            keep = keep_mask_rows(seed, row_ids, x2d.shape[1], ps[a])
+            xa = xa * keep.to(xa.dtype) * (1.0 / (1.0 - ps[a]))
+        term = ((xa @ lora_A[a].t()) @ lora_B[a].t()) * scalings[a]
+        y.index_add_(0, row_ids, term.to(y.dtype))
+    return y

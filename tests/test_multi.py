@@ -1,0 +1,199 @@
+"""multi_lora_linear (an adapter per row: mixed batches, several adapters trained in one batch)
+against a float64 per-row loop of the definition, the single-adapter op, and PEFT's mixed batch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import assert_close_like_torch
+
+import lorakern
+from lorakern import NF4Weight, multi_lora_linear
+from lorakern.dropout import draw_seed
+from lorakern.reference import multi_lora_linear_reference
+
+RANKS = (1, 8, 16, 64)
+
+
+def inputs(lead, K, N, ranks, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    As = [(torch.randn(r, K, generator=g) / K**0.5).to(dtype) for r in ranks]
+    Bs = [(torch.randn(N, r, generator=g) / r**0.5).to(dtype) for r in ranks]
+    return x, w, b, As, Bs
+
+
+def run(x, w, b, As, Bs, scalings, index, ps, seed_value=3, **kw):
+    """y and the grads of (x, bias, every A, every B) through multi_lora_linear, and its seed."""
+    leaves = [t.clone().requires_grad_() for t in (x, b, *As, *Bs)]
+    n = len(As)
+    torch.manual_seed(seed_value)
+    y = multi_lora_linear(leaves[0], w, leaves[1], leaves[2:2 + n], leaves[2 + n:], scalings, index, ps, **kw)
+    torch.manual_seed(seed_value)
+    seed = draw_seed(x.device) if any(p > 0 for p in ps) else None
+    return y, leaves, seed
+
+
+def _reference(x, w, b, As, Bs, scalings, index, ps, seed, dtype):
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (x, b, *As, *Bs)]
+    n = len(As)
+    y = multi_lora_linear_reference(leaves[0], w.to(dtype), leaves[1], leaves[2:2 + n], leaves[2 + n:], scalings,
+                                    index, ps, seed)
+    return y, leaves
+
+
+def check(lead, K, N, ranks, index, dtype=torch.float32, ps=None, nf4=False):
+    """Output and every grad within 2x the error of the same definition run in ``dtype``, against
+    float64; an adapter without rows gets an exactly zero grad."""
+    x, w, b, As, Bs = inputs(lead, K, N, ranks, dtype)
+    n = len(ranks)
+    ps = ps or [0.0] * n
+    scalings = [0.5 + i for i in range(n)]
+    weight = NF4Weight.quantize(w, 64) if nf4 else w
+    w_ref = weight.dequantize(dtype) if nf4 else w
+    y, leaves, seed = run(x, weight, b, As, Bs, scalings, index, ps)
+    y64, l64 = _reference(x, w_ref, b, As, Bs, scalings, index, ps, seed, torch.float64)
+    y16, l16 = _reference(x, w_ref, b, As, Bs, scalings, index, ps, seed, dtype)
+    dy = torch.randn_like(y)
+    for out, d in ((y, dy), (y64, dy.double()), (y16, dy)):
+        out.backward(d)
+    used = set(index.reshape(-1).tolist())
+    if y.numel() == 0:
+        assert y.shape == y64.shape and all(not t.grad.any() for t in leaves)
+        return
+    assert_close_like_torch("y", y, y64, y16, dtype)
+    for i, (got, g64, g16) in enumerate(zip(leaves, l64, l16)):
+        if i >= 2 and (i - 2) % n not in used:
+            assert got.grad is not None and not got.grad.any(), "an adapter without rows gets a zero grad"
+            continue
+        assert_close_like_torch(f"grad {i}", got.grad, g64.grad, g16.grad, dtype)
+
+
+@pytest.mark.parametrize("M", [0, 1, 7, 37])
+def test_random_indices_mixed_ranks(M):
+    g = torch.Generator().manual_seed(M)
+    index = torch.randint(-1, 4, (M,), generator=g)
+    check((M,), 45, 53, RANKS, index)
+
+
+def test_3d_x_index_per_row_and_adapters_without_rows():
+    index = torch.tensor([[0, 0, -1, 3, 3], [3, -1, -1, 0, 0], [0, 3, 3, 3, -1]])  # adapters 1 and 2: no rows
+    check((3, 5), 30, 20, RANKS, index)
+    check((3, 5), 30, 20, RANKS, index.reshape(-1))  # the flat index too
+
+
+@pytest.mark.parametrize("case", ["all -1", "one adapter"])
+def test_degenerate_batches(case):
+    index = torch.full((9,), -1) if case == "all -1" else torch.zeros(9, dtype=torch.long)
+    check((9,), 16, 12, (8, 4), index)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit(dtype):
+    check((33,), 40, 24, (8, 16), torch.randint(-1, 2, (33,), generator=torch.Generator().manual_seed(1)), dtype)
+
+
+def test_dropout_per_adapter_and_masks_as_the_single_adapter_op():
+    """Each adapter's own dropout probability; with every row on one adapter, the output and grads
+    are the single-adapter op's for the same seed."""
+    index = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(2))
+    check((40,), 24, 16, (8, 4, 16), index, ps=[0.0, 0.3, 0.6])
+    x, w, b, As, Bs = inputs((40,), 24, 16, (8,), torch.float32)
+    y, *_ = run(x, w, b, As, Bs, [1.5], torch.zeros(40, dtype=torch.long), [0.3])
+    torch.manual_seed(3)
+    single = lorakern.lora_linear(x, w, b, As[0], Bs[0], 1.5, 0.3, backend="reference")
+    torch.testing.assert_close(y, single)
+
+
+@pytest.mark.parametrize("M", [5, 40])  # the native decode kernel for the base, the tiled decode
+def test_nf4_base(M):
+    check((M,), 128, 24, (8, 16), torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(M)), nf4=True)
+
+
+def test_bad_inputs_get_clear_errors():
+    x, w, b, As, Bs = inputs((6,), 16, 12, (4, 8), torch.float32)
+    idx = torch.tensor([0, 1, -1, 0, 1, 1])
+    for kwargs, exc, match in [
+        (dict(adapter_index=torch.tensor([0, 1, 2, 0, 0, 0])), ValueError,
+         r"adapter_index: expected values in \[-1, 1\]"),
+        (dict(adapter_index=torch.tensor([0, -2, 0, 0, 0, 0])), ValueError, "adapter_index: expected values"),
+        (dict(adapter_index=idx.float()), TypeError, "adapter_index: expected an integer tensor"),
+        (dict(adapter_index=idx.to("meta")), ValueError, "adapter_index: expected device cpu"),
+        (dict(adapter_index=idx[:5]), ValueError, r"adapter_index: expected shape \[6\]"),
+        (dict(lora_B=Bs[:1]), ValueError, "lora_A, lora_B: expected two sequences"),
+        (dict(lora_A=torch.stack([As[0], As[0]])), ValueError, "lora_A, lora_B: expected two sequences"),
+        (dict(lora_B=[Bs[0], torch.randn(12, 5)]), ValueError, r"adapter 1: lora_B: expected shape \[12, 8\]"),
+        (dict(lora_A=[As[0], As[1].double()]), TypeError, "adapter 1: lora_A: expected dtype torch.float32"),
+        (dict(scaling=[1.0]), ValueError, "scaling: expected a number or a sequence of 2"),
+        (dict(dropout_p=[0.1, 1.0]), ValueError, r"adapter 1: dropout_p: expected a probability in \[0, 1\)"),
+        (dict(backend="triton"), ValueError, "backend: expected 'auto' or 'reference'"),
+    ]:
+        args = dict(x=x, weight=w, bias=b, lora_A=As, lora_B=Bs, scaling=1.0, adapter_index=idx)
+        args.update(kwargs)
+        with pytest.raises(exc, match=match):
+            multi_lora_linear(**args)
+
+
+# -- PEFT's mixed batch ---------------------------------------------------------------------------
+
+def _peft_model():
+    peft = pytest.importorskip("peft")
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(48, 48, bias=False)
+            self.up = nn.Linear(48, 72)
+            self.down = nn.Linear(72, 48)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(self.q(x)))) + x
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Block(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"],
+                                                         init_lora_weights=False))
+    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q", "up", "down"],
+                                           init_lora_weights=False))
+    model.add_adapter("c", peft.LoraConfig(r=16, lora_alpha=4, target_modules=["q", "up"], init_lora_weights=False,
+                                           use_rslora=True))
+    return peft, model.eval()
+
+
+def test_fuse_serves_peft_mixed_batches(monkeypatch):
+    """model(x, adapter_names=[...]) on a fused model: PEFT's output, served by multi_lora_linear on
+    every layer (an adapter a layer lacks, and "__base__", give the base alone)."""
+    import lorakern.integrations.peft as integration
+
+    _, model = _peft_model()
+    x = torch.randn(5, 7, 48)
+    names = ["default", "b", "__base__", "c", "b"]
+    with torch.no_grad():
+        want = model(x, adapter_names=names)
+        integration.fuse(model)
+        calls = []
+        real = integration.multi_lora_linear
+        monkeypatch.setattr(integration, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to PEFT
+            got = model(x, adapter_names=names)
+    assert len(calls) == 3
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_peft_mixed_batch_errors_are_peft_s():
+    """What PEFT refuses in a mixed batch (a wrong number of names, DoRA) it still refuses fused."""
+    peft, model = _peft_model()
+    import lorakern.integrations.peft as integration
+
+    model.add_adapter("d", peft.LoraConfig(r=4, target_modules=["q"], use_dora=True))
+    integration.fuse(model)
+    x = torch.randn(3, 48)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(x, adapter_names=["default", "b"])
+    with pytest.raises(ValueError, match="DoRA"):
+        model(x, adapter_names=["default", "d", "b"])
