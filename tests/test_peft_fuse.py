@@ -128,19 +128,25 @@ def test_unsupported_layers_and_calls_fall_back_to_peft():
     model = make_model(lora_bias=True)
     with pytest.warns(UserWarning, match="left to PEFT .*lora_bias=True"):
         assert fuse(model) == 0
-    # Two adapters active on a layer: PEFT's forward, with a warning, same result as unfused.
+    # Two adapters active on a layer, one with dropout, in training: PEFT's forward (each adapter
+    # draws its own mask there), with a warning, same result as unfused.
     model = make_model()
-    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"], init_lora_weights=False))
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"], init_lora_weights=False,
+                                                lora_dropout=0.5))
     model.base_model.set_adapter(["default", "second"])
     x = torch.randn(2, 48)
+    model.train()
     with torch.no_grad():
+        torch.manual_seed(0)
         want = model(x)
         fuse(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            torch.manual_seed(0)
             got = model(x)
     torch.testing.assert_close(got, want)
-    assert any("2 active adapters" in str(w.message) for w in caught)
+    assert any("several active adapters with DoRA or with dropout" in str(w.message) for w in caught)
+    model.eval()
     # Disabled adapters: the base model, as in PEFT.
     with torch.no_grad(), model.disable_adapter():
         torch.testing.assert_close(model(x), model.base_model.model.down(
@@ -298,6 +304,29 @@ def test_calls_the_op_cannot_serve_go_to_peft(monkeypatch):
     assert len(calls) == 2, "q and down are served by the op, up (weight requires grad) by PEFT"
     assert model.base_model.model.up.base_layer.weight.grad is not None
     _same_as_unfused(model, x, train=True)
+
+
+def test_several_active_adapters_are_summed_in_one_fused_call(monkeypatch):
+    """set_adapter([a, b]) without dropout in training: one fused call per layer on the adapters
+    stacked (rank r_a + r_b, each B scaled by its adapter's scaling); PEFT's output and grads."""
+    calls = _served_by_op(monkeypatch)
+    model = make_model(seed=8)
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q", "up"],
+                                                init_lora_weights=False, use_rslora=True))
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():  # set_adapter freezes the others; train both
+        p.requires_grad_("lora_" in n)
+    x = torch.randn(3, 48)
+    y_ref, g_ref = outputs_and_grads(model, x)
+    fuse(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, g = outputs_and_grads(model, x)
+    assert len(calls) == 3
+    torch.testing.assert_close(y, y_ref)
+    assert set(g) == set(g_ref) and any("second" in n for n in g)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], msg=n)
 
 
 def test_adapter_on_another_device_goes_to_peft(monkeypatch):

@@ -17,8 +17,10 @@ layer with other math), not a layer whose base is another adapter layer (mixed m
 layer whose ``forward`` another library has replaced (X-LoRA). Every call is checked again, since
 adapters can be added and switched after ``fuse``: the op serves one active LoRA or DoRA adapter
 (``use_dora=True``; no other variant, no ``lora_bias``, dropout p < 1, a frozen base weight, no
-hooks on the modules it would bypass); anything else is PEFT's own forward, never an
-approximation, with a one-time warning per reason.
+hooks on the modules it would bypass), several active plain adapters without dropout in training
+(summed: one adapter of their total rank), and PEFT's ``adapter_names`` mixed batches (through
+:func:`lorakern.multi_lora_linear`); anything else is PEFT's own forward, never an approximation,
+with a one-time warning per reason.
 """
 
 from __future__ import annotations
@@ -141,31 +143,48 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
     if layer.merged:
         return "adapter merged into the base weight"
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
-        return f"{len(active)} active adapters on one layer (the fused op serves exactly one)"
-    adapter = active[0]
+    if not active:
+        return "0 active adapters on one layer"
     base = _plain_base(layer)
     if base is None:
         return "its base layer is not an nn.Linear or an NF4 Linear4bit"
-    reason = adapter_reason(layer, adapter)
-    if reason is not None:
-        return reason
-    A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
-    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1.0:
-        return f"adapter {adapter!r} has dropout p={dropout.p} in training (the op takes p < 1)"
     if base.weight.requires_grad:
         # FSDP1 with use_orig_params=True hands the layer a view of its flat parameter, which
         # requires grad even when this weight is frozen; PEFT's forward computes what it asks.
         return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
+    modules = [base]
+    for adapter in active:
+        reason = _active_adapter_reason(layer, adapter, x, several=len(active) > 1)
+        if reason is not None:
+            return reason
+        modules += [layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]]
+        magnitude = _magnitude(layer, adapter)
+        if magnitude is not None:
+            modules.append(magnitude)
+    if _hooked(*modules):
+        return "hooks on the base layer or the adapter's modules"
+    return None
+
+
+def _active_adapter_reason(layer, adapter: str, x, several: bool) -> str | None:
+    reason = adapter_reason(layer, adapter)
+    if reason is not None:
+        return reason
+    A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    active_dropout = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0.0
+    if active_dropout and dropout.p >= 1.0:
+        return f"adapter {adapter!r} has dropout p={dropout.p} in training (the op takes p < 1)"
     if not getattr(layer, "cast_input_dtype_enabled", True) and A.weight.dtype != x.dtype:
         return "input dtype casting is disabled and the adapter's dtype is not x's"
     magnitude = _magnitude(layer, adapter)
+    if several and (magnitude is not None or active_dropout):
+        # Summed adapters are one adapter of rank sum(r_a) only without DoRA and without dropout
+        # (each adapter draws its own mask in PEFT).
+        return "several active adapters with DoRA or with dropout in training"
     if magnitude is not None and magnitude.weight.dtype != A.weight.dtype:
         return "the DoRA magnitude's dtype is not the adapter's"
     if any(t.device != x.device for t in (A.weight, B.weight, *(() if magnitude is None else (magnitude.weight,)))):
         return "the adapter is on another device than x (ephemeral_gpu_offload, ...)"
-    if _hooked(base, A, B, dropout, *(() if magnitude is None else (magnitude,))):
-        return "hooks on the base layer or the adapter's modules"
     return None
 
 
@@ -243,9 +262,19 @@ class FusedForward:
         return type(layer).forward(layer, x, *args, **kwargs)
 
 
+def _summed(layer, active):
+    """Several active adapters (no dropout, no DoRA) as one adapter of rank sum(r_a): A = [A_1; A_2; ...],
+    B = [s_1 B_1, s_2 B_2, ...], s = 1, which is sum_a s_a (x A_a^T) B_a^T in one fused call;
+    autograd splits the grads back to each adapter's A and B."""
+    A = torch.cat([layer.lora_A[a].weight for a in active])
+    B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in active], dim=1)
+    return A, B
+
+
 def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused op on the layer's one active adapter (``runtime_reason`` said it serves it)."""
-    adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+    """The fused op on the layer's active adapters (``runtime_reason`` said it serves them)."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    adapter = active[0]
     base = layer.base_layer
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     dropout = layer.lora_dropout[adapter]
@@ -257,6 +286,8 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if magnitude is not None:
         magnitude, training = magnitude.weight, training and layer.training
     scaling = layer.scaling[adapter]
+    if len(active) > 1:
+        (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
     if is_bnb_linear4bit(base):
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
