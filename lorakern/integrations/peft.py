@@ -145,6 +145,12 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if not active:
         return "0 active adapters on one layer"
+    return _adapters_reason(layer, x, active, several=len(active) > 1)
+
+
+def _adapters_reason(layer, x, adapters, several: bool) -> str | None:
+    """Why the op cannot serve ``adapters`` of ``layer`` on this call (its base, each adapter,
+    hooks), or None; ``several``: they are summed on every row."""
     base = _plain_base(layer)
     if base is None:
         return "its base layer is not an nn.Linear or an NF4 Linear4bit"
@@ -153,8 +159,8 @@ def runtime_reason(layer, x, args, kwargs) -> str | None:
         # requires grad even when this weight is frozen; PEFT's forward computes what it asks.
         return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
     modules = [base]
-    for adapter in active:
-        reason = _active_adapter_reason(layer, adapter, x, several=len(active) > 1)
+    for adapter in adapters:
+        reason = _active_adapter_reason(layer, adapter, x, several)
         if reason is not None:
             return reason
         modules += [layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]]
@@ -194,25 +200,10 @@ def mixed_batch_reason(layer, x, adapter_names) -> str | None:
     layer._check_forward_args(x, adapter_names=adapter_names)
     if layer.disable_adapters:
         return "adapters disabled"
-    base = _plain_base(layer)
-    if base is None:
-        return "its base layer is not an nn.Linear or an NF4 Linear4bit"
-    if base.weight.requires_grad:
-        return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
+    base = layer.base_layer
     if is_bnb_linear4bit(base) and getattr(base, "compute_dtype", None) not in (None, x.dtype):
         return "a mixed batch on a Linear4bit whose compute_dtype is not the input's"
-    modules = [base]
-    for name in set(adapter_names) & set(layer.lora_A):
-        reason = adapter_reason(layer, name) or (f"adapter {name!r} is DoRA" if _magnitude(layer, name) else None)
-        if reason is not None:
-            return reason
-        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if A.device != x.device or B.device != x.device:
-            return "the adapter is on another device than x (ephemeral_gpu_offload, ...)"
-        modules += [layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]]
-    if _hooked(*modules):
-        return "hooks on the base layer or the adapter's modules"
-    return None
+    return _adapters_reason(layer, x, sorted(set(adapter_names) & set(layer.lora_A)), several=False)
 
 
 def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
