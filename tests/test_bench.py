@@ -33,6 +33,27 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("suite", ["dora", "multi"])
+def test_cli_variant_suites(tmp_path, capsys, suite):
+    """The dora and multi suites: fused plain LoRA measured beside, ratios to it and to PEFT's."""
+    pytest.importorskip("peft")
+    shapes = "5,32,24,4,3;9,32,24,4,3"  # multi: 3 adapters over 5 and 9 rows
+    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", suite,
+                   "--shapes", shapes])
+    assert rc == 0
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    providers = {"dora": ("fused", "peft-dora", "fused-dora"), "multi": ("fused", "peft-multi", "fused-multi")}[suite]
+    modes = cli.DEFAULT_MODES[suite]
+    assert sorted((r["provider"], r["mode"], r["M"]) for r in recs) == sorted(
+        (p, m, M) for p in providers for m in modes for M in (5, 9))
+    key = {"dora": "ratio_to_peft_dora", "multi": "ratio_to_peft_multi"}[suite]
+    for rec in recs:
+        records.validate(rec)
+        assert rec["ratio_to_fused"] > 0 and rec[key] > 0
+        assert rec["adapters"] == 3
+    assert "x fused" in capsys.readouterr().out
+
+
 def test_cli_quick_nf4_suite(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "nf4",

@@ -8,7 +8,9 @@
 
 Suites: ``lora`` (providers base, unfused, peft, fused; modes fwd, bwd, fwd+bwd; see
 lorakern/bench/lora.py), ``dora`` (the same runner on providers fused, peft-dora, fused-dora; modes
-fwd, fwd+bwd, eval; ratios against fused plain LoRA and PEFT's DoRA) and ``nf4`` (the QLoRA
+fwd, fwd+bwd, eval; ratios against fused plain LoRA and PEFT's DoRA), ``multi`` (providers fused
+with one adapter, peft-multi, fused-multi: a batch whose rows take ``adapters`` adapters in turn;
+modes eval, fwd+bwd) and ``nf4`` (the QLoRA
 layer's eval forward against dense fp32 / bf16 and bitsandbytes, plus NF4 dequantize; see
 lorakern/bench/nf4.py).
 
@@ -24,18 +26,19 @@ import os
 import torch
 
 from . import lora, nf4, records, report
-from .providers import DORA_PROVIDERS, MODES, available_providers
+from .providers import DORA_PROVIDERS, MODES, MULTI_PROVIDERS, available_providers
 from .shapes import DTYPES, parse_shapes
 
-SUITES = ("lora", "dora", "nf4")
-DEFAULT_MODES = {"lora": ("fwd", "bwd", "fwd+bwd"), "dora": ("fwd", "fwd+bwd", "eval")}
+SUITES = ("lora", "dora", "multi", "nf4")
+DEFAULT_MODES = {"lora": ("fwd", "bwd", "fwd+bwd"), "dora": ("fwd", "fwd+bwd", "eval"), "multi": ("eval", "fwd+bwd")}
+VARIANTS = {"dora": DORA_PROVIDERS, "multi": MULTI_PROVIDERS}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lorakern-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated, from lora,dora,nf4")
+    parser.add_argument("--suite", default=",".join(SUITES), help="comma-separated, from lora,dora,multi,nf4")
     parser.add_argument("--shapes", default=None,
                         help="presets (llama3-8b, llama3-70b, tiny, cpu) or M,in,out,r items, ';'-separated "
                              "(the nf4 suite uses r only for its adapter; default: Llama-3-8B projections)")
@@ -67,19 +70,24 @@ def main(argv=None) -> int:
 
     recs, text = [], []
     default_shapes = "tiny" if args.quick else ("llama3-8b" if device.type == "cuda" else "cpu")
-    for suite in ("lora", "dora"):
+    variant_providers = DORA_PROVIDERS + MULTI_PROVIDERS
+    for suite in ("lora", "dora", "multi"):
         if suite == "lora":
-            providers = [p for p in wanted if p in lora_all and p not in DORA_PROVIDERS]
-        else:  # against fused plain LoRA, always measured beside
-            providers = [p for p in ("fused", *DORA_PROVIDERS) if p in lora_all and (p in wanted or p == "fused")]
-            providers = providers if any(p in DORA_PROVIDERS for p in providers) else []
+            providers = [p for p in wanted if p in lora_all and p not in variant_providers]
+        else:  # against fused plain LoRA (one adapter), always measured beside
+            own = VARIANTS[suite]
+            providers = [p for p in ("fused", *own) if p in lora_all and (p in wanted or p == "fused")]
+            providers = providers if any(p in own for p in providers) else []
         if suite not in suites or not providers:
             continue
-        shapes = parse_shapes(args.shapes or default_shapes, device)
+        preset = default_shapes
+        if suite == "multi" and not args.quick:
+            preset = "multi" if device.type == "cuda" else "multi-cpu"
+        shapes = parse_shapes(args.shapes or preset, device)
         got = lora.run(shapes, providers, modes or DEFAULT_MODES[suite], dtype, device, args.dropout, min_run_time,
                        progress=not args.no_progress)
         recs += got
-        text.append(lora.table(got, dora=suite == "dora"))
+        text.append(lora.table(got, suite))
     nf4_providers = [p for p in wanted if p in nf4_all]
     if "nf4" in suites and nf4_providers:
         shapes = parse_shapes(args.shapes, device) if args.shapes else nf4.shapes(device, args.quick)

@@ -25,7 +25,7 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
             group = []
             for provider, module, step, (med, q20, q80) in zip(providers, modules, steps, timings):
                 group.append({
-                    "op": "lora_linear", "provider": provider, "mode": mode, "M": s.M,
+                    "op": "lora_linear", "provider": provider, "mode": mode, "M": s.M, "adapters": s.adapters,
                     "in_features": s.in_features, "out_features": s.out_features, "r": s.r,
                     "dtype": dtype_name, "dropout": dropout, "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                     "tflops": flops(provider, mode, s) / (med * 1e-3) / 1e12,
@@ -45,7 +45,7 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
 
 # Each record's time over another provider's of the same shape and mode, measured in the same run.
 RATIOS = (("ratio_to_base", "base"), ("ratio_to_unfused", "unfused"), ("ratio_to_fused", "fused"),
-          ("ratio_to_peft_dora", "peft-dora"))
+          ("ratio_to_peft_dora", "peft-dora"), ("ratio_to_peft_multi", "peft-multi"))
 DORA_COLUMNS = (
     ("M", "d", lambda r: r["M"]), ("in", "d", lambda r: r["in_features"]), ("out", "d", lambda r: r["out_features"]),
     ("r", "d", lambda r: r["r"]), ("mode", "s", lambda r: r["mode"]), ("provider", "s", lambda r: r["provider"]),
@@ -62,5 +62,14 @@ COLUMNS = (
 )
 
 
-def table(recs: list[dict], dora: bool = False) -> str:
-    return report.table(DORA_COLUMNS if dora else COLUMNS, recs)
+MULTI_COLUMNS = (
+    ("M", "d", lambda r: r["M"]), ("adapters", "d", lambda r: r["adapters"]), ("in", "d", lambda r: r["in_features"]),
+    ("out", "d", lambda r: r["out_features"]), ("r", "d", lambda r: r["r"]), ("mode", "s", lambda r: r["mode"]),
+    ("provider", "s", lambda r: r["provider"]), ("median ms", ".4f", lambda r: r["median_ms"]),
+    ("x fused 1 adapter", ".2f", lambda r: r.get("ratio_to_fused")),
+    ("x peft-multi", ".3f", lambda r: r.get("ratio_to_peft_multi")),
+)
+
+
+def table(recs: list[dict], suite: str = "lora") -> str:
+    return report.table({"dora": DORA_COLUMNS, "multi": MULTI_COLUMNS}.get(suite, COLUMNS), recs)

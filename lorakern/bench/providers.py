@@ -9,6 +9,9 @@
            two are the same reference path).
 - peft-dora: PEFT's DoRA ``Linear`` (``use_dora=True``; PEFT's default, no DoRA caching).
 - fused-dora: ``FusedLoRALinear(use_dora=True)``.
+- peft-multi: PEFT's LoRA ``Linear`` with ``shape.adapters`` adapters, called with ``adapter_names``
+           (one per row, handed out in turn): its mixed-batch loop.
+- fused-multi: ``lorakern.multi_lora_linear`` on the same adapters and rows.
 
 Modes: ``fwd`` (a training-mode forward without grad), ``bwd``, ``fwd+bwd`` (a training step) and
 ``eval`` (``module.eval()`` under no_grad: inference). In the training modes a DoRA layer's
@@ -30,6 +33,7 @@ from .shapes import Shape
 
 MODES = ("fwd", "bwd", "fwd+bwd", "eval")
 DORA_PROVIDERS = ("peft-dora", "fused-dora")
+MULTI_PROVIDERS = ("peft-multi", "fused-multi")
 
 
 
@@ -58,6 +62,50 @@ class UnfusedLoRA(nn.Module):
         return result + (h @ f.lora_B.t()) * f.scaling
 
 
+class MultiAdapter(nn.Module):
+    """``s.adapters`` adapters over one base, row m taking adapter ``m % n``: through
+    :func:`lorakern.multi_lora_linear`, or PEFT's layer called with ``adapter_names``."""
+
+    def __init__(self, fused: lorakern.FusedLoRALinear, n: int, peft_layer=None):
+        super().__init__()
+        self.n, self.peft = n, peft_layer
+        if peft_layer is not None:  # PEFT's layer holds its own copies: fused is not a submodule then
+            object.__setattr__(self, "f", fused)
+        else:
+            self.f = fused
+            self.lora_A = nn.ParameterList([fused.lora_A] + [nn.Parameter(fused.lora_A.detach() + 0.01 * i)
+                                                             for i in range(1, n)])
+            self.lora_B = nn.ParameterList([fused.lora_B] + [nn.Parameter(fused.lora_B.detach() * (1 + i))
+                                                             for i in range(1, n)])
+
+    def forward(self, x):
+        rows = x.shape[0]
+        if self.peft is not None:
+            names = [self.peft.adapter_names[m % self.n] for m in range(rows)]
+            return self.peft.layer(x, adapter_names=names)
+        index = torch.arange(rows, device=x.device) % self.n
+        f = self.f
+        return lorakern.multi_lora_linear(x, f.weight, f.bias, list(self.lora_A), list(self.lora_B), f.scaling,
+                                          index, f.lora_dropout, training=self.training)
+
+
+def _peft_multi(fused: lorakern.FusedLoRALinear, n: int):
+    import peft
+
+    layer = _peft_layer(fused)
+    model = layer._peft_model
+    cfg = peft.LoraConfig(r=fused.r, lora_alpha=fused.lora_alpha, lora_dropout=fused.lora_dropout,
+                          target_modules=["proj"], init_lora_weights=False)
+    names = ["default"] + [f"a{i}" for i in range(1, n)]
+    for name in names[1:]:
+        model.add_adapter(name, cfg)
+    for p_name, p in layer.named_parameters():
+        p.requires_grad_("lora_" in p_name)
+    holder = nn.Module()
+    holder.layer, holder.adapter_names = layer, names
+    return MultiAdapter(fused, n, peft_layer=holder)
+
+
 def _peft_layer(fused: lorakern.FusedLoRALinear, use_dora: bool = False):
     import peft
 
@@ -70,7 +118,9 @@ def _peft_layer(fused: lorakern.FusedLoRALinear, use_dora: bool = False):
     cfg = peft.LoraConfig(r=fused.r, lora_alpha=fused.lora_alpha, lora_dropout=fused.lora_dropout,
                           target_modules=["proj"], use_dora=use_dora)
     model = peft.get_peft_model(Wrap(), cfg, autocast_adapter_dtype=False)
-    return model.base_model.model.proj
+    layer = model.base_model.model.proj
+    object.__setattr__(layer, "_peft_model", model)  # not a submodule: for add_adapter
+    return layer
 
 
 def available_providers(device=None) -> list[str]:
@@ -80,10 +130,10 @@ def available_providers(device=None) -> list[str]:
         import peft  # noqa: F401
 
         names.insert(2, "peft")
-        names.append("peft-dora")
+        names += ["peft-dora", "peft-multi"]
     except ImportError:
         pass
-    names.append("fused-dora")
+    names += ["fused-dora", "fused-multi"]
     if device is None or torch.device(device).type == "cuda":
         names.append("fused-det")
     return names
@@ -123,6 +173,10 @@ def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Mo
         return fused
     if provider == "peft-dora":
         return _peft_layer(fused, use_dora=True)
+    if provider == "fused-multi":
+        return MultiAdapter(fused, s.adapters)
+    if provider == "peft-multi":
+        return _peft_multi(fused, s.adapters)
     if provider == "fused-det":
         return Deterministic(fused)
     if provider == "unfused":
@@ -177,13 +231,13 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
 
         def step():
             with _deterministic(det):
-                return torch.autograd.grad(y, inputs, dy, retain_graph=True)
+                return torch.autograd.grad(y, inputs, dy, retain_graph=True, allow_unused=True)
         return step
 
     def step():
         touch()
         with _deterministic(det):
-            return torch.autograd.grad(module(x), inputs, dy)
+            return torch.autograd.grad(module(x), inputs, dy, allow_unused=True)  # PEFT: adapters without rows
     return step
 
 

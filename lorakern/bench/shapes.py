@@ -17,6 +17,7 @@ class Shape:
     in_features: int
     out_features: int
     r: int
+    adapters: int = 1  # the multi suite: adapters in the batch, its rows handed out in turn
 
 
 LLAMA3_8B = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
@@ -32,6 +33,10 @@ def preset_shapes(name: str, device: torch.device) -> list[Shape]:
         return [Shape(M, 256, 256, 8) for M in (1, 64)]
     if name == "cpu":  # Llama-3-8B's q and k/v projections at sizes two cores finish in ~1 minute
         return [Shape(M, k, n, 16) for (k, n) in LLAMA3_8B[:2] for M in (1, 16, 256)]
+    if name == "multi":  # several adapters in one batch
+        return [Shape(M, 4096, 4096, 16, n) for n in (1, 4, 16, 64) for M in (8, 64, 512, 4096)]
+    if name == "multi-cpu":
+        return [Shape(M, 4096, 4096, 16, n) for n in (1, 8) for M in (8, 64, 512)]
     raise ValueError(f"unknown shape preset {name!r}")
 
 
@@ -43,8 +48,8 @@ def parse_shapes(text: str, device: torch.device) -> list[Shape]:
             continue
         if part[0].isdigit():
             nums = [int(v) for v in part.split(",")]
-            if len(nums) != 4:
-                raise ValueError(f"--shapes: expected M,in,out,r, got {part!r}")
+            if len(nums) not in (4, 5):
+                raise ValueError(f"--shapes: expected M,in,out,r (or M,in,out,r,adapters), got {part!r}")
             shapes.append(Shape(*nums))
         else:
             shapes.extend(preset_shapes(part, device))
