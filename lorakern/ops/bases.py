@@ -12,7 +12,7 @@ are written once against it, so a new base kind (a group-wise INT4 base, say) is
     grad_input(dy, backend, dtype)   dy W, computed in dtype (default dy's), in dy's dtype
     fused_forward(...)             the whole LoRA forward in one call where the base has one, else None
     tensors()                      the tensors holding W (what a cache of values derived from W keys on)
-    row_sq_norms()                 ||W_j||^2 [out] in fp32 (fp64 for a float64 W: DoRA's weight norm)
+    row_norms()                    ||W_j|| [out] in fp32 (fp64 for a float64 W: DoRA's weight norm)
     shared_rows                    rows of x up to which one matmul costs about what one row does
 
 ``backend`` is the resolved name ("reference", "native", "triton"); a base serves "triton" with
@@ -47,9 +47,9 @@ class DenseBase:
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.weight,)
 
-    def row_sq_norms(self) -> Tensor:
+    def row_norms(self) -> Tensor:
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        return torch.linalg.vector_norm(self.weight, dim=1, dtype=dtype).square_()
+        return torch.linalg.vector_norm(self.weight, dim=1, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
@@ -98,22 +98,22 @@ class NF4Base:
         w = self.w
         return tuple(t for t in (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset) if t is not None)
 
-    def row_sq_norms(self) -> Tensor:
+    def row_norms(self) -> Tensor:
         """Decoded tile by tile (never the whole W at once on the CPU), summed in fp32."""
         n_rows, cols = self.shape
         if self.w.device.type != "cpu" or native.unavailable_reason(self.w.device) is not None:
-            return self.row_sq_norms_of(self.dequantize(torch.float32))
+            return self.row_norms_of(self.dequantize(torch.float32))
         rows_per_tile = max(1, min(n_rows, TILE_ELEMENTS // cols))
         buf = torch.empty(rows_per_tile * cols, dtype=torch.float32)
         out = torch.empty(n_rows, dtype=torch.float32)
         for r0 in range(0, n_rows, rows_per_tile):
             n = min(rows_per_tile, n_rows - r0)
-            out[r0:r0 + n] = self.row_sq_norms_of(self.dequantize_rows(r0, buf[: n * cols].view(n, cols)))
+            out[r0:r0 + n] = self.row_norms_of(self.dequantize_rows(r0, buf[: n * cols].view(n, cols)))
         return out
 
     @staticmethod
-    def row_sq_norms_of(w: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square_()
+    def row_norms_of(w: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)
 
     @property
     def nbytes(self) -> int:

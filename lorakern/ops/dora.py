@@ -17,7 +17,7 @@ The norm never needs the dense ``B A`` [out, in]:
 
     n_j^2 = ||W_j||^2 + 2 s B_j . (A W^T)^T_j + s^2 B_j (A A^T) B_j^T
 
-``||W_j||^2`` is cached per base weight (constant while W is frozen); ``A W^T`` [r, out] is one more
+``||W_j||`` is cached per base weight (constant while W is frozen); ``A W^T`` [r, out] is one more
 pass over W, taken in the same matmul as ``x~ W^T`` at small M (rows [x~; A] together: memory-bound,
 so r more rows cost little on a dense base); the rest is O(out * r^2 + in * r^2). The whole norm is
 cached per (W, A, B, s) while none of them changes (eval, gradient accumulation), checked by each
@@ -50,9 +50,9 @@ from ..dropout import apply_dropout
 from ..reference import lora_backward_reference
 from .common import Adapter, triton_ops
 
-# The norms cached so far: base weight tensor -> (stamp, ||W_j||^2 [out] fp32), and lora_A ->
+# The norms cached so far: base weight tensor -> (stamp, ||W_j|| [out] fp32), and lora_A ->
 # (stamp of W, A, B, s, n [out] fp32). Weak keys: an entry goes with its tensor.
-_ROW_SQ_NORMS = WeakTensorKeyDictionary()
+_ROW_NORMS = WeakTensorKeyDictionary()
 _NORMS = WeakTensorKeyDictionary()
 
 
@@ -80,24 +80,24 @@ def _store(cache, key: Tensor, stamp, others: tuple, value: Tensor) -> None:
         cache[key] = (stamp, tuple(TensorWeakRef(t) for t in others), value)
 
 
-def row_sq_norms(base) -> Tensor:
-    """``||W_j||^2`` [out] fp32 of a base weight, cached while its tensors are unchanged."""
+def row_norms(base) -> Tensor:
+    """``||W_j||`` [out] fp32 of a base weight, cached while its tensors are unchanged."""
     tensors = base.tensors()
     stamp = _stamp(*tensors)
-    cached = _lookup(_ROW_SQ_NORMS, tensors[0], stamp, tensors[1:])
+    cached = _lookup(_ROW_NORMS, tensors[0], stamp, tensors[1:])
     if cached is None:
-        cached = base.row_sq_norms()
-        _store(_ROW_SQ_NORMS, tensors[0], stamp, tensors[1:], cached)
+        cached = base.row_norms()
+        _store(_ROW_NORMS, tensors[0], stamp, tensors[1:], cached)
     return cached
 
 
-def norm_from(wsq: Tensor, aw: Tensor, adapter: Adapter) -> Tensor:
-    """``n = ||W + s B A||_row`` [out] (fp32, fp64 for float64) from ``wsq = ||W_j||^2`` and ``aw = A W^T`` [r, out]."""
-    dtype = wsq.dtype
+def norm_from(wn: Tensor, aw: Tensor, adapter: Adapter) -> Tensor:
+    """``n = ||W + s B A||_row`` [out] (fp32, fp64 for float64) from ``wn = ||W_j||`` and ``aw = A W^T`` [r, out]."""
+    dtype = wn.dtype
     A, B, s = adapter.lora_A.to(dtype), adapter.lora_B.to(dtype), adapter.scaling
-    cross = (B * aw.to(dtype).t()).sum(1)                     # B_j . (W A^T)_j
+    cross = (B * aw.to(dtype).t()).sum(1)                    # B_j . (W A^T)_j
     quad = ((B @ (A @ A.t())) * B).sum(1)                    # B_j (A A^T) B_j^T
-    return (wsq + (2.0 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
+    return (wn * wn + (2.0 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
 
 
 def cached_norm(base, adapter: Adapter) -> tuple[Tensor | None, tuple]:
@@ -118,12 +118,15 @@ def weight_norm(base, adapter: Adapter, backend: str, base_dtype=None, weight: T
     the dense W the Triton kernels read, where "triton" already has it."""
     norm, key = cached_norm(base, adapter)
     if norm is None:
-        A = adapter.lora_A.detach()
-        if backend == "triton":
-            aw = triton_ops().weight_a(base.dequantize(A.dtype, backend) if weight is None else weight, A).t()
+        A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
+        if not B.any():  # B = 0 (PEFT's init): n = ||W||, exactly the norm PEFT initialised m to
+            norm = row_norms(base).clone()
         else:
-            aw = base.linear(A, None, backend, base_dtype)
-        norm = norm_from(row_sq_norms(base), aw, adapter._replace(lora_A=A, lora_B=adapter.lora_B.detach()))
+            if backend == "triton":
+                aw = triton_ops().weight_a(base.dequantize(A.dtype, backend) if weight is None else weight, A).t()
+            else:
+                aw = base.linear(A, None, backend, base_dtype)
+            norm = norm_from(row_norms(base), aw, adapter._replace(lora_A=A, lora_B=B))
         store_norm(adapter, key, norm)
     return norm
 
@@ -145,31 +148,34 @@ def forward(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str
     M = x.shape[0]
     xd = apply_dropout(x, p, seed)
     h = xd @ A.t()
-    # base_dtype (bitsandbytes' compute_dtype) other than x's: PEFT's DoRA takes the base product
-    # from the base layer (in base_dtype, bias added there) less the bias, or with dropout
-    # recomputes it on dropout(x) with W decoded to x's dtype, as the norm is.
+    # PEFT's order, so that a fresh adapter (B = 0, m = n) gives the base layer's output bit for
+    # bit: result = base(x) + bias, u = x~ W^T (result - bias without dropout), then
+    # y = result + ((g - 1) u + g s h B^T). base_dtype (bitsandbytes' compute_dtype) other than
+    # x's: result from the base in base_dtype, u with dropout from W in x's dtype, as PEFT's DoRA.
     mixed = base_dtype is not None and base_dtype != x.dtype
     norm, key = cached_norm(base, adapter)
-    if norm is None and not mixed and M + A.shape[0] <= base.shared_rows:
-        # One pass over W for both products: [x~; A] W^T (see the module docstring).
+    stacked = norm is None and not mixed and M + A.shape[0] <= base.shared_rows and bool(B.detach().any())
+    if stacked:  # one pass over W for both products: [x~; A] W^T (see the module docstring)
         both = base.linear(torch.cat([xd, A.detach()]), None, backend)
         u, aw = both[:M], both[M:]
-        norm = norm_from(row_sq_norms(base), aw, adapter._replace(lora_A=A.detach(), lora_B=B.detach()))
+        norm = norm_from(row_norms(base), aw, adapter._replace(lora_A=A.detach(), lora_B=B.detach()))
         store_norm(adapter, key, norm)
-    else:
-        if norm is None:
-            norm = weight_norm(base, adapter, backend)
-        if mixed and p == 0.0 and bias is not None:
-            u = base.linear(x, bias, backend, base_dtype).sub_(bias)
-        else:
-            u = base.linear(xd, None, backend, base_dtype if p == 0.0 else None)
-    g = scale(adapter, norm).to(x.dtype)
-    z = u + (h @ B.t()).mul_(s)
+    elif norm is None:
+        norm = weight_norm(base, adapter, backend)
     if p == 0.0:
-        y = z * g if bias is None else torch.addcmul(bias, z, g)
-    else:  # PEFT's order: the base on x, then (g - 1) * u + g * s h B^T added
-        y = base.linear(x, bias, backend, base_dtype).sub_(u).add_(z * g)
-    return y, h, z if keep_z else x.new_empty(0), norm
+        if stacked:
+            result = u if bias is None else u + bias
+        else:
+            result = base.linear(x, bias, backend, base_dtype)
+            u = result if bias is None else result - bias
+    else:
+        result = base.linear(x, bias, backend, base_dtype)
+        if not stacked:
+            u = base.linear(xd, None, backend)
+    g = scale(adapter, norm)  # fp32: the per-row scale is applied in fp32, as PEFT's fp32 magnitude does
+    lora = (h @ B.t()).mul_(s)
+    y = (result + ((g - 1.0) * u + g * lora)).to(x.dtype)
+    return y, h, u + lora if keep_z else x.new_empty(0), norm
 
 
 def backward(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, z: Tensor, norm: Tensor, needs_dx: bool,
@@ -182,7 +188,7 @@ def backward(dy: Tensor, x: Tensor, base, adapter: Adapter, h: Tensor, z: Tensor
                                                            norm, g32, s, p, seed, needs_dx, needs_dlora, needs_dbias)
         return dx, dA, dB, dbias, dm.to(m.dtype)
     g = g32.to(dy.dtype)
-    dz = dy * g
+    dz = (dy * g32).to(dy.dtype)
     dx_base = None
     if needs_dx:
         if p == 0.0:
