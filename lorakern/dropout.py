@@ -65,23 +65,26 @@ def random_bits(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean keep mask ``[rows, cols]`` of dropout with probability ``p`` for element index ``m * cols + k``."""
     device = seed.device if device is None else device
-    index = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * cols
-    index = index + torch.arange(cols, device=device, dtype=torch.int64)[None, :]
-    return random_bits(seed.to(device), index) >= keep_threshold(p)
+    return keep_mask_rows(seed, torch.arange(rows, device=device, dtype=torch.int64), cols, p)
 
 
 def keep_mask_rows(seed: torch.Tensor, row_ids: torch.Tensor, cols: int, p: float) -> torch.Tensor:
-    """The keep mask ``[len(row_ids), cols]`` of rows ``row_ids`` of an ``[M, cols]`` input: the
+    """The keep mask ``[len(row_ids), cols]`` of rows ``row_ids`` of an ``[M, cols]`` input: those
     rows of :func:`keep_mask` for the whole input, without drawing the others."""
     index = row_ids.to(torch.int64)[:, None] * cols + torch.arange(cols, device=row_ids.device, dtype=torch.int64)
     return random_bits(seed.to(row_ids.device), index) >= keep_threshold(p)
 
 
-def apply_dropout(x2d: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """``x2d * keep / (1 - p)`` with the seed's mask; ``x2d`` itself when ``p == 0``."""
+def apply_dropout(x2d: torch.Tensor, p: float, seed: torch.Tensor | None, row_ids: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``x2d * keep / (1 - p)`` with the seed's mask; ``x2d`` itself when ``p == 0``. ``row_ids``:
+    ``x2d`` holds these rows of a larger input, and takes their masks."""
     if p == 0.0 or seed is None:
         return x2d
-    keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    if row_ids is None:
+        keep = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    else:
+        keep = keep_mask_rows(seed, row_ids, x2d.shape[1], p)
     return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
 
 

@@ -156,14 +156,15 @@ class FusedLoRALinear(nn.Module):
         """``m / n`` [out, 1] in at least fp32."""
         return (self.lora_magnitude_vector.to(norm.dtype) / norm)[:, None]
 
-    def merged_weight(self) -> torch.Tensor:
+    def merged_weight(self, norm: torch.Tensor | None = None) -> torch.Tensor:
         """The weight a merged layer holds [out, in], in the weight's dtype: ``W + s B A``, for DoRA
-        ``(m / n) (W + s B A)`` (PEFT's merge), computed in at least fp32."""
+        ``(m / n) (W + s B A)`` (PEFT's merge; ``norm``: n, default :meth:`weight_norm`), computed in
+        at least fp32."""
         base = self.weight if self.weight_nf4 is None else self.weight_nf4.dequantize(self.compute_dtype)
         dtype = torch.promote_types(base.dtype, torch.float32)
         merged = base.to(dtype) + self.delta_weight(dtype)
         if self.use_dora:
-            merged = merged * self._dora_factor(self.weight_norm())
+            merged = merged * self._dora_factor(self.weight_norm() if norm is None else norm)
         return merged.to(base.dtype)
 
     @torch.no_grad()
@@ -173,7 +174,7 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             if self.use_dora:
                 self._merged_norm = self.weight_norm().clone()
-            self.weight.copy_(self.merged_weight())
+            self.weight.copy_(self.merged_weight(self._merged_norm))
             self.merged = True
 
     @torch.no_grad()

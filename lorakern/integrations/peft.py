@@ -33,7 +33,7 @@ from ..backend import warn_once
 from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
-from ..ops.common import autocast_dtype
+from ..ops.common import autocast_dtype, autocast_to
 
 _FUSED = "_lorakern_fused"
 
@@ -218,17 +218,14 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
         return base(x)
     As, Bs, ps, scalings = [], [], [], []
     for n in names:
-        A, B = layer.lora_A[n].weight, layer.lora_B[n].weight
-        if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
-            A, B = A.to(x.dtype), B.to(x.dtype)
+        A, B = _in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight)
         dropout = layer.lora_dropout[n]
         As.append(A)
         Bs.append(B)
         ps.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
         scalings.append(layer.scaling[n])
     weight = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else base.weight
-    bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
-    return multi_lora_linear(x, weight, bias, As, Bs, scalings, index, ps, training=True)
+    return multi_lora_linear(x, weight, _bias_in_x_dtype(x, base), As, Bs, scalings, index, ps, training=True)
 
 
 class FusedForward:
@@ -279,22 +276,27 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     scaling = layer.scaling[adapter]
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
+    A, B, magnitude = _in_x_dtype(x, A, B, magnitude)
     if is_bnb_linear4bit(base):
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
-        if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
-            A, B, magnitude = _cast(x.dtype, A, B, magnitude)
-        bias = base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
-        return qlora_linear(x, NF4Weight.from_bnb(base), bias, A, B, scaling, p, training=training,
-                            compute_dtype=getattr(base, "compute_dtype", None), magnitude=magnitude)
-    if A.dtype != x.dtype and autocast_dtype(x.device.type) is None:
-        # PEFT keeps adapters in fp32 on a 16-bit base; the fused op computes in x's dtype.
-        A, B, magnitude = _cast(x.dtype, A, B, magnitude)
+        return qlora_linear(x, NF4Weight.from_bnb(base), _bias_in_x_dtype(x, base), A, B, scaling, p,
+                            training=training, compute_dtype=getattr(base, "compute_dtype", None),
+                            magnitude=magnitude)
     return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training, magnitude=magnitude)
 
 
-def _cast(dtype, *tensors):
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+def _in_x_dtype(x, A, *others):
+    """An adapter's tensors (A first; None stays None) in x's dtype: PEFT keeps adapters in fp32 on a
+    16-bit base, the fused op computes in x's dtype. Under autocast the op casts them itself."""
+    if A.dtype == x.dtype or autocast_dtype(x.device.type) is not None:
+        return (A, *others)
+    return autocast_to(x.dtype, A, *others)
+
+
+def _bias_in_x_dtype(x, base):
+    """A bitsandbytes base's bias (kept in the weight's original dtype) in x's."""
+    return base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
 
 
 def fuse(model: nn.Module) -> int:

@@ -118,16 +118,23 @@ def weight_norm(base, adapter: Adapter, backend: str, base_dtype=None, weight: T
     the dense W the Triton kernels read, where "triton" already has it."""
     norm, key = cached_norm(base, adapter)
     if norm is None:
-        A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
-        if not B.any():  # B = 0 (PEFT's init): n = ||W||, exactly the norm PEFT initialised m to
-            norm = row_norms(base).clone()
-        else:
-            if backend == "triton":
-                aw = triton_ops().weight_a(base.dequantize(A.dtype, backend) if weight is None else weight, A).t()
-            else:
-                aw = base.linear(A, None, backend, base_dtype)
-            norm = norm_from(row_norms(base), aw, adapter._replace(lora_A=A, lora_B=B))
-        store_norm(adapter, key, norm)
+        norm = _new_norm(base, adapter, key, backend, base_dtype, weight)
+    return norm
+
+
+def _new_norm(base, adapter: Adapter, key: tuple, backend: str, base_dtype=None, weight: Tensor | None = None,
+              aw: Tensor | None = None) -> Tensor:
+    """The norm computed (``aw = A W^T`` [r, out] when the caller has it) and cached under ``key``."""
+    A, B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    if aw is None and not B.any():  # B = 0 (PEFT's init): n = ||W||, exactly the norm PEFT gave m
+        norm = row_norms(base).clone()
+    else:
+        if aw is None and backend == "triton":
+            aw = triton_ops().weight_a(base.dequantize(A.dtype, backend) if weight is None else weight, A).t()
+        elif aw is None:
+            aw = base.linear(A, None, backend, base_dtype)
+        norm = norm_from(row_norms(base), aw, adapter._replace(lora_A=A, lora_B=B))
+    store_norm(adapter, key, norm)
     return norm
 
 
@@ -157,11 +164,10 @@ def forward(x: Tensor, base, bias: Tensor | None, adapter: Adapter, backend: str
     stacked = norm is None and not mixed and M + A.shape[0] <= base.shared_rows and bool(B.detach().any())
     if stacked:  # one pass over W for both products: [x~; A] W^T (see the module docstring)
         both = base.linear(torch.cat([xd, A.detach()]), None, backend)
-        u, aw = both[:M], both[M:]
-        norm = norm_from(row_norms(base), aw, adapter._replace(lora_A=A.detach(), lora_B=B.detach()))
-        store_norm(adapter, key, norm)
+        u = both[:M]
+        norm = _new_norm(base, adapter, key, backend, aw=both[M:])
     elif norm is None:
-        norm = weight_norm(base, adapter, backend)
+        norm = _new_norm(base, adapter, key, backend)
     if p == 0.0:
         if stacked:
             result = u if bias is None else u + bias

@@ -96,7 +96,7 @@ def lora_fwd(
     The op is public (``torch.ops.lorakern.lora_fwd``): it checks its own arguments, as
     :func:`lora_linear` does, before any kernel sees a pointer."""
     check_x(x, dim=2)
-    _check_weight(weight)
+    check_dense_weight(weight)
     check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, False, base={"weight": weight},
                        magnitude=magnitude)
     _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
@@ -122,7 +122,7 @@ def lora_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Grads ``(dx [M, K], dA [r, K], dB [N, r], dbias [N], dmagnitude [N])``; one not asked for
     (and dmagnitude without DoRA) is empty. ``z``, ``norm``: the forward's, for DoRA."""
-    _check_weight(weight, frozen=False)
+    check_dense_weight(weight, frozen=False)
     check_backward_args(dy, x, h, lora_A, lora_B, *weight.shape, scaling, dropout_p, base={"weight": weight},
                         magnitude=magnitude, z=z, norm=norm, needs_dlora=needs_dlora)
     _check_op_backend(backend, x, lora_A.shape[0], seed, dropout_p)
@@ -147,7 +147,7 @@ _autograd.register(lora_fwd, torch.ops.lorakern.lora_bwd)
 EagerLoRA = _autograd.eager(_fwd_body, _bwd_body)
 
 
-def _check_weight(weight, frozen: bool = True) -> None:
+def check_dense_weight(weight, frozen: bool = True) -> None:
     """``weight [out, in]``; ``frozen``: it must not require a grad (the forward's entry points)."""
     check_tensor("weight", weight)
     if weight.dim() != 2:
@@ -189,7 +189,7 @@ def lora_linear(
     """
     check_x(x)
     cast = autocast_dtype(x.device.type)
-    _check_weight(weight)
+    check_dense_weight(weight)
     check_adapter_args(x, *weight.shape, bias, lora_A, lora_B, scaling, dropout_p, cast is not None,
                        base={"weight": weight}, magnitude=magnitude)
     if cast is not None:

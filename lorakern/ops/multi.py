@@ -13,7 +13,7 @@ whose rows are all one adapter's gets exactly the single-adapter op's masks.
 
 Cost against one adapter on the same rows: the base product is shared, each adapter with rows adds
 ``2 * rows_a * r_a * (in + out)`` FLOPs and a gather of its rows of x (rows_a * in elements, as
-PEFT's mixed batch); an adapter without rows costs nothing.
+PEFT's mixed batch); an adapter without rows costs a few empty ops (a few us) and no FLOPs.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from ..backend import FLOAT_DTYPES, resolve_nf4
-from ..dropout import draw_seed, keep_mask_rows
+from ..dropout import apply_dropout, draw_seed
 from ..nf4.format import NF4Weight
 from .bases import DenseBase, NF4Base
-from .common import autocast_dtype, check_adapter_args, check_tensor, check_x, is_real, rows
+from .common import autocast_dtype, autocast_to, check_adapter_args, check_tensor, check_x, is_real, rows
+from .lora import check_dense_weight
 from .nf4 import check_weight
 
 
@@ -98,18 +99,14 @@ def multi_lora_linear(
     if nf4:
         check_weight(weight, x.device)
     else:
-        check_tensor("weight", weight)
-        if weight.dim() != 2:
-            raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        if weight.requires_grad:
-            raise ValueError("weight: must be frozen (requires_grad=False); lorakern never computes its gradient")
+        check_dense_weight(weight)
     out_features, in_features = weight.shape
     scalings, ps = _per_adapter("scaling", scaling, n), _per_adapter("dropout_p", dropout_p, n)
-    autocasting = autocast_dtype(x.device.type) is not None
+    cast = autocast_dtype(x.device.type)
     for a in range(n):
         try:
             check_adapter_args(x, out_features, in_features, bias, lora_A[a], lora_B[a], scalings[a], ps[a],
-                               autocasting, base=None if nf4 else {"weight": weight},
+                               cast is not None, base=None if nf4 else {"weight": weight},
                                dtypes=FLOAT_DTYPES if nf4 else None)
         except (TypeError, ValueError) as e:
             raise type(e)(f"adapter {a}: {e}") from None
@@ -117,10 +114,9 @@ def multi_lora_linear(
     if backend not in ("auto", "reference", "native") or (backend == "native" and not nf4):
         raise ValueError(f"backend: expected 'auto' or 'reference'{', or native' if nf4 else ''} for several "
                          f"adapters in one call, got {backend!r}")
-    cast = autocast_dtype(x.device.type)
     if cast is not None:
-        x, bias = x.to(cast), None if bias is None else bias.to(cast)
-        lora_A, lora_B = [t.to(cast) for t in lora_A], [t.to(cast) for t in lora_B]
+        x, bias = autocast_to(cast, x, bias)
+        lora_A, lora_B = autocast_to(cast, *lora_A), autocast_to(cast, *lora_B)
         weight = weight if nf4 else weight.to(cast)
     ps = [p if training else 0.0 for p in ps]
     seed = draw_seed(x.device) if any(p > 0.0 for p in ps) else None
@@ -141,10 +137,7 @@ def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
         # An adapter without rows runs on none (a few us): its dA and dB are then zeros, not None.
         row_ids = order[start:start + count]
         start += count
-        xa = x2d.index_select(0, row_ids)
-        if ps[a] > 0.0:
-            keep = keep_mask_rows(seed, row_ids, x2d.shape[1], ps[a])
-            xa = xa * keep.to(xa.dtype) * (1.0 / (1.0 - ps[a]))
+        xa = apply_dropout(x2d.index_select(0, row_ids), ps[a], seed, row_ids)
         term = ((xa @ lora_A[a].t()) @ lora_B[a].t()) * scalings[a]
         y.index_add_(0, row_ids, term.to(y.dtype))
     return y
