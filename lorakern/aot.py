@@ -38,11 +38,12 @@ import torch  # noqa: E402
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # What each launch computes (the dY pass is recorded both ways: once, or twice; see triton/lora.py)
-ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx", "WA", "y base", "dx base")
+ROLES = ("h", "y", "dh,dB,dbias", "dh", "dB,dbias", "dA", "dx", "WA", "y base", "dx base",
+         "multi h", "multi y", "multi dh", "multi dA", "multi dB", "multi dx")
 
 
 def _shape_specs(full: bool):
-    """(dtype, r, bias, dropout, M, K, N, tf32[, dora]) combinations whose launches are compiled.
+    """(dtype, r, bias, dropout, M, K, N, tf32[, dora | multi]) combinations whose launches are compiled.
 
     Default (a covering subset for CI): every dtype at r = 8 and 32 (BLOCK_R 16 and 32, a rank
     that is and is not a multiple of 16), 16-bit at r = 64 or 256 (the skinny kernel's BLOCK_R
@@ -59,8 +60,8 @@ def _shape_specs(full: bool):
             for r, bias, p, M, (K, N) in product(ranks[dtype], (True, False), (0.0, 0.1),
                                                  (1, 16, 64, 4096, 4095, 1 << 20), ((4096, 4096), (4097, 11001))):
                 for tf32 in ((False, True) if dtype == "fp32" else (False,)):
-                    for dora in (False, True):
-                        yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32, dora=dora)
+                    for variant in ({}, {"dora": True}, {"multi": True}):
+                        yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=tf32, **variant)
         return
     ranks = {"fp16": (8, 32, 64), "bf16": (1, 8, 16, 32, 256), "fp32": (8, 32)}
     for dtype in DTYPES:
@@ -74,6 +75,11 @@ def _shape_specs(full: bool):
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False, dora=True)
         for r, bias, p in product((8, 32), (True, False), (0.0, 0.1)):
             yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=4095, K=4097, N=11001, tf32=False, dora=True)
+        # Several adapters per batch: decode (rows as they come) and sorted tiles, every BLOCK_R.
+        for r, bias, p, M in product(ranks[dtype], (True, False), (0.0, 0.1), (1, 64, 4096)):
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4096, N=4096, tf32=False, multi=True)
+        for r, bias, p, M in product((1, 8, 32), (True, False), (0.0, 0.1), (7, 4095)):  # 7: unsorted rows
+            yield dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=4097, N=11001, tf32=False, multi=True)
 
 
 def record(spec) -> list:
@@ -92,7 +98,9 @@ def record(spec) -> list:
     try:
         with record_launches() as launches:
             dy = torch.empty(M, N, **meta)
-            if spec.get("dora"):
+            if spec.get("multi"):
+                _record_multi(x, w, bias, r, p, seed, dy, spec["bias"])
+            elif spec.get("dora"):
                 g = norm = torch.empty(N, device="meta", dtype=torch.float32)
                 lora.weight_a(w, a)
                 lora.dora_forward(x, w, bias, a, b, 2.0, p, seed, g, keep_z=False)  # inference: no z
@@ -104,6 +112,19 @@ def record(spec) -> list:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return launches
+
+
+def _record_multi(x, w, bias, r, p, seed, dy, needs_dbias, n=4):
+    """One forward and one backward of the several-adapters kernels (n adapters of rank r)."""
+    from .dropout import keep_threshold
+    from .triton import multi
+
+    meta = dict(device="meta", dtype=x.dtype)
+    A, B = torch.empty(n, r, x.shape[1], **meta), torch.empty(n, w.shape[0], r, **meta)
+    index = torch.empty(x.shape[0], device="meta", dtype=torch.int32)
+    adapters = multi.Adapters([r] * n, [2.0] * n, [keep_threshold(p)] * n, [1.0 / (1.0 - p)] * n, "meta")
+    _, h = multi.forward(x, w, bias, A, B, index, adapters, seed)
+    multi.backward(dy, x, w, A, B, h, index, adapters, seed, True, True, needs_dbias)
 
 
 def specialize(value) -> tuple[str, object]:

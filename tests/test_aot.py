@@ -21,9 +21,10 @@ def _in_subprocess(code: str) -> str:
 def test_launcher_choices_are_all_in_the_default_sweep():
     """Every config a launcher can pick (every autotune candidate) for many shapes was compiled by
     the default sweep: M = 0, 1, 7, 16, 33, 64, 4096, 65537, odd in/out, r from 1 to 256, every dtype,
-    LoRA and DoRA."""
+    LoRA, DoRA and several adapters per batch."""
     code = r'''
 import json, torch
+from itertools import product
 import lorakern.aot as aot
 verified = {aot.verified_key(j) for j in aot.collect_jobs([90], False)}
 missing, checked = set(), 0
@@ -32,8 +33,8 @@ for dtype in aot.DTYPES:
         for (K, N) in ((4096, 4096), (4096, 14336), (45, 53), (4097, 11001)):
             for r in (1, 3, 8, 16, 33, 64, 100, 256):
                 for bias in (True, False):
-                    for p, dora in ((0.0, False), (0.1, False), (0.0, True), (0.1, True)):
-                        spec = dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=False, dora=dora)
+                    for p, variant in product((0.0, 0.1), ({}, {"dora": True}, {"multi": True})):
+                        spec = dict(dtype=dtype, r=r, bias=bias, dropout=p, M=M, K=K, N=N, tf32=False, **variant)
                         for role, cands in aot.record(spec):
                             for kernel, _cfg, _grid, kw in cands:
                                 key = aot.verified_key(aot.compile_job(kernel, kw, 90))
@@ -59,7 +60,8 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     recs = json.loads(out.read_text())
     assert all(r["ok"] and not r["violations"] for r in recs)
     kernels = {(r["kernel"], r["arch"]) for r in recs}
-    names = ["lora_matmul_kernel", "skinny_kernel", "dy_kernel"]
+    names = ["lora_matmul_kernel", "skinny_kernel", "dy_kernel", "multi_matmul_kernel", "multi_skinny_kernel",
+             "segment_skinny_kernel"]
     if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
         names += ["dequantize_kernel", "gemv_kernel"]  # the NF4 .cu kernels, compiled by nvcc
     assert kernels == {(k, a) for k in names for a in (80, 90)}
@@ -68,7 +70,7 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     assert any(r["mma"] == "wgmma" for r in recs if r["arch"] == 90)
     from lorakern.aot import ROLES
 
-    assert set(ROLES) == {role for r in recs for role in r["roles"]}  # LoRA's launches and DoRA's (WA, ... base)
+    assert set(ROLES) == {role for r in recs for role in r["roles"]}  # LoRA's, DoRA's (WA, ... base), several adapters'
 
 
 GEMV = "_ZN8lorakern4cuda12_GLOBAL__N_111gemv_kernelI6__halfLi8EEEvNS_9Nf4WeightEPKT_lPS5_l"

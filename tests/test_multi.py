@@ -17,6 +17,21 @@ from lorakern.reference import multi_lora_linear_reference
 RANKS = (1, 8, 16, 64)
 
 
+def _triton_device():
+    """Where the Triton kernels run: CUDA when present, else the interpreter on CPU tensors."""
+    from lorakern.backend import interpreting
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not interpreting():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    return "cpu"
+
+
+# Every correctness case runs on both paths: the pure-torch one and the Triton kernels.
+BACKENDS = ["reference", "triton"]
+
+
 def inputs(lead, K, N, ranks, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, K, generator=g).to(dtype)
@@ -27,14 +42,21 @@ def inputs(lead, K, N, ranks, dtype, seed=0):
     return x, w, b, As, Bs
 
 
-def run(x, w, b, As, Bs, scalings, index, ps, seed_value=3, **kw):
-    """y and the grads of (x, bias, every A, every B) through multi_lora_linear, and its seed."""
-    leaves = [t.clone().requires_grad_() for t in (x, b, *As, *Bs)]
+def run(x, w, b, As, Bs, scalings, index, ps, seed_value=3, device="cpu", **kw):
+    """y and the grads of (x, bias, every A, every B) through multi_lora_linear on ``device``, and
+    its seed (as drawn on the CPU, where the reference runs: the same draw on every device)."""
+    leaves = [t.clone().to(device).requires_grad_() for t in (x, b, *As, *Bs)]
     n = len(As)
+    w = w.to(device) if isinstance(w, torch.Tensor) else w
     torch.manual_seed(seed_value)
-    y = multi_lora_linear(leaves[0], w, leaves[1], leaves[2:2 + n], leaves[2 + n:], scalings, index, ps, **kw)
+    if device != "cpu":
+        torch.cuda.manual_seed(seed_value)
+    y = multi_lora_linear(leaves[0], w, leaves[1], leaves[2:2 + n], leaves[2 + n:], scalings, index.to(device), ps,
+                          **kw)
     torch.manual_seed(seed_value)
-    seed = draw_seed(x.device) if any(p > 0 for p in ps) else None
+    if device != "cpu":
+        torch.cuda.manual_seed(seed_value)
+    seed = draw_seed(torch.device(device)).cpu() if any(p > 0 for p in ps) else None
     return y, leaves, seed
 
 
@@ -46,7 +68,7 @@ def _reference(x, w, b, As, Bs, scalings, index, ps, seed, dtype):
     return y, leaves
 
 
-def check(lead, K, N, ranks, index, dtype=torch.float32, ps=None, nf4=False):
+def check(lead, K, N, ranks, index, dtype=torch.float32, ps=None, nf4=False, backend="reference"):
     """Output and every grad within 2x the error of the same definition run in ``dtype``, against
     float64; an adapter without rows gets an exactly zero grad."""
     x, w, b, As, Bs = inputs(lead, K, N, ranks, dtype)
@@ -55,58 +77,100 @@ def check(lead, K, N, ranks, index, dtype=torch.float32, ps=None, nf4=False):
     scalings = [0.5 + i for i in range(n)]
     weight = NF4Weight.quantize(w, 64) if nf4 else w
     w_ref = weight.dequantize(dtype) if nf4 else w
-    y, leaves, seed = run(x, weight, b, As, Bs, scalings, index, ps)
+    device = _triton_device() if backend == "triton" else "cpu"
+    y, leaves, seed = run(x, weight, b, As, Bs, scalings, index, ps, device=device, backend=backend)
     y64, l64 = _reference(x, w_ref, b, As, Bs, scalings, index, ps, seed, torch.float64)
     y16, l16 = _reference(x, w_ref, b, As, Bs, scalings, index, ps, seed, dtype)
-    dy = torch.randn_like(y)
-    for out, d in ((y, dy), (y64, dy.double()), (y16, dy)):
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(dtype)
+    for out, d in ((y, dy.to(device)), (y64, dy.double()), (y16, dy)):
         out.backward(d)
+    y, grads = y.detach().cpu(), [None if t.grad is None else t.grad.cpu() for t in leaves]
     used = set(index.reshape(-1).tolist())
     if y.numel() == 0:
-        assert y.shape == y64.shape and all(not t.grad.any() for t in leaves)
+        assert y.shape == y64.shape and all(g is not None and not g.any() for g in grads)
         return
     assert_close_like_torch("y", y, y64, y16, dtype)
-    for i, (got, g64, g16) in enumerate(zip(leaves, l64, l16)):
+    for i, (got, g64, g16) in enumerate(zip(grads, l64, l16)):
         if i >= 2 and (i - 2) % n not in used:
-            assert got.grad is not None and not got.grad.any(), "an adapter without rows gets a zero grad"
+            assert got is not None and not got.any(), "an adapter without rows gets a zero grad"
             continue
-        assert_close_like_torch(f"grad {i}", got.grad, g64.grad, g16.grad, dtype)
+        assert_close_like_torch(f"grad {i}", got, g64.grad, g16.grad, dtype)
 
 
 @pytest.mark.parametrize("M", [0, 1, 7, 37])
-def test_random_indices_mixed_ranks(M):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_indices_mixed_ranks(M, backend):
     g = torch.Generator().manual_seed(M)
     index = torch.randint(-1, 4, (M,), generator=g)
-    check((M,), 45, 53, RANKS, index)
+    check((M,), 45, 53, RANKS, index, backend=backend)
 
 
-def test_3d_x_index_per_row_and_adapters_without_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_x_index_per_row_and_adapters_without_rows(backend):
     index = torch.tensor([[0, 0, -1, 3, 3], [3, -1, -1, 0, 0], [0, 3, 3, 3, -1]])  # adapters 1 and 2: no rows
-    check((3, 5), 30, 20, RANKS, index)
-    check((3, 5), 30, 20, RANKS, index.reshape(-1))  # the flat index too
+    check((3, 5), 30, 20, RANKS, index, backend=backend)
+    check((3, 5), 30, 20, RANKS, index.reshape(-1), backend=backend)  # the flat index too
 
 
 @pytest.mark.parametrize("case", ["all -1", "one adapter"])
-def test_degenerate_batches(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_batches(case, backend):
     index = torch.full((9,), -1) if case == "all -1" else torch.zeros(9, dtype=torch.long)
-    check((9,), 16, 12, (8, 4), index)
+    check((9,), 16, 12, (8, 4), index, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16_bit(dtype):
-    check((33,), 40, 24, (8, 16), torch.randint(-1, 2, (33,), generator=torch.Generator().manual_seed(1)), dtype)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_16_bit(dtype, backend):
+    index = torch.randint(-1, 2, (33,), generator=torch.Generator().manual_seed(1))
+    check((33,), 40, 24, (8, 16), index, dtype, backend=backend)
 
 
-def test_dropout_per_adapter_and_masks_as_the_single_adapter_op():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_per_adapter_and_masks_as_the_single_adapter_op(backend):
     """Each adapter's own dropout probability; with every row on one adapter, the output and grads
     are the single-adapter op's for the same seed."""
     index = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(2))
-    check((40,), 24, 16, (8, 4, 16), index, ps=[0.0, 0.3, 0.6])
+    check((40,), 24, 16, (8, 4, 16), index, ps=[0.0, 0.3, 0.6], backend=backend)
+    device = _triton_device() if backend == "triton" else "cpu"
     x, w, b, As, Bs = inputs((40,), 24, 16, (8,), torch.float32)
-    y, *_ = run(x, w, b, As, Bs, [1.5], torch.zeros(40, dtype=torch.long), [0.3])
+    y, *_ = run(x, w, b, As, Bs, [1.5], torch.zeros(40, dtype=torch.long), [0.3], device=device, backend=backend)
     torch.manual_seed(3)
     single = lorakern.lora_linear(x, w, b, As[0], Bs[0], 1.5, 0.3, backend="reference")
-    torch.testing.assert_close(y, single)
+    torch.testing.assert_close(y.cpu(), single)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", [6, 70])  # decode (rows as they come) and sorted tiles, several of them
+def test_stacked_ranks_strided_x_and_rank_256(M, backend):
+    """Stacked adapters [n, r_max, ...] with their own ranks (up to 256, the kernels' maximum), x a
+    transposed view and bias expanded, the index repeating adapters in separate runs: y and every
+    grad against float64, the stacks' grads zero beyond each adapter's rank."""
+    device = _triton_device() if backend == "triton" else "cpu"
+    K, N, ranks = 37, 29, [256, 1, 8, 16]
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(K, M, generator=g).t()  # non-contiguous
+    w = torch.randn(N, K, generator=g) / K**0.5
+    bias = torch.randn(1, generator=g).expand(N)
+    A = torch.randn(4, 256, K, generator=g) / K**0.5
+    B = torch.randn(4, N, 256, generator=g) / 16
+    index = torch.tensor([0, 1, 0, 1, -1, 3] * (M // 6 + 1))[:M]
+    index[-1] = 2
+    scalings = [0.25, 2.0, 1.0, 0.5]
+    dy = torch.randn(M, N, generator=g)
+    leaves = [t.clone().to(device).requires_grad_() for t in (x, A, B)]
+    y = multi_lora_linear(leaves[0], w.to(device), bias.to(device), leaves[1], leaves[2], scalings, index.to(device),
+                          ranks=ranks, backend=backend)
+    y.backward(dy.to(device))
+    ref = [t.double().requires_grad_() for t in (x, A, B)]
+    y64 = multi_lora_linear_reference(ref[0], w.double(), bias.double(), [ref[1][a, :r] for a, r in enumerate(ranks)],
+                                      [ref[2][a, :, :r] for a, r in enumerate(ranks)], scalings, index)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.detach().cpu().double(), y64, rtol=2e-5, atol=2e-5)
+    for name, got, want in zip(("dx", "dA", "dB"), leaves, ref):
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=2e-5, atol=2e-5, msg=name)
+    for a, r in enumerate(ranks):
+        assert not leaves[1].grad[a, r:].any() and not leaves[2].grad[a, :, r:].any()
 
 
 @pytest.mark.parametrize("M", [5, 40])  # the native decode kernel for the base, the tiled decode
@@ -125,12 +189,23 @@ def test_bad_inputs_get_clear_errors():
         (dict(adapter_index=idx.to("meta")), ValueError, "adapter_index: expected device cpu"),
         (dict(adapter_index=idx[:5]), ValueError, r"adapter_index: expected shape \[6\]"),
         (dict(lora_B=Bs[:1]), ValueError, "lora_A, lora_B: expected two sequences"),
-        (dict(lora_A=torch.stack([As[0], As[0]])), ValueError, "lora_A, lora_B: expected two sequences"),
+        (dict(lora_A=torch.stack([As[1], As[1]])), TypeError, "lora_B: expected a stacked tensor"),
+        (dict(lora_A=As[1], lora_B=Bs[1]), ValueError, r"lora_A, lora_B: expected stacked \[n, r_max, in\]"),
+        (dict(lora_A=torch.stack(As[1:] * 2), lora_B=torch.randn(3, 12, 8)), ValueError,
+         r"lora_B: expected shape \[2, out, 8\]"),
+        (dict(lora_A=torch.stack(As[1:] * 2), lora_B=torch.stack(Bs[1:] * 2), ranks=[4, 9]), ValueError,
+         r"ranks: expected 2 ints in \[1, 8\]"),
+        (dict(lora_A=torch.stack(As[1:] * 2), lora_B=torch.stack(Bs[1:] * 2), ranks=[4]), ValueError, "ranks:"),
+        (dict(lora_A=torch.stack(As[1:] * 2), lora_B=torch.stack(Bs[1:] * 2, 1)), ValueError,
+         r"lora_B: expected shape \[2, out, 8\]"),
+        (dict(ranks=[4, 8]), ValueError, "ranks: only with stacked lora_A"),
         (dict(lora_B=[Bs[0], torch.randn(12, 5)]), ValueError, r"adapter 1: lora_B: expected shape \[12, 8\]"),
         (dict(lora_A=[As[0], As[1].double()]), TypeError, "adapter 1: lora_A: expected dtype torch.float32"),
         (dict(scaling=[1.0]), ValueError, "scaling: expected a number or a sequence of 2"),
         (dict(dropout_p=[0.1, 1.0]), ValueError, r"adapter 1: dropout_p: expected a probability in \[0, 1\)"),
-        (dict(backend="triton"), ValueError, "backend: expected 'auto' or 'reference'"),
+        (dict(backend="native"), ValueError, "backend must be one of .'auto', 'reference', 'triton'"),
+        (dict(weight=NF4Weight.quantize(w, 64), backend="triton"), ValueError,
+         "backend must be one of .'auto', 'reference', 'native'"),
     ]:
         args = dict(x=x, weight=w, bias=b, lora_A=As, lora_B=Bs, scaling=1.0, adapter_index=idx)
         args.update(kwargs)
@@ -179,7 +254,7 @@ def test_fuse_serves_peft_mixed_batches(monkeypatch):
         real = integration.multi_lora_linear
         monkeypatch.setattr(integration, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no fallback to PEFT
+            warnings.filterwarnings("error", "lorakern.integrations.peft")  # no fallback to PEFT
             got = model(x, adapter_names=names)
     assert len(calls) == 3
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

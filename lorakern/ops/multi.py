@@ -24,13 +24,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backend import FLOAT_DTYPES, resolve_nf4
-from ..dropout import apply_dropout, draw_seed
+from ..backend import FLOAT_DTYPES, resolve_lora, resolve_nf4
+from ..dropout import apply_dropout, draw_seed, keep_threshold
 from ..nf4.format import NF4Weight
 from .bases import DenseBase, NF4Base
 from .common import autocast_dtype, autocast_to, check_adapter_args, check_tensor, check_x, is_real, rows
 from .lora import check_dense_weight
 from .nf4 import check_weight
+
+
+def _kernels():
+    """lorakern.triton.multi, imported on first use (triton is optional for the reference path)."""
+    from ..triton import multi
+
+    return multi
 
 
 class _BaseLinear(torch.autograd.Function):
@@ -75,25 +82,64 @@ def check_index(adapter_index, x: Tensor, n: int) -> Tensor:
     return index
 
 
+def _stacked_views(lora_A, lora_B, ranks):
+    """Lists of per-adapter ``A_a [r_a, in]``, ``B_a [out, r_a]`` (views) from stacked ``lora_A
+    [n, R, in]`` and ``lora_B [n, out, R]``, with ``ranks`` (default R for every adapter)."""
+    if not isinstance(lora_B, Tensor):
+        raise TypeError(f"lora_B: expected a stacked tensor [n, out, r_max] as lora_A is one, got "
+                        f"{type(lora_B).__name__}")
+    if lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(f"lora_A, lora_B: expected stacked [n, r_max, in] and [n, out, r_max], got shapes "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    n, r_max = lora_A.shape[:2]
+    if n < 1 or r_max < 1 or lora_B.shape[0] != n or lora_B.shape[2] != r_max:
+        raise ValueError(f"lora_B: expected shape [{n}, out, {r_max}] (lora_A is {tuple(lora_A.shape)}), got "
+                         f"{tuple(lora_B.shape)}")
+    ranks = [r_max] * n if ranks is None else list(ranks)
+    if len(ranks) != n or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= r_max
+                                  for r in ranks):
+        raise ValueError(f"ranks: expected {n} ints in [1, {r_max}] (r_max = lora_A.shape[1]), got {ranks!r}")
+    return [lora_A[a, :r] for a, r in enumerate(ranks)], [lora_B[a, :, :r] for a, r in enumerate(ranks)], ranks
+
+
+def _stack(tensors: list[Tensor], dim: int, r_max: int) -> Tensor:
+    """Adapters' tensors zero-padded along ``dim`` (their rank) to r_max and stacked (autograd
+    flows back to each): a copy of n * r_max * (in + out) elements, the adapters' size."""
+    pad = [(0, 0, 0, r_max - t.shape[0]) if dim == 0 else (0, r_max - t.shape[1]) for t in tensors]
+    return torch.stack([torch.nn.functional.pad(t, p) if p[-1] else t for t, p in zip(tensors, pad)])
+
+
 def multi_lora_linear(
-    x: Tensor, weight, bias: Tensor | None, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scaling,
-    adapter_index: Tensor, dropout_p=0.0, training: bool = True, backend: str = "auto",
+    x: Tensor, weight, bias: Tensor | None, lora_A, lora_B, scaling, adapter_index: Tensor, dropout_p=0.0,
+    training: bool = True, backend: str = "auto", ranks=None,
 ) -> Tensor:
     """LoRA with a different adapter per row of ``x [..., in]`` -> ``[..., out]``.
 
     Args:
         weight: the frozen base, ``[out, in]`` dense or an :class:`lorakern.NF4Weight`.
-        lora_A, lora_B: n adapters, ``lora_A[a] [r_a, in]``, ``lora_B[a] [out, r_a]`` (ranks may differ).
+        lora_A, lora_B: n adapters, either sequences ``lora_A[a] [r_a, in]``, ``lora_B[a] [out, r_a]``
+            (ranks may differ), or stacked tensors ``[n, r_max, in]`` and ``[n, out, r_max]`` whose
+            adapter a uses its first ``ranks[a]`` rank columns (default: all r_max).
         scaling, dropout_p: one number for all adapters, or one per adapter.
         adapter_index: integer, x's leading shape (or flat ``[M]``): the adapter of each row, -1 for
             the base alone.
-        backend: for the base product: "auto", "reference", or for an NF4 base "native".
+        backend: "auto", "reference" (pure torch), "triton" (dense base: the fused kernels, on CUDA
+            or in the interpreter; "auto" takes them for CUDA tensors), or for an NF4 base "native"
+            (its base product by lorakern._C).
 
-    Returns y with grads for x, bias and every adapter's A and B (from its own rows only).
+    Returns y with grads for x, bias and every adapter's A and B (from its own rows only; for
+    stacked adapters, zeros beyond each adapter's rank).
     """
     check_x(x)
-    if isinstance(lora_A, Tensor) or isinstance(lora_B, Tensor) or len(lora_A) != len(lora_B) or not lora_A:
-        raise ValueError("lora_A, lora_B: expected two sequences of the same number (>= 1) of adapter tensors")
+    stacks = None
+    if isinstance(lora_A, Tensor):
+        stacks = (lora_A, lora_B)
+        lora_A, lora_B, ranks = _stacked_views(lora_A, lora_B, ranks)
+    elif ranks is not None:
+        raise ValueError("ranks: only with stacked lora_A [n, r_max, in] (a sequence's ranks are its shapes)")
+    if isinstance(lora_B, Tensor) or len(lora_A) != len(lora_B) or not lora_A:
+        raise ValueError("lora_A, lora_B: expected two sequences of the same number (>= 1) of adapter tensors, "
+                         "or two stacked 3-D tensors")
     n = len(lora_A)
     nf4 = isinstance(weight, NF4Weight)
     if nf4:
@@ -111,21 +157,47 @@ def multi_lora_linear(
         except (TypeError, ValueError) as e:
             raise type(e)(f"adapter {a}: {e}") from None
     index = check_index(adapter_index, x, n)
-    if backend not in ("auto", "reference", "native") or (backend == "native" and not nf4):
-        raise ValueError(f"backend: expected 'auto' or 'reference'{', or native' if nf4 else ''} for several "
-                         f"adapters in one call, got {backend!r}")
+    ranks = [A.shape[0] for A in lora_A] if ranks is None else ranks
+    chosen = resolve_nf4(backend, x.device) if nf4 else resolve_lora(backend, x, max(ranks))
     if cast is not None:
         x, bias = autocast_to(cast, x, bias)
         lora_A, lora_B = autocast_to(cast, *lora_A), autocast_to(cast, *lora_B)
+        stacks = None if stacks is None else autocast_to(cast, *stacks)
         weight = weight if nf4 else weight.to(cast)
     ps = [p if training else 0.0 for p in ps]
     seed = draw_seed(x.device) if any(p > 0.0 for p in ps) else None
-    base = NF4Base(weight) if nf4 else DenseBase(weight)
-    chosen = resolve_nf4(backend, x.device) if nf4 else "reference"
     x2d = rows(x)
-    y = _BaseLinear.apply(x2d, bias, base, chosen)
-    y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
+    if chosen == "triton":
+        if stacks is None:
+            r_max = max(ranks)
+            stacks = (_stack(lora_A, 0, r_max), _stack(lora_B, 1, r_max))
+        adapters = _kernels().Adapters(ranks, scalings, [keep_threshold(p) if p > 0 else 0 for p in ps],
+                                   [1.0 / (1.0 - p) for p in ps], x.device)
+        y = _MultiTriton.apply(x2d, bias, *stacks, weight, index.to(torch.int32), adapters, seed)
+    else:
+        base = NF4Base(weight) if nf4 else DenseBase(weight)
+        y = _BaseLinear.apply(x2d, bias, base, chosen)
+        y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+class _MultiTriton(torch.autograd.Function):
+    """The Triton kernels (lorakern/triton/multi.py) on stacked adapters; W never gets a grad."""
+
+    @staticmethod
+    def forward(ctx, x2d, bias, lora_A, lora_B, weight, index, adapters, seed):
+        y, h = _kernels().forward(x2d, weight, bias, lora_A, lora_B, index, adapters, seed)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, index, seed)
+        ctx.adapters = adapters
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, h, index, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB, dbias = _kernels().backward(dy, x2d, weight, lora_A, lora_B, h, index, ctx.adapters, seed,
+                                                needs_dx=need[0], needs_dlora=need[2] or need[3], needs_dbias=need[1])
+        return dx, dbias, dA, dB, None, None, None, None
 
 
 def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):

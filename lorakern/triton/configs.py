@@ -93,6 +93,15 @@ DY_MEDIUM_DM = (DyConfig(64, 64, 8, 3), DyConfig(32, 64, 4, 3))  # (sm_80, 16-bi
 DY_FP32 = (DyConfig(32, 32, 8, 2),)  # fp32's FMA dots hold both tiles in registers: 32x16 tiles
 DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 warps
 
+# Several adapters per batch (multi_matmul_kernel, multi_skinny_kernel): a tile's row ids and
+# adapter ids stay live beside the accumulator, so where LoRA's configs were at the register limit
+# they spill (8-24 B, sm_80/sm_90, Triton 3.7): the unaligned 16-bit tile takes 8 warps (174
+# registers), fp32's unaligned tile 4 warps (151), fp32's decode tile 2 stages (64-72), and fp32's
+# skinny panels 32 rows at most.
+MULTI_MATMUL_UNALIGNED = (MatmulConfig(64, 64, 32, 8, 2), MatmulConfig(32, 64, 32, 8, 2))
+MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 64, 32, 4, 2),)
+MULTI_MATMUL_DECODE_FP32 = (MatmulConfig(16, 32, 128, 4, 2), MatmulConfig(16, 64, 64, 4, 4))
+
 MAX_BLOCK_R = 64  # rank columns in one skinny program; r > 64 takes several (x read r/64 times for h)
 
 
@@ -107,6 +116,15 @@ def matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.b
     if M <= 64:
         return MATMUL_MEDIUM
     return MATMUL_LARGE_DROPOUT if dropout else MATMUL_LARGE
+
+
+def multi_matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = torch.bfloat16,
+                            dropout: bool = False) -> tuple[MatmulConfig, ...]:
+    if not aligned:
+        return MULTI_MATMUL_UNALIGNED_FP32 if dtype == torch.float32 else MULTI_MATMUL_UNALIGNED
+    if M <= 16 and dtype == torch.float32:
+        return MULTI_MATMUL_DECODE_FP32
+    return matmul_candidates(M, aligned, dtype, dropout)
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
@@ -139,6 +157,11 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
         if -(-M // cfg.BLOCK_M) * r_blocks >= SM_COUNT_GUESS:
             return SKINNY[i:] + SKINNY[:i]
     return SKINNY[::-1]
+
+
+def multi_skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
+    candidates = skinny_candidates(M, r_pad, dtype)
+    return tuple(c for c in candidates if c.BLOCK_M <= 32) if dtype == torch.float32 else candidates
 
 
 def dy_candidates(M: int, dtype: torch.dtype, dm: bool = False) -> tuple[DyConfig, ...]:

@@ -266,3 +266,200 @@ def dy_kernel(
             tl.atomic_add(dh_ptrs, dh * scale, mask=mask, sem="relaxed")
         else:
             tl.store(dh_ptrs, dh * scale, mask=mask)
+
+
+# -- several adapters in one batch (lorakern/triton/multi.py) ----------------------------------
+#
+# Each row m of the batch names an adapter ``index[m]`` (-1: none); the rows a program takes are
+# a tile of ``order`` (sorted by adapter, or as they come for decode). A tile holds runs of rows
+# with one adapter: each run costs one rank-part dot with that adapter's weights, so a sorted tile
+# of 128 rows that holds 2 adapters does 2 small dots beside the unchanged base GEMM, and a decode
+# tile of 8 rows naming 8 adapters reads 8 adapters' weights (BGMV's cost), with no sort.
+# Per-adapter scalars (rank, scaling, dropout threshold and 1/keep) are [n] tensors.
+
+
+@triton.jit
+def _tile_rows(order_ptr, index_ptr, pid_m, M, BLOCK_M: tl.constexpr, HAS_ORDER: tl.constexpr,
+               USE_INT64: tl.constexpr):
+    """The rows of tile ``pid_m`` (from ``order`` or in place), their adapters (-1 beyond M) and
+    the number of valid rows."""
+    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = offs < M
+    if HAS_ORDER:
+        rows = tl.load(order_ptr + offs, mask=valid, other=0)
+    else:
+        rows = offs
+    rows = rows.to(tl.int64) if USE_INT64 else rows.to(tl.int32)
+    adapters = tl.load(index_ptr + rows, mask=valid, other=-1).to(tl.int32)
+    return rows, adapters, valid, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+
+
+@triton.jit
+def _next_run(adapters, i, count, BLOCK_M: tl.constexpr):
+    """The adapter of row i of a tile and where its run of equal adapters ends."""
+    pos = tl.arange(0, BLOCK_M)
+    adapter = tl.sum(tl.where(pos == i, adapters, 0), axis=0)
+    end = tl.min(tl.where((pos > i) & (pos < count) & (adapters != adapter), pos, count), axis=0)
+    return adapter, end, (pos >= i) & (pos < end)
+
+
+@triton.jit
+def multi_skinny_kernel(
+    a_ptr, w_ptr, out_ptr, order_ptr, index_ptr, seed_ptr, rank_ptr, scale_ptr, thresh_ptr, invkeep_ptr,
+    M, K, R,
+    stride_am, stride_ak, stride_wa, stride_wr, stride_wk, stride_om, stride_or,
+    HAS_ORDER: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``out[m, :] = s_a dropout_a(a[m, :]) w_a^T`` [M, R] for each row m of adapter a, w_a [r_a, K]
+    (columns r_a..R of out are 0; rows of no adapter are left alone). h (a = x) and dh (a = dY,
+    w_a = B_a^T). The dropout index of a[m, k] is m * K + k, as in the one-adapter kernels."""
+    pid_r = tl.program_id(1)
+    rows, adapters, valid, count = _tile_rows(order_ptr, index_ptr, tl.program_id(0), M, BLOCK_M, HAS_ORDER,
+                                              USE_INT64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = a_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+    i = 0
+    while i < count:
+        adapter, end, run = _next_run(adapters, i, count, BLOCK_M)
+        if adapter >= 0:
+            mask_r = offs_r < tl.load(rank_ptr + adapter)
+            w_base = w_ptr + adapter.to(tl.int64) * stride_wa
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask_k = offs_k < K - k0
+                a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + offs_k[None, :]) * stride_ak,
+                            mask=run[:, None] & mask_k[None, :], other=0.0)
+                if HAS_DROPOUT:
+                    keep = dropout_keep(seed, rows[:, None].to(tl.int64) * K + (k0 + offs_k[None, :]),
+                                        tl.load(thresh_ptr + adapter))
+                    a = tl.where(keep, a.to(tl.float32) * tl.load(invkeep_ptr + adapter), 0.0).to(dtype)
+                w = tl.load(w_base + offs_r[None, :] * stride_wr + (k0 + offs_k[:, None]) * stride_wk,
+                            mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                acc = _dot(a, w.to(dtype), acc, DOT_F32, PRECISION)
+            acc = acc * tl.load(scale_ptr + adapter)
+            tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
+                     acc.to(out_ptr.dtype.element_ty), mask=run[:, None] & (offs_r < R)[None, :])
+        i = end
+
+
+@triton.jit
+def multi_matmul_kernel(
+    a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, order_ptr, index_ptr, seed_ptr, rank_ptr, scale_ptr,
+    thresh_ptr, invkeep_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_ba, stride_bn, stride_br, stride_om, stride_on, stride_bias,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ORDER: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``out[m] = a[m] w^T + lora_a(m) + bias``, ``lora = (scale_a h[m]) b_a^T`` with b_a [N, r_a]:
+    the forward (h unscaled, scale = s) and dx (h = dh, scale = 1, b_a = A_a^T; with HAS_DROPOUT the
+    rank part masked per row by its adapter's dropout, index m * N + n, before the base K-loop as
+    in lora_matmul_kernel)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % rows_in_group
+    pid_n = (pid % group) // rows_in_group
+
+    rows, adapters, valid, count = _tile_rows(order_ptr, index_ptr, pid_m, M, BLOCK_M, HAS_ORDER, USE_INT64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_INT64:
+        offs_n = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    i = 0
+    while i < count:
+        adapter, end, run = _next_run(adapters, i, count, BLOCK_M)
+        if adapter >= 0:
+            rank = tl.load(rank_ptr + adapter)
+            b_base = b_ptr + adapter.to(tl.int64) * stride_ba
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < rank
+                h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                            mask=run[:, None] & mask_r[None, :], other=0.0)
+                h = (h.to(tl.float32) * tl.load(scale_ptr + adapter)).to(dtype)  # rounded once, as PEFT's s h
+                b = tl.load(b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(h.to(dtype), b.to(dtype), acc, DOT_F32, PRECISION)
+        i = end
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        lookup = tl.maximum(adapters, 0)  # rows of no adapter have no rank part: any threshold will do
+        keep = dropout_keep(seed, rows[:, None].to(tl.int64) * N + offs_n[None, :],
+                            tl.load(thresh_ptr + lookup)[:, None])
+        acc = tl.where(keep, acc * tl.load(invkeep_ptr + lookup)[:, None], 0.0)
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, w, acc, DOT_F32, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(dtype),
+             mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def segment_skinny_kernel(
+    a_ptr, w_ptr, out_ptr, order_ptr, segment_ptr, seed_ptr, rank_ptr, scale_ptr, thresh_ptr, invkeep_ptr,
+    K, R,
+    stride_am, stride_ak, stride_wm, stride_wr, stride_oa, stride_ok, stride_or,
+    HAS_DROPOUT: tl.constexpr, USE_INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per adapter a (program axis 0): ``out_a[k, r] = s_a sum_m dropout_a(a[m, k]) w[m, r]`` over
+    a's rows only, ``order[segment[a]:segment[a + 1]]`` (rows sorted by adapter); [K, R], columns
+    r_a..R and adapters without rows 0. dA^T (a = x, w = dh, s = 1) and dB (a = dY, w = h). Here
+    BLOCK_M tiles K (the output's rows) and BLOCK_K the rows summed over, as skinny_kernel's dA."""
+    adapter = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if USE_INT64:
+        offs_k = offs_k.to(tl.int64)
+    mask_k = offs_k < K
+    mask_r = offs_r < tl.load(rank_ptr + adapter)
+    first = tl.load(segment_ptr + adapter)
+    last = tl.load(segment_ptr + adapter + 1)
+    dtype = a_ptr.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        threshold = tl.load(thresh_ptr + adapter)
+        inv_keep = tl.load(invkeep_ptr + adapter)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for m0 in range(first, last, BLOCK_K):
+        pos = m0 + tl.arange(0, BLOCK_K)
+        in_seg = pos < last
+        rows = tl.load(order_ptr + pos, mask=in_seg, other=0)
+        rows = rows.to(tl.int64) if USE_INT64 else rows.to(tl.int32)
+        a = tl.load(a_ptr + rows[None, :] * stride_am + offs_k[:, None] * stride_ak,
+                    mask=mask_k[:, None] & in_seg[None, :], other=0.0)  # [BLOCK_M (k), BLOCK_K (rows)]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows[None, :].to(tl.int64) * K + offs_k[:, None], threshold)
+            a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(dtype)
+        w = tl.load(w_ptr + rows[:, None] * stride_wm + offs_r[None, :] * stride_wr,
+                    mask=in_seg[:, None] & mask_r[None, :], other=0.0)
+        acc = _dot(a, w.to(dtype), acc, DOT_F32, PRECISION)
+    acc = acc * tl.load(scale_ptr + adapter)
+    tl.store(out_ptr + adapter.to(tl.int64) * stride_oa + offs_k[:, None] * stride_ok + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & (offs_r < R)[None, :])
