@@ -1,5 +1,6 @@
-"""Integrations with other libraries: ``lorakern.integrations.peft.fuse(model)``."""
+"""Integrations with other libraries: ``lorakern.integrations.peft.fuse(model)``, and many adapters
+over one base (``lorakern.integrations.adapters``: load N PEFT folders, route samples per adapter)."""
 
-from . import peft
+from . import adapters, peft
 
-__all__ = ["peft"]
+__all__ = ["adapters", "peft"]
