@@ -42,7 +42,8 @@ def test_cli_variant_suites(tmp_path, capsys, suite):
                    "--shapes", shapes])
     assert rc == 0
     recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    providers = {"dora": ("fused", "peft-dora", "fused-dora"), "multi": ("fused", "peft-multi", "fused-multi")}[suite]
+    providers = {"dora": ("fused", "peft-dora", "fused-dora"),
+                 "multi": ("fused", "peft-multi", "fused-multi", "fused-nf4", "fused-multi-nf4")}[suite]
     modes = cli.DEFAULT_MODES[suite]
     assert sorted((r["provider"], r["mode"], r["M"]) for r in recs) == sorted(
         (p, m, M) for p in providers for m in modes for M in (5, 9))
@@ -51,6 +52,8 @@ def test_cli_variant_suites(tmp_path, capsys, suite):
         records.validate(rec)
         assert rec["ratio_to_fused"] > 0 and rec[key] > 0
         assert rec["adapters"] == 3
+        if suite == "multi":
+            assert rec["ratio_to_fused_nf4"] > 0
     assert "x fused" in capsys.readouterr().out
 
 

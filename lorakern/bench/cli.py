@@ -9,7 +9,8 @@
 Suites: ``lora`` (providers base, unfused, peft, fused; modes fwd, bwd, fwd+bwd; see
 lorakern/bench/lora.py), ``dora`` (the same runner on providers fused, peft-dora, fused-dora; modes
 fwd, fwd+bwd, eval; ratios against fused plain LoRA and PEFT's DoRA), ``multi`` (providers fused
-with one adapter, peft-multi, fused-multi: a batch whose rows take ``adapters`` adapters in turn;
+with one adapter, peft-multi, fused-multi, and on an NF4 base fused-nf4 / fused-multi-nf4: a batch
+whose rows take ``adapters`` adapters in turn;
 modes eval, fwd+bwd) and ``nf4`` (the QLoRA
 layer's eval forward against dense fp32 / bf16 and bitsandbytes, plus NF4 dequantize; see
 lorakern/bench/nf4.py).

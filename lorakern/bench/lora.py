@@ -45,7 +45,8 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
 
 # Each record's time over another provider's of the same shape and mode, measured in the same run.
 RATIOS = (("ratio_to_base", "base"), ("ratio_to_unfused", "unfused"), ("ratio_to_fused", "fused"),
-          ("ratio_to_peft_dora", "peft-dora"), ("ratio_to_peft_multi", "peft-multi"))
+          ("ratio_to_peft_dora", "peft-dora"), ("ratio_to_peft_multi", "peft-multi"),
+          ("ratio_to_fused_nf4", "fused-nf4"))
 DORA_COLUMNS = (
     ("M", "d", lambda r: r["M"]), ("in", "d", lambda r: r["in_features"]), ("out", "d", lambda r: r["out_features"]),
     ("r", "d", lambda r: r["r"]), ("mode", "s", lambda r: r["mode"]), ("provider", "s", lambda r: r["provider"]),
@@ -68,6 +69,7 @@ MULTI_COLUMNS = (
     ("provider", "s", lambda r: r["provider"]), ("median ms", ".4f", lambda r: r["median_ms"]),
     ("x fused 1 adapter", ".2f", lambda r: r.get("ratio_to_fused")),
     ("x peft-multi", ".3f", lambda r: r.get("ratio_to_peft_multi")),
+    ("x fused-nf4 1 adapter", ".2f", lambda r: r.get("ratio_to_fused_nf4")),
 )
 
 

@@ -12,6 +12,10 @@
 - peft-multi: PEFT's LoRA ``Linear`` with ``shape.adapters`` adapters, called with ``adapter_names``
            (one per row, handed out in turn): its mixed-batch loop.
 - fused-multi: ``lorakern.multi_lora_linear`` on the same adapters and rows.
+- fused-nf4: ``lorakern.qlora_linear`` with one adapter on the base quantized to NF4 (blocks of 64),
+           the single-adapter QLoRA the NF4 variant of fused-multi is held to.
+- fused-multi-nf4: ``lorakern.multi_lora_linear`` on that NF4 base (many users' adapters over one
+           4-bit base: QLoRA serving).
 
 Modes: ``fwd`` (a training-mode forward without grad), ``bwd``, ``fwd+bwd`` (a training step) and
 ``eval`` (``module.eval()`` under no_grad: inference). In the training modes a DoRA layer's
@@ -33,7 +37,7 @@ from .shapes import Shape
 
 MODES = ("fwd", "bwd", "fwd+bwd", "eval")
 DORA_PROVIDERS = ("peft-dora", "fused-dora")
-MULTI_PROVIDERS = ("peft-multi", "fused-multi")
+MULTI_PROVIDERS = ("peft-multi", "fused-multi", "fused-nf4", "fused-multi-nf4")
 
 
 
@@ -66,9 +70,10 @@ class MultiAdapter(nn.Module):
     """``s.adapters`` adapters over one base, row m taking adapter ``m % n``: through
     :func:`lorakern.multi_lora_linear`, or PEFT's layer called with ``adapter_names``."""
 
-    def __init__(self, fused: lorakern.FusedLoRALinear, n: int, peft_layer=None):
+    def __init__(self, fused: lorakern.FusedLoRALinear, n: int, peft_layer=None, nf4: bool = False):
         super().__init__()
         self.n, self.peft = n, peft_layer
+        self.weight = lorakern.NF4Weight.quantize(fused.weight.detach(), 64) if nf4 else None
         if peft_layer is not None:  # PEFT's layer holds its own copies: fused is not a submodule then
             object.__setattr__(self, "f", fused)
         else:
@@ -85,8 +90,23 @@ class MultiAdapter(nn.Module):
             return self.peft.layer(x, adapter_names=names)
         index = torch.arange(rows, device=x.device) % self.n
         f = self.f
-        return lorakern.multi_lora_linear(x, f.weight, f.bias, list(self.lora_A), list(self.lora_B), f.scaling,
+        weight = f.weight if self.weight is None else self.weight
+        return lorakern.multi_lora_linear(x, weight, f.bias, list(self.lora_A), list(self.lora_B), f.scaling,
                                           index, f.lora_dropout, training=self.training)
+
+
+class NF4Adapter(nn.Module):
+    """One adapter over the NF4-quantized base: :func:`lorakern.qlora_linear`."""
+
+    def __init__(self, fused: lorakern.FusedLoRALinear):
+        super().__init__()
+        self.f = fused
+        self.weight = lorakern.NF4Weight.quantize(fused.weight.detach(), 64)
+
+    def forward(self, x):
+        f = self.f
+        return lorakern.qlora_linear(x, self.weight, f.bias, f.lora_A, f.lora_B, f.scaling, f.lora_dropout,
+                                     training=self.training)
 
 
 def _peft_multi(fused: lorakern.FusedLoRALinear, n: int):
@@ -133,7 +153,7 @@ def available_providers(device=None) -> list[str]:
         names += ["peft-dora", "peft-multi"]
     except ImportError:
         pass
-    names += ["fused-dora", "fused-multi"]
+    names += ["fused-dora", "fused-multi", "fused-nf4", "fused-multi-nf4"]
     if device is None or torch.device(device).type == "cuda":
         names.append("fused-det")
     return names
@@ -173,8 +193,10 @@ def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Mo
         return fused
     if provider == "peft-dora":
         return _peft_layer(fused, use_dora=True)
-    if provider == "fused-multi":
-        return MultiAdapter(fused, s.adapters)
+    if provider in ("fused-multi", "fused-multi-nf4"):
+        return MultiAdapter(fused, s.adapters, nf4=provider == "fused-multi-nf4")
+    if provider == "fused-nf4":
+        return NF4Adapter(fused)
     if provider == "peft-multi":
         return _peft_multi(fused, s.adapters)
     if provider == "fused-det":

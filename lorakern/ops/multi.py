@@ -3,8 +3,11 @@ serving, or several adapters trained in one batch), on a dense or NF4 base.
 
     y_m = x_m W^T + bias + s_a * dropout_a(x_m) A_a^T B_a^T,   a = adapter_index[m]  (-1: the base only)
 
-This is the pure-torch path (every device; autograd through torch): the base once for the whole
-batch (its small-M kernels, its tiled decode for an NF4 base), then per adapter its rows gathered,
+Two paths. On a dense base, "triton" (CUDA, or the interpreter) runs the kernels of
+lorakern/triton/multi.py on the adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is
+stacked per call, a copy of their n * r_max * (in + out) elements; pass stacked tensors to avoid
+it). The pure-torch path (every device, any base; autograd through torch): the base once for the
+whole batch (its small-M kernels, its tiled decode for an NF4 base), then per adapter its rows gathered,
 two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
 None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
 Dropout draws one seed per call; the mask of element (m, k) is the one the single-adapter op

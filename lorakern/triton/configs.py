@@ -14,7 +14,7 @@ Budgets behind the lists (H100: 227 KiB shared memory per block, 255 registers p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,13 +94,16 @@ DY_FP32 = (DyConfig(32, 32, 8, 2),)  # fp32's FMA dots hold both tiles in regist
 DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 warps
 
 # Several adapters per batch (multi_matmul_kernel, multi_skinny_kernel): a tile's row ids and
-# adapter ids stay live beside the accumulator, so where LoRA's configs were at the register limit
-# they spill (8-24 B, sm_80/sm_90, Triton 3.7): the unaligned 16-bit tile takes 8 warps (174
-# registers), fp32's unaligned tile 4 warps (151), fp32's decode tile 2 stages (64-72), and fp32's
-# skinny panels 32 rows at most.
+# adapter ids stay live beside the accumulator and the run loop, and LoRA's 4-warp configs spill
+# there (8-32 B on sm_80 / sm_90; which ones differs between Triton 3.5 and 3.7): the 16-bit multi
+# tiles take 8 warps (40-174 registers, no spill on 3.5 or 3.7) and at most 3 stages, decode
+# tiles BLOCK_K 64 (16-bit; 128 spilled), fp32 tiles BLOCK_K 32 and 4 warps (fp32's 8-warp tiles
+# spilled), skinny panels 32 rows at most.
 MULTI_MATMUL_UNALIGNED = (MatmulConfig(64, 64, 32, 8, 2), MatmulConfig(32, 64, 32, 8, 2))
 MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 64, 32, 4, 2),)
-MULTI_MATMUL_DECODE_FP32 = (MatmulConfig(16, 32, 128, 4, 2), MatmulConfig(16, 64, 64, 4, 4))
+MULTI_MATMUL_DECODE = (MatmulConfig(16, 32, 64, 8, 3),)  # 16-bit; the 16x64 tile spilled on one Triton or another
+MULTI_MATMUL_DECODE_FP32 = (MatmulConfig(16, 32, 64, 4, 3),)
+MULTI_MAX_STAGES = 3
 
 MAX_BLOCK_R = 64  # rank columns in one skinny program; r > 64 takes several (x read r/64 times for h)
 
@@ -122,9 +125,11 @@ def multi_matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = t
                             dropout: bool = False) -> tuple[MatmulConfig, ...]:
     if not aligned:
         return MULTI_MATMUL_UNALIGNED_FP32 if dtype == torch.float32 else MULTI_MATMUL_UNALIGNED
-    if M <= 16 and dtype == torch.float32:
-        return MULTI_MATMUL_DECODE_FP32
-    return matmul_candidates(M, aligned, dtype, dropout)
+    if M <= 16:
+        return MULTI_MATMUL_DECODE_FP32 if dtype == torch.float32 else MULTI_MATMUL_DECODE
+    warps = (lambda c: c.num_warps) if dtype == torch.float32 else (lambda c: 8)
+    return tuple(replace(c, num_warps=warps(c), num_stages=min(c.num_stages, MULTI_MAX_STAGES))
+                 for c in matmul_candidates(M, aligned, dtype, dropout))
 
 
 def all_matmul_configs() -> tuple[MatmulConfig, ...]:
@@ -160,8 +165,7 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
 
 
 def multi_skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
-    candidates = skinny_candidates(M, r_pad, dtype)
-    return tuple(c for c in candidates if c.BLOCK_M <= 32) if dtype == torch.float32 else candidates
+    return tuple(c for c in skinny_candidates(M, r_pad, dtype) if c.BLOCK_M <= 32)
 
 
 def dy_candidates(M: int, dtype: torch.dtype, dm: bool = False) -> tuple[DyConfig, ...]:

@@ -13,8 +13,8 @@ and per-adapter [n] tensors of rank, scaling and dropout threshold.
   at M/BLOCK_M tiles and add at most one extra rank dot per adapter boundary (2*BLOCK_M*BLOCK_N*r
   FLOPs, r/K = 0.4% of a tile's K-loop at K=4096, r=16).
 - Forward, M <= 16 (decode): rows as they come, no sort; every run (often one row) reads its
-  adapter's B panel, as Punica's BGMV, so 8 rows of 8 adapters read 8 adapters' B (8 * N * r
-  elements, 1.6% of W's N*K at K=4096, r=16... per adapter 0.4%) beside one read of W.
+  adapter's B panel, as Punica's BGMV, and the h kernel its A: 8 rows of 8 adapters read 8
+  adapters' A and B (8 * 2 * 16 * 4096 * 2 B = 2 MiB at r=16) beside one read of W (32 MiB).
 - Backward: sorted rows. dh = s_a dY B_a per run; dA_a^T = D(x_a)^T dh_a and dB_a = s_a dY_a^T h_a
   by a program per (adapter, K tile) over the adapter's rows only (one read of x and of dY in all;
   an adapter without rows writes zeros); dx = dY W + D_a(dh A_a) as the forward's GEMM.
