@@ -101,6 +101,7 @@ DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 war
 # spilled), skinny panels 32 rows at most.
 MULTI_MATMUL_UNALIGNED = (MatmulConfig(64, 64, 32, 8, 2), MatmulConfig(32, 64, 32, 8, 2))
 MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 64, 32, 4, 2),)
+MULTI_MATMUL_MEDIUM = (MatmulConfig(64, 64, 64, 8, 3),)  # 16-bit; 64x32 spilled on 3.5 (4 warps) and 3.7 (8)
 MULTI_MATMUL_DECODE = (MatmulConfig(16, 32, 64, 8, 3),)  # 16-bit; the 16x64 tile spilled on one Triton or another
 MULTI_MATMUL_DECODE_FP32 = (MatmulConfig(16, 32, 64, 4, 3),)
 MULTI_MAX_STAGES = 3
@@ -127,6 +128,8 @@ def multi_matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = t
         return MULTI_MATMUL_UNALIGNED_FP32 if dtype == torch.float32 else MULTI_MATMUL_UNALIGNED
     if M <= 16:
         return MULTI_MATMUL_DECODE_FP32 if dtype == torch.float32 else MULTI_MATMUL_DECODE
+    if M <= 64 and dtype != torch.float32:
+        return MULTI_MATMUL_MEDIUM
     warps = (lambda c: c.num_warps) if dtype == torch.float32 else (lambda c: 8)
     return tuple(replace(c, num_warps=warps(c), num_stages=min(c.num_stages, MULTI_MAX_STAGES))
                  for c in matmul_candidates(M, aligned, dtype, dropout))
