@@ -74,8 +74,12 @@ void cpu_dequantize(const WeightArgs& wa, int64_t start, int64_t count, uintptr_
 // (A, B, bias or 0, scaling, r, h): the LoRA term of the forward (see cpu::LoraTerm).
 using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, uintptr_t>;
 
+// (index [M] int64, A addresses [n], B addresses [n], ranks [n] int64, scalings [n] float32): one
+// adapter per row instead of LoraArgs' A, B, r and scaling (see cpu::LoraTerm).
+using MultiArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+
 void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool transpose, const std::string& isa,
-                int threads, const std::optional<LoraArgs>& lora_args) {
+                int threads, const std::optional<LoraArgs>& lora_args, const std::optional<MultiArgs>& multi) {
     const Nf4Weight w = make_weight(wa);
     const cpu::Kernels k = kernels_for(isa);
     cpu::LoraTerm lora{};
@@ -87,7 +91,20 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
         lora.scaling = static_cast<float>(std::get<3>(*lora_args));
         lora.r = std::get<4>(*lora_args);
         lora.h = reinterpret_cast<float*>(std::get<5>(*lora_args));
-        if (!lora.A || !lora.B || !lora.h || lora.r < 1) throw std::invalid_argument("LoRA term: A, B, h and r >= 1 required");
+        if (multi) {
+            lora.index = reinterpret_cast<const int64_t*>(std::get<0>(*multi));
+            lora.adapter_A = reinterpret_cast<const uintptr_t*>(std::get<1>(*multi));
+            lora.adapter_B = reinterpret_cast<const uintptr_t*>(std::get<2>(*multi));
+            lora.ranks = reinterpret_cast<const int64_t*>(std::get<3>(*multi));
+            lora.scalings = reinterpret_cast<const float*>(std::get<4>(*multi));
+            if (!lora.index || !lora.adapter_A || !lora.adapter_B || !lora.ranks || !lora.scalings || !lora.h ||
+                lora.r < 1)
+                throw std::invalid_argument("several adapters: index, A and B addresses, ranks, scalings, h, r >= 1");
+        } else if (!lora.A || !lora.B || !lora.h || lora.r < 1) {
+            throw std::invalid_argument("LoRA term: A, B, h and r >= 1 required");
+        }
+    } else if (multi) {
+        throw std::invalid_argument("several adapters need the LoRA term's bias and h (lora_args)");
     }
     py::gil_scoped_release nogil;
     k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose,
@@ -119,7 +136,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
     m.def("cpu_dequantize", &cpu_dequantize);
     m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
-          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none());
+          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none());
 #ifdef LORAKERN_WITH_CUDA
     m.attr("with_cuda") = true;
     m.def("cuda_dequantize", &cuda_dequantize);

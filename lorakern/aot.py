@@ -6,7 +6,7 @@ inner dimension below 16, for one). This module drives the real launchers on "me
 candidate configs that a launch on a GPU can use), compiles each for sm_80 / sm_90 with Triton's
 own compiler and ptxas, and reads registers, spills, shared memory and the MMA instruction.
 
-    python -m lorakern.aot --arch 80,90 --json aot.json [--full] [--no-cuda]
+    python -m lorakern.aot --arch 80,90 --json aot.json [--full] [--no-cuda] [--variants lora,dora,multi]
 
 The .cu kernels under csrc/ are compiled with nvcc in the same run (see :mod:`lorakern.aot_cuda`).
 
@@ -276,10 +276,16 @@ def violations(rec) -> list[str]:
     return out
 
 
-def collect_jobs(archs, full: bool):
+def variant_of(spec) -> str:
+    return "multi" if spec.get("multi") else "dora" if spec.get("dora") else "lora"
+
+
+def collect_jobs(archs, full: bool, variants=("lora", "dora", "multi")):
     """All distinct compile jobs, each with the roles and ranks that use it."""
     jobs: dict[str, dict] = {}
     for spec in _shape_specs(full):
+        if variant_of(spec) not in variants:
+            continue
         for role, candidates in record(spec):
             for kernel, _cfg, _grid, kwargs in candidates:
                 for arch in archs:
@@ -339,10 +345,15 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="write the summary as a markdown table to this file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc compiles of csrc/**/*.cu")
+    parser.add_argument("--variants", default="lora,dora,multi",
+                        help="comma-separated launch sequences: lora, dora (magnitude), multi (several adapters)")
     args = parser.parse_args(argv)
+    variants = tuple(args.variants.split(","))
+    if not variants or any(v not in ("lora", "dora", "multi") for v in variants):
+        parser.error(f"--variants: expected a comma-separated subset of lora,dora,multi, got {args.variants!r}")
     archs = [int(a) for a in args.arch.split(",")]
     t0 = time.time()
-    jobs = collect_jobs(archs, args.full)
+    jobs = collect_jobs(archs, args.full, variants)
     print(f"lorakern.aot: {len(jobs)} distinct Triton compiles for sm_{', sm_'.join(map(str, archs))}", flush=True)
     records = []
     with futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:

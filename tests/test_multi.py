@@ -272,3 +272,34 @@ def test_peft_mixed_batch_errors_are_peft_s():
         model(x, adapter_names=["default", "b"])
     with pytest.raises(ValueError, match="DoRA"):
         model(x, adapter_names=["default", "d", "b"])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_nf4_serving_in_the_native_kernel(M, double_quant):
+    """Inference on an NF4 base at M <= 16 on the CPU: each row's adapter term is added inside the
+    native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters not stacked), against the
+    float64 definition on the dequantized weight, within 2x fp32 torch's error."""
+    from lorakern.nf4 import native
+
+    if native.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("lorakern._C not built")
+    x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, torch.float32, seed=M)
+    weight = NF4Weight.quantize(w, 64, double_quant=double_quant)
+    index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
+    scalings = [0.5, 2.0, 1.0, 0.25]
+    for bias in (b, None):
+        calls = []
+        real = native.cpu_multi_forward
+        native.cpu_multi_forward = lambda *a: calls.append(1) or real(*a)
+        try:
+            with torch.no_grad():
+                y = multi_lora_linear(x, weight, bias, As, Bs, scalings, index, backend="native")
+        finally:
+            native.cpu_multi_forward = real
+        assert calls == [1]
+        w_ref = weight.dequantize(torch.float32)
+        y64 = multi_lora_linear_reference(x.double(), w_ref.double(), None if bias is None else bias.double(),
+                                          [A.double() for A in As], [B.double() for B in Bs], scalings, index)
+        y32 = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
+        assert_close_like_torch("y", y, y64, y32, torch.float32)

@@ -24,7 +24,32 @@ struct LoraTerm {
     int64_t r;
     float* h;
     float* scaled_h = nullptr;  // the kernel's own: scaling * h, so the term joins the FMA accumulators
+    // Several adapters, one per row (serving many users' adapters over one base): row m takes
+    // adapter index[m] (-1: none), whose A [r_a, cols], B [rows, r_a] (float32 row-major, their
+    // addresses in adapter_A / adapter_B), rank ranks[a] and scaling scalings[a] replace A, B, r
+    // and scaling; r is then the largest rank and h [M, r] holds zeros past each row's r_a.
+    const int64_t* index = nullptr;
+    const uintptr_t* adapter_A = nullptr;
+    const uintptr_t* adapter_B = nullptr;
+    const int64_t* ranks = nullptr;
+    const float* scalings = nullptr;
 };
+
+// Row m's adapter: its A, B, rank and scaling (rank 0 and null pointers for a row of no adapter).
+struct RowAdapter {
+    const float* A;
+    const float* B;
+    int64_t r;
+    float scaling;
+};
+
+inline RowAdapter row_adapter(const LoraTerm& t, int64_t m) {
+    if (t.index == nullptr) return {t.A, t.B, t.r, t.scaling};
+    const int64_t a = t.index[m];
+    if (a < 0) return {nullptr, nullptr, 0, 0.0f};
+    return {reinterpret_cast<const float*>(t.adapter_A[a]), reinterpret_cast<const float*>(t.adapter_B[a]), t.ranks[a],
+            t.scalings[a]};
+}
 
 // transpose == false: y [M, rows] = x [M, cols] @ W^T (+ the LoRA term when lora is non-null)
 // transpose == true:  y [M, cols] = x [M, rows] @ W        (the backward dX = dY W; lora must be null)

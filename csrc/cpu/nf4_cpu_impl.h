@@ -233,8 +233,10 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
     parallel_for((n + 3) / 4, n * K >= (int64_t{1} << 20) ? threads : 1, [&](int64_t g) {
         V v;
         for (int64_t i = 4 * g; i < std::min(n, 4 * g + 4); ++i) {
-            lora->h[i] = dot(v, x + (i / lora->r) * K, lora->A + (i % lora->r) * K, K);
-            lora->scaled_h[i] = lora->scaling * lora->h[i];
+            const int64_t m = i / lora->r, j = i % lora->r;
+            const RowAdapter a = row_adapter(*lora, m);  // several adapters: row m's own (rank 0: none)
+            lora->h[i] = j < a.r ? dot(v, x + m * K, a.A + j * K, K) : 0.0f;
+            lora->scaled_h[i] = a.scaling * lora->h[i];
         }
     });
 }
@@ -245,12 +247,14 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
 template <class V>
 inline float lora_into(const V& v, const LoraTerm* lora, int64_t m, int64_t n, typename V::vec& s) {
     if (lora == nullptr) return 0.0f;
-    const float* h = lora->scaled_h + m * lora->r;
-    const float* b = lora->B + n * lora->r;
-    int64_t j = 0;
-    for (; j + V::W <= lora->r; j += V::W) s = v.fmadd(v.load(h + j), v.load(b + j), s);
     float rest = lora->bias ? lora->bias[n] : 0.0f;
-    for (; j < lora->r; ++j) rest += h[j] * b[j];
+    const RowAdapter a = row_adapter(*lora, m);
+    if (a.B == nullptr) return rest;  // a row of no adapter: the base and bias alone
+    const float* h = lora->scaled_h + m * lora->r;
+    const float* b = a.B + n * a.r;
+    int64_t j = 0;
+    for (; j + V::W <= a.r; j += V::W) s = v.fmadd(v.load(h + j), v.load(b + j), s);
+    for (; j < a.r; ++j) rest += h[j] * b[j];
     return rest;
 }
 

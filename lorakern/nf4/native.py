@@ -114,6 +114,27 @@ def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: tor
     return y, h
 
 
+def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lora_B, scalings,
+                      index: torch.Tensor) -> torch.Tensor:
+    """Several adapters over one NF4 base in one call on the CPU for small M: ``y [M, out]`` with
+    ``y_m = x_m W^T + bias + s_a (x_m A_a^T) B_a^T``, ``a = index[m]`` (-1: none). ``lora_A[a]
+    [r_a, in]``, ``lora_B[a] [out, r_a]``, x and bias float32 contiguous, index int64 [M] in range
+    (the caller checks); the adapters are read where they lie (no stacking copy)."""
+    rows, cols = w.shape
+    M, r = x.shape[0], max(A.shape[0] for A in lora_A)
+    y = x.new_empty(M, rows)
+    h = x.new_empty(M, r)
+    addresses = torch.tensor([[A.data_ptr() for A in lora_A], [B.data_ptr() for B in lora_B]], dtype=torch.int64)
+    ranks = torch.tensor([A.shape[0] for A in lora_A], dtype=torch.int64)
+    scales = torch.tensor(scalings, dtype=torch.float32)
+    index = index.contiguous()
+    lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr())
+    multi = (index.data_ptr(), addresses[0].data_ptr(), addresses[1].data_ptr(), ranks.data_ptr(), scales.data_ptr())
+    extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
+                           torch.get_num_threads(), lora, multi)
+    return y
+
+
 def cuda_gemv(x: torch.Tensor, w) -> torch.Tensor:
     """Fused dequant-GEMV on the GPU for small M: ``x [M, in] @ W^T`` in x's dtype (fp32 accumulation)."""
     rows, cols = w.shape
