@@ -100,3 +100,16 @@ def layout_view(layout: str, leaf: torch.Tensor, shape) -> torch.Tensor:
     if layout == "transposed":
         return leaf.t().contiguous().t() if leaf.dim() == 2 else leaf
     return leaf.expand(shape)
+
+
+class PeftBlock(torch.nn.Module):
+    """A small residual MLP whose three Linears (q, up, down) PEFT's tests target."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(48, 48, bias=False)
+        self.up = torch.nn.Linear(48, 72)
+        self.down = torch.nn.Linear(72, 48)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.q(x)))) + x

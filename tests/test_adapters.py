@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import PeftBlock
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -17,17 +18,6 @@ from lorakern.integrations import adapters as multi  # noqa: E402
 from lorakern.integrations import peft as integration  # noqa: E402
 
 TARGETS = ["q", "up", "down"]
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(48, 48, bias=False)
-        self.up = nn.Linear(48, 72)
-        self.down = nn.Linear(72, 48)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(self.q(x)))) + x
 
 
 CONFIGS = {  # different ranks, alphas, rsLoRA, and target modules
@@ -39,7 +29,7 @@ CONFIGS = {  # different ranks, alphas, rsLoRA, and target modules
 
 def _base():
     torch.manual_seed(0)
-    return Block()
+    return PeftBlock()
 
 
 @pytest.fixture(scope="module")

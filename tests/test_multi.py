@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close_like_torch
+from helpers import PeftBlock, assert_close_like_torch
 
 import lorakern
 from lorakern import NF4Weight, multi_lora_linear
@@ -217,20 +217,8 @@ def test_bad_inputs_get_clear_errors():
 
 def _peft_model():
     peft = pytest.importorskip("peft")
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q = nn.Linear(48, 48, bias=False)
-            self.up = nn.Linear(48, 72)
-            self.down = nn.Linear(72, 48)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(self.q(x)))) + x
-
     torch.manual_seed(0)
-    model = peft.get_peft_model(Block(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"],
+    model = peft.get_peft_model(PeftBlock(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q", "up", "down"],
                                                          init_lora_weights=False))
     model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q", "up", "down"],
                                            init_lora_weights=False))
@@ -276,7 +264,7 @@ def test_peft_mixed_batch_errors_are_peft_s():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("M", [1, 5, 16])
-def test_nf4_serving_in_the_native_kernel(M, double_quant):
+def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
     """Inference on an NF4 base at M <= 16 on the CPU: each row's adapter term is added inside the
     native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters not stacked), against the
     float64 definition on the dequantized weight, within 2x fp32 torch's error."""
@@ -288,16 +276,13 @@ def test_nf4_serving_in_the_native_kernel(M, double_quant):
     weight = NF4Weight.quantize(w, 64, double_quant=double_quant)
     index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
     scalings = [0.5, 2.0, 1.0, 0.25]
+    calls = []
+    real = native.cpu_multi_forward
+    monkeypatch.setattr(native, "cpu_multi_forward", lambda *a: calls.append(1) or real(*a))
     for bias in (b, None):
-        calls = []
-        real = native.cpu_multi_forward
-        native.cpu_multi_forward = lambda *a: calls.append(1) or real(*a)
-        try:
-            with torch.no_grad():
-                y = multi_lora_linear(x, weight, bias, As, Bs, scalings, index, backend="native")
-        finally:
-            native.cpu_multi_forward = real
-        assert calls == [1]
+        with torch.no_grad():
+            y = multi_lora_linear(x, weight, bias, As, Bs, scalings, index, backend="native")
+        assert calls.pop() == 1 and not calls
         w_ref = weight.dequantize(torch.float32)
         y64 = multi_lora_linear_reference(x.double(), w_ref.double(), None if bias is None else bias.double(),
                                           [A.double() for A in As], [B.double() for B in Bs], scalings, index)

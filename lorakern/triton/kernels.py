@@ -67,6 +67,18 @@ def _row_rank_offsets(pid_m, pid_r, M, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.con
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row panel, column panel) in grouped launch order: GROUP_M row panels share
+    each column panel of w while it is in L2."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    rows_in_group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % group) % rows_in_group, (pid % group) // rows_in_group
+
+
+@triton.jit
 def lora_matmul_kernel(
     a_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, seed_ptr, ascale_ptr, colscale_ptr, z_ptr,
     M, N, K, R,
@@ -85,15 +97,7 @@ def lora_matmul_kernel(
     computed is masked by dropout after the K-loop (dx with dropout: ``D((g - 1) dY W + dh A)``);
     STORE_Z: the accumulator (``z``) stored before COL_SCALE scales column n by ``colscale[n]``;
     ADD_OUT: ``out`` is added to, not overwritten."""
-    # Grouped launch order: GROUP_M row panels share each column panel of w while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows_in_group
-    pid_n = (pid % group) // rows_in_group
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -362,15 +366,7 @@ def multi_matmul_kernel(
     the forward (h unscaled, scale = s) and dx (h = dh, scale = 1, b_a = A_a^T; with HAS_DROPOUT the
     rank part masked per row by its adapter's dropout, index m * N + n, before the base K-loop as
     in lora_matmul_kernel)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows_in_group
-    pid_n = (pid % group) // rows_in_group
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows, adapters, valid, count = _tile_rows(order_ptr, index_ptr, pid_m, M, BLOCK_M, HAS_ORDER, USE_INT64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if USE_INT64:
