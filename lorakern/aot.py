@@ -116,13 +116,12 @@ def record(spec) -> list:
 
 def _record_multi(x, w, bias, r, p, seed, dy, needs_dbias, n=4):
     """One forward and one backward of the several-adapters kernels (n adapters of rank r)."""
-    from .dropout import keep_threshold
     from .triton import multi
 
     meta = dict(device="meta", dtype=x.dtype)
     A, B = torch.empty(n, r, x.shape[1], **meta), torch.empty(n, w.shape[0], r, **meta)
     index = torch.empty(x.shape[0], device="meta", dtype=torch.int32)
-    adapters = multi.Adapters([r] * n, [2.0] * n, [keep_threshold(p)] * n, [1.0 / (1.0 - p)] * n, "meta")
+    adapters = multi.Adapters([r] * n, [2.0] * n, [p] * n, "meta")
     _, h = multi.forward(x, w, bias, A, B, index, adapters, seed)
     multi.backward(dy, x, w, A, B, h, index, adapters, seed, True, True, needs_dbias)
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..backend import FLOAT_DTYPES, SMALL_M, resolve_lora, resolve_nf4
-from ..dropout import apply_dropout, draw_seed, keep_threshold
+from ..dropout import apply_dropout, draw_seed
 from ..nf4 import native
 from ..nf4.format import NF4Weight
 from .bases import DenseBase, NF4Base
@@ -175,8 +175,7 @@ def multi_lora_linear(
         if stacks is None:
             r_max = max(ranks)
             stacks = (_stack(lora_A, 0, r_max), _stack(lora_B, 1, r_max))
-        adapters = _kernels().Adapters(ranks, scalings, [keep_threshold(p) if p > 0 else 0 for p in ps],
-                                   [1.0 / (1.0 - p) for p in ps], x.device)
+        adapters = _kernels().Adapters(ranks, scalings, ps, x.device)
         y = _MultiTriton.apply(x2d, bias, *stacks, weight, index.to(torch.int32), adapters, seed)
     elif nf4 and chosen == "native" and _native_serves(x2d, bias, lora_A, lora_B, ps):
         y = native.cpu_multi_forward(x2d, weight, bias, lora_A, lora_B, scalings, index)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..dropout import keep_threshold
 from .common import dot_options, needs_int64, padded_rank
 from .configs import (
     block_k,
@@ -47,17 +48,22 @@ SORT_ABOVE = 16  # rows: at or below it (decode) the rows are taken as they come
 
 
 class Adapters:
-    """The per-adapter [n] tensors the kernels read: rank (int32), scaling, dropout threshold (int32)
-    and 1 / keep probability (fp32); ``dropout``: any adapter has p > 0."""
+    """The per-adapter [n] tensors the kernels read, from each adapter's rank, scaling and dropout
+    probability p: rank (int32), scaling, dropout threshold (int32; 0 keeps everything) and 1 / keep
+    probability (fp32); ``dropout``: any adapter has p > 0."""
 
-    def __init__(self, ranks, scalings, thresholds, inv_keeps, device):
+    def __init__(self, ranks, scalings, dropout_ps, device):
         self.rank = torch.tensor(ranks, dtype=torch.int32, device=device)
         self.scale = torch.tensor(scalings, dtype=torch.float32, device=device)
-        self.threshold = torch.tensor(thresholds, dtype=torch.int32, device=device)
-        self.inv_keep = torch.tensor(inv_keeps, dtype=torch.float32, device=device)
+        self.threshold = torch.tensor([keep_threshold(p) for p in dropout_ps], dtype=torch.int32, device=device)
+        self.inv_keep = torch.tensor([1.0 / (1.0 - p) for p in dropout_ps], dtype=torch.float32, device=device)
         self.ones = torch.ones(len(ranks), dtype=torch.float32, device=device)
-        self.dropout = any(t > 0 for t in thresholds)
+        self.dropout = any(p > 0.0 for p in dropout_ps)
         self.n = len(ranks)
+
+    def seed_arg(self, seed, dropout: bool):
+        """The seed tensor a launch passes: the call's seed with dropout, else any int tensor (unread)."""
+        return seed if dropout else self.threshold
 
 
 def sort_rows(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +90,7 @@ def multi_skinny(a, w, out, order, index, adapters: Adapters, scale, dropout: bo
     r_pad = padded_rank(R)
     block_r = skinny_block_r(r_pad, a.dtype)
     use_int64 = _int64(M, a, out)
-    seed = seed if dropout else adapters.threshold
+    seed = adapters.seed_arg(seed, dropout)
 
     def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(r_pad, block_r))
@@ -113,7 +119,7 @@ def multi_matmul(a, w, h, b, bias, out, order, index, adapters: Adapters, scale,
         return None
     r_pad = padded_rank(R)
     use_int64 = _int64(M * N, a, w, h, out, bias)
-    seed = seed if dropout else adapters.threshold
+    seed = adapters.seed_arg(seed, dropout)
 
     def call(cfg):
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
@@ -148,7 +154,7 @@ def segment_skinny(a, w, out, order, segment, adapters: Adapters, scale, dropout
     r_pad = padded_rank(R)
     block_r = skinny_block_r(r_pad, a.dtype)
     use_int64 = _int64(M, a, w, out)
-    seed = seed if dropout else adapters.threshold
+    seed = adapters.seed_arg(seed, dropout)
 
     def call(cfg):
         grid = (n, triton.cdiv(K, cfg.BLOCK_M), triton.cdiv(r_pad, block_r))
