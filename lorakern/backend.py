@@ -4,6 +4,7 @@ to the reference and says so once per reason."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -49,10 +50,24 @@ def triton_unavailable_reason(x: torch.Tensor, r: int) -> str | None:
     return None
 
 
+# Frames inside these packages are skipped when a warning names where it came from: the line shown
+# under it is the user's call (``model(x)``, ``trainer.train()``), not lorakern's or torch's source.
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (os.path.dirname(__file__) + os.sep,)
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, seen from warn_once's caller, of the first frame outside
+    lorakern and torch (Python 3.12's ``skip_file_prefixes``, by hand for 3.10 and 3.11)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
 def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=_caller_stacklevel())
 
 
 DESCRIBE = {"reference": "the pure-torch reference path", "native": "the native kernels (lorakern._C)",

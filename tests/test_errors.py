@@ -63,6 +63,18 @@ def test_auto_falls_back_and_warns_once(monkeypatch):
         lorakern.lora_linear(**_args())
 
 
+def test_fallback_warning_points_at_the_callers_line(monkeypatch):
+    """The line printed under the warning is the user's call, not lorakern's (or torch's) source."""
+    from lorakern import backend
+
+    layer = lorakern.FusedLoRALinear(10, 6, r=2)
+    for call in (lambda: lorakern.lora_linear(**_args()), lambda: layer(torch.randn(3, 10))):
+        monkeypatch.setattr(backend, "_warned", set())
+        with pytest.warns(UserWarning, match="pure-torch reference path") as record:
+            call()
+        assert [w.filename for w in record] == [__file__]
+
+
 def test_rank_above_kernel_limit(monkeypatch):
     pytest.importorskip("triton")
     from lorakern.backend import triton_unavailable_reason
