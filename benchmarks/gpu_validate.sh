@@ -43,6 +43,8 @@ if [ "$dry" = "--dry-run" ]; then
     --modes fwd+bwd --dropout 0.1 --quick --out "$out" --no-progress
   step bench_nf4 120 lorakern-bench --device cpu --suite nf4 --shapes "1,128,128,16" --providers fp32,nf4 --quick \
     --out "$out" --no-progress
+  step bench_model 120 lorakern-bench --device cpu --suite model --providers peft,fused --quick --out "$out" \
+    --no-progress
 else
   export TRITON_INTERPRET=0
   # The extension must build with its CUDA kernels here (nvcc present): LORAKERN_CUDA=1 fails loudly if not.
@@ -57,6 +59,8 @@ else
     --dropout 0.1 --out "$out" --no-progress
   step bench_nf4 60 lorakern-bench --suite nf4 --shapes "1,4096,4096,16" --providers bf16,nf4,nf4-dq --out "$out" \
     --no-progress
+  # Two Llama-3-8B decoder layers, 4 x 1024 tokens (no bitsandbytes on the GPU machine: dense only).
+  step bench_model 90 lorakern-bench --suite model --providers peft,fused --out "$out" --no-progress
 fi
 tail -n 3 "$out"/tests_*.log
 cat "$out/env.txt"

@@ -94,8 +94,31 @@ def dora_table(recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_table(recs: list[dict]) -> str:
+    """The model suite: tokens/s of whole decoder layers, fused against PEFT on the same base."""
+    rows = [r for r in recs if r["op"] == "decoder_layers"]
+    if not rows:
+        return ""
+    head = ("| model | layers | r | dropout | step | tokens | provider | ms | tokens/s | speedup vs PEFT "
+            "| saved activations MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        step = "training (fwd+bwd)" if r["mode"] == "fwd+bwd" else "decode (eval)"
+        sp = f"{1 / r['ratio_to_peft']:.2f}" if r.get("ratio_to_peft") else "-"
+        saved = f"{r['saved_bytes'] / 2**20:.1f}" if r.get("saved_bytes") is not None else "-"
+        lines.append(f"| {r['model']} | {r['layers']} | {r['r']} | {r['dropout']} | {step} | {r['M']} | "
+                     f"{r['provider']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {sp} | {saved} |")
+    return "\n".join(lines)
+
+
 def render(recs: list[dict]) -> str:
     parts = [_header(recs)]
+    model = model_table(recs)
+    if model:
+        parts += ["", "Whole Llama decoder layers, LoRA on all seven projections (`fused` = PEFT's model after "
+                      "`fuse`; `peft+bnb` / `fused-nf4`: the projections in bitsandbytes NF4, speedup against "
+                      "`peft+bnb`):", "", model]
+        recs = [r for r in recs if r["op"] != "decoder_layers"]
     nf4 = nf4_table(recs)
     if nf4:
         parts += ["", "QLoRA layer, eval forward (NF4 base, blocksize 64, r=16 adapter; `nf4-dq`: double "

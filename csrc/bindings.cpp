@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/dropout_cpu.h"
 #include "cpu/nf4_cpu.h"
 #include "nf4_decode.h"
 #ifdef LORAKERN_WITH_CUDA
@@ -61,6 +62,16 @@ cpu::Kernels kernels_for(const std::string& isa) {
         return cpu::scalar_kernels();
     }
     throw std::invalid_argument("isa '" + isa + "' is not available on this CPU");
+}
+
+void cpu_dropout(uintptr_t x, uintptr_t out, int dtype, int64_t rows, int64_t cols, int64_t x_stride, uint32_t seed,
+                 uint32_t threshold, double scale, int threads) {
+    if (x == 0 || out == 0) throw std::invalid_argument("x and out are required");
+    if (dtype != 0 && dtype != 1) throw std::invalid_argument("dtype must be 0 (float32) or 1 (float64)");
+    if (rows < 0 || cols < 0 || x_stride < 0) throw std::invalid_argument("bad rows, cols or x_stride");  // x is only read: any row stride
+    py::gil_scoped_release nogil;
+    cpu::dropout(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), dtype, rows, cols, x_stride, seed,
+                 threshold, scale, threads);
 }
 
 void cpu_dequantize(const WeightArgs& wa, int64_t start, int64_t count, uintptr_t out, int out_dtype,
@@ -135,6 +146,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
     m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
     m.def("cpu_dequantize", &cpu_dequantize);
+    m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");
     m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
           py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none());
 #ifdef LORAKERN_WITH_CUDA

@@ -28,7 +28,7 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
         if rec["provider"] == "base":
             assert rec["ratio_to_base"] == 1.0
     for mode in ("fwd", "fwd_bwd"):
-        png = tmp_path / f"lora_linear_{mode}.png"
+        png = tmp_path / f"lora_lora_linear_{mode}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -78,7 +78,7 @@ def test_cli_quick_nf4_suite(tmp_path, capsys):
     nf4_bytes = {r["weight_bytes"] for r in linear if r["provider"] == "nf4"}
     fp32_bytes = {r["weight_bytes"] for r in linear if r["provider"] == "fp32"}
     assert max(nf4_bytes) * 7 < min(fp32_bytes)  # 4.5 bits vs 32 per weight
-    assert (tmp_path / "nf4_linear_fwd.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "nf4_nf4_linear_fwd.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_weights_rotate_past_the_last_level_cache(monkeypatch):
@@ -217,7 +217,48 @@ def test_gpu_first_contact_script_dry_run(tmp_path):
     proc = run_process_group(["bash", str(root / "benchmarks" / "gpu_validate.sh"), str(tmp_path), "--dry-run"])
     env = (tmp_path / "env.txt").read_text()
     assert proc.returncode == 0, env + proc.stdout[-2000:]
-    for step in ("build", "tests_cuda", "tests_triton", "bench_lora", "bench_dropout", "bench_nf4"):
+    for step in ("build", "tests_cuda", "tests_triton", "bench_lora", "bench_dropout", "bench_nf4", "bench_model"):
         assert f"{step} rc=0" in env, env
     records = [line for line in (tmp_path / "results.jsonl").read_text().splitlines() if line.strip()]
     assert len(records) >= 4
+
+
+@pytest.mark.slow
+def test_cli_model_suite_quick(tmp_path, capsys):
+    """The model suite: whole decoder layers, every provider present, both steps, in the schema."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from lorakern.bench import model
+
+    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "model"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "== model ==" in out and "tokens/s" in out
+    recs = records.load(str(tmp_path / "results.jsonl"))
+    assert sorted((r["provider"], r["mode"]) for r in recs) == sorted(
+        (p, m) for p in model.available() for m in model.MODES)
+    for rec in recs:
+        records.validate(rec)
+        assert rec["suite"] == "model" and rec["op"] == "decoder_layers" and rec["tokens_per_s"] > 0
+        assert rec["ratio_to_peft"] > 0 and rec["dropout"] == model.DROPOUT
+        if rec["mode"] == "fwd+bwd":
+            assert rec["saved_bytes"] > 0
+    by = {(r["provider"], r["mode"]): r for r in recs}
+    # PEFT keeps each adapter's dropped input for backward; the fused op regenerates the mask.
+    assert by[("fused", "fwd+bwd")]["saved_bytes"] < by[("peft", "fwd+bwd")]["saved_bytes"]
+    for mode in ("fwd_bwd", "eval"):
+        assert (tmp_path / f"model_decoder_layers_{mode}.png").exists()
+    text = _readme_table_module().render(recs)
+    assert "| tiny | 1 | 8 | 0.05 | training (fwd+bwd) |" in text
+
+
+def test_default_run_is_the_headline_points():
+    """Without --full, --quick or --shapes each suite runs a handful of points (the whole default
+    run is meant to take about 2 minutes on 2 CPU cores), on the sizes README quotes."""
+    for device in ("cpu", "cuda"):
+        total = 0
+        for suite in ("lora", "dora", "multi", "nf4"):
+            shapes, modes = cli.headline(suite, torch.device(device))
+            assert shapes and all(s.in_features == 4096 for s in shapes)
+            total += len(shapes) * max(1, len(modes))
+        assert total <= (8 if device == "cpu" else 20)

@@ -148,3 +148,38 @@ def test_saved_tensors_hold_no_mask(p, use_dora):
     shapes = sorted(tuple(t.shape) for t in saved)
     extra = [(N,), (M, N), (N,)] if use_dora else [(0,), (0,)]
     assert shapes == sorted([(M, K), (N, K), (r, K), (N, r), (M, r)] + extra + ([()] if p > 0 else [])), shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "column-slice", "expanded", "one-column", "empty"])
+def test_native_cpu_dropout_equals_the_torch_hash(dtype, layout):
+    """lorakern._C's one-pass dropout (the CPU path of apply_dropout) is the torch-op mask bit for
+    bit, scaled alike, on every row layout a caller can hand it (it only reads x)."""
+    from lorakern import dropout as D
+    from lorakern.nf4 import native
+
+    if native.extension() is None:
+        pytest.skip("lorakern._C is not built")
+    x = {"contiguous": lambda: torch.randn(37, 129, dtype=dtype),
+         "column-slice": lambda: torch.randn(23, 40, dtype=dtype)[:, 3:31],
+         "expanded": lambda: torch.randn(1, 19, dtype=dtype).expand(11, 19),
+         "one-column": lambda: torch.randn(9, 4, dtype=dtype)[:, 1:2],
+         "empty": lambda: torch.randn(0, 8, dtype=dtype)}[layout]()
+    x[0:1] = float("nan") if x.numel() and layout != "expanded" else x[0:1]  # NaN * 0 stays NaN, as in torch
+    for p, seed in ((0.1, 7), (0.5, 2**31 - 2)):
+        seed = torch.tensor(seed)
+        got = D._native_dropout(x, p, seed)
+        assert got is not None
+        want = x * keep_mask(seed, *x.shape, p).to(dtype) * (1.0 / (1.0 - p))
+        assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.equal(torch.signbit(got), torch.signbit(want))  # -x * 0 is -0 on both
+
+
+def test_native_cpu_dropout_leaves_autograd_and_other_dtypes_to_torch():
+    from lorakern import dropout as D
+
+    seed = torch.tensor(3)
+    assert D._native_dropout(torch.randn(4, 5, requires_grad=True), 0.2, seed) is None
+    assert D._native_dropout(torch.randn(4, 5, dtype=torch.bfloat16), 0.2, seed) is None
+    assert D._native_dropout(torch.randn(5, 4).t(), 0.2, seed) is None  # column stride 5

@@ -5,6 +5,8 @@ run."""
 
 from __future__ import annotations
 
+import torch
+
 from . import records, report
 from .providers import flops, make_module, make_step, saved_activation_bytes
 from .shapes import DTYPE_NAMES
@@ -30,7 +32,9 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
                     "dtype": dtype_name, "dropout": dropout, "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                     "tflops": flops(provider, mode, s) / (med * 1e-3) / 1e12,
                     "peak_mem_bytes": peak_memory(step, device),
-                    "saved_bytes": saved_activation_bytes(module, s, dtype, device), **env,
+                    "saved_bytes": saved_activation_bytes(module, torch.randn(s.M, s.in_features, device=device,
+                                                                               dtype=dtype, requires_grad=True)),
+                    **env,
                 })
                 bar.update(1)
             del modules, steps

@@ -263,8 +263,9 @@ def make_step(module: nn.Module, mode: str, s: Shape, dtype, device):
     return step
 
 
-def saved_activation_bytes(module: nn.Module, s: Shape, dtype, device) -> int:
-    """Bytes the forward keeps for backward, parameters excluded (each storage counted once)."""
+def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes ``module(x)`` keeps for backward, parameters excluded (each storage counted once; x
+    itself counts when it is kept)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
@@ -274,7 +275,6 @@ def saved_activation_bytes(module: nn.Module, s: Shape, dtype, device) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x = torch.randn(s.M, s.in_features, device=device, dtype=dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     return sum(seen.values())

@@ -37,38 +37,84 @@ def table(columns, recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Per suite: the provider every bar is a speedup over (its time / the bar's time, measured in the
+# same run), and a record's key for it. The lora suite's baseline is the unfused torch sequence
+# (PEFT's arithmetic); the 4-bit suite's the dense matmul; the variants' PEFT's own layer.
+BASELINES = {
+    "lora": ("unfused", lambda r: r.get("ratio_to_unfused")),
+    "dora": ("peft-dora", lambda r: r.get("ratio_to_peft_dora")),
+    "multi": ("peft-multi", lambda r: r.get("ratio_to_peft_multi")),
+    "nf4": ("dense", lambda r: r.get("ratio_to_base")),
+    "model": ("peft (4-bit: peft+bnb)", lambda r: r.get("ratio_to_peft")),
+}
+
+
+def _panel_key(r: dict) -> tuple:
+    """Records drawn in one panel share a weight shape (and rank and adapters, where they vary)."""
+    if r["op"].startswith("nf4"):
+        return (r["in_features"], r["out_features"])
+    if r["op"] == "decoder_layers":
+        return (r.get("model") or "", r["layers"], r["r"])
+    return (r["in_features"], r["out_features"], r["r"], r.get("adapters", 1))
+
+
+def _panel_title(op: str, key: tuple) -> str:
+    if op.startswith("nf4"):
+        return f"{key[0]} -> {key[1]}"
+    if op == "decoder_layers":
+        return f"{key[0]}, {key[1]} layer(s), r={key[2]}"
+    return f"{key[0]} -> {key[1]}, r={key[2]}" + (f", {key[3]} adapters" if key[3] != 1 else "")
+
+
 def plot(recs: list[dict], out_dir: str) -> list[str]:
-    """One PNG per op and mode: time relative to the base matmul, per shape and provider."""
+    """One PNG per suite, op and mode: a panel per weight shape, the tokens M on the x-axis, one bar
+    per provider with its speedup over the suite's baseline (above 1: faster), the machine and
+    date in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for op, mode in sorted({(r["op"], r["mode"]) for r in recs}):
-        rows = [r for r in recs if r["op"] == op and r["mode"] == mode and r["ratio_to_base"] is not None]
+    for suite, op, mode in sorted({(r.get("suite", "lora"), r["op"], r["mode"]) for r in recs}):
+        name, ratio = BASELINES.get(suite, BASELINES["lora"])
+        rows = [r for r in recs if r.get("suite", "lora") == suite and r["op"] == op and r["mode"] == mode
+                and ratio(r)]
         if not rows:
             continue
-        # Dense and 4-bit providers of one weight shape share a label (their r differs).
-        key = (lambda r: (r["M"], r["in_features"], r["out_features"], 0)) if op.startswith("nf4") else \
-            (lambda r: (r["M"], r["in_features"], r["out_features"], r["r"]))
-        labels = sorted({key(r) for r in rows})
+        panels = sorted({_panel_key(r) for r in rows})
         providers = list(dict.fromkeys(r["provider"] for r in rows))
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * len(providers) / 2), 4))
+        cols = min(3, len(panels))
+        nrows = -(-len(panels) // cols)
+        ncol = min(len(providers), 3 * cols)  # legend entries a row: ~2.3 inches each
+        legend_rows = -(-len(providers) // ncol)
+        height = 3.2 * nrows + 0.7 + 0.25 * legend_rows
+        fig, axes = plt.subplots(nrows, cols, figsize=(max(7.0, 4.2 * cols), height), squeeze=False)
         width = 0.8 / len(providers)
-        for i, p in enumerate(providers):
-            vals = {key(r): r["ratio_to_base"] for r in rows if r["provider"] == p}
-            ax.bar([j + i * width for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=p)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-        ax.set_xticklabels([f"M={m}\n{k}->{n}" + (f"\nr={r}" if r else "") for m, k, n, r in labels], fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_ylabel("time / dense matmul" if op.startswith("nf4") else "time / base matmul")
+        for ax, key in zip(axes.flat, panels):
+            mine = [r for r in rows if _panel_key(r) == key]
+            Ms = sorted({r["M"] for r in mine})
+            for i, p in enumerate(providers):
+                vals = {r["M"]: 1.0 / ratio(r) for r in mine if r["provider"] == p}
+                xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(Ms))]
+                bars = ax.bar(xs, [vals.get(M, 0.0) for M in Ms], width, label=p, color=f"C{i}")
+                ax.bar_label(bars, labels=[f"{vals[M]:.2g}" if M in vals else "" for M in Ms], fontsize=6)
+            ax.set_xticks(range(len(Ms)))
+            ax.set_xticklabels([f"{M} tokens" if op == "decoder_layers" else f"M={M}" for M in Ms], fontsize=8)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_title(_panel_title(op, key), fontsize=9)
+            ax.set_ylabel(f"speedup over {name}", fontsize=8)
+            ax.tick_params(axis="y", labelsize=8)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         env = rows[0]
-        ax.set_title(f"{op}, {mode}, {env['device_name']} ({env['date'][:10]})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{op}_{mode.replace('+', '_')}.png")
-        fig.savefig(path, dpi=110)
+        fig.suptitle(f"{suite} suite: {op}, {mode}, {env['dtype']}\n{env['device_name']}, {env['date'][:10]}",
+                     fontsize=10)
+        fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.1) / height, 1, 1))
+        path = os.path.join(out_dir, f"{suite}_{op}_{mode.replace('+', '_')}.png")
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
