@@ -78,6 +78,16 @@ def train(mode: str, steps: int = 300, batch: int = 16, seq: int = 64, lr: float
     return {"losses": losses, "tokens_per_s": steps * batch * seq / seconds, "seconds": seconds}
 
 
+def report(results: dict, what: str = "per-step") -> None:
+    """Each run's first and last loss and speed, and the largest loss difference of the two runs."""
+    for mode, r in results.items():
+        print(f"{mode:>5}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['tokens_per_s']:,.0f} tokens/s "
+              f"({r['seconds']:.1f} s)")
+    if len(results) == 2:
+        diff = max(abs(a - b) for a, b in zip(results["peft"]["losses"], results["fused"]["losses"]))
+        print(f"largest {what} loss difference, fused vs PEFT: {diff:.2e}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["both", "peft", "fused"], default="both")
@@ -96,12 +106,7 @@ def main(argv=None) -> int:
         results[mode] = train(mode, args.steps, args.batch, args.seq, args.lr, args.dropout, args.seed,
                               log_every=max(1, args.steps // 6), use_dora=args.dora)
     print()
-    for mode, r in results.items():
-        print(f"{mode:>5}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['tokens_per_s']:,.0f} tokens/s "
-              f"({r['seconds']:.1f} s)")
-    if len(results) == 2:
-        diff = max(abs(a - b) for a, b in zip(results["peft"]["losses"], results["fused"]["losses"]))
-        print(f"largest per-step loss difference, fused vs PEFT: {diff:.2e}")
+    report(results)
     return 0
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from finetune_tiny_llama import CORPUS, TARGETS  # same folder
+from finetune_tiny_llama import CORPUS, TARGETS, report  # same folder
 
 
 def char_tokenizer(text: str):
@@ -73,12 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     modes = ["peft", "fused"] if args.mode == "both" else [args.mode]
     results = {m: train(m, args.steps, args.batch, args.lr, args.out) for m in modes}
-    for mode, r in results.items():
-        print(f"{mode:>5}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['tokens_per_s']:,.0f} tokens/s "
-              f"({r['seconds']:.1f} s)")
-    if len(results) == 2:
-        diff = max(abs(a - b) for a, b in zip(results["peft"]["losses"], results["fused"]["losses"]))
-        print(f"largest logged loss difference, fused vs PEFT: {diff:.2e}")
+    report(results, "logged")
     return 0
 
 

@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from finetune_tiny_llama import build_model, load_corpus  # same folder
+from finetune_tiny_llama import build_model, load_corpus, report  # same folder
 
 
 class Chunks(torch.utils.data.Dataset):
@@ -72,12 +72,7 @@ def main(argv=None) -> int:
     modes = ["peft", "fused"] if args.mode == "both" else [args.mode]
     results = {m: train(m, args.steps, args.batch, args.seq, args.lr, args.out, args.bf16, args.gradient_checkpointing)
                for m in modes}
-    for mode, r in results.items():
-        print(f"{mode:>5}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['tokens_per_s']:,.0f} tokens/s "
-              f"({r['seconds']:.1f} s)")
-    if len(results) == 2:
-        diff = max(abs(a - b) for a, b in zip(results["peft"]["losses"], results["fused"]["losses"]))
-        print(f"largest logged loss difference, fused vs PEFT: {diff:.2e}")
+    report(results, "logged")
     return 0
 
 
