@@ -236,3 +236,13 @@ def test_sft_trainer_resume_keeps_the_model_fused(tmp_path):
     resumed = sft_train(tmp_path / "run", callback=True, resume=str(tmp_path / "run" / "checkpoint-2"))
     assert fused_layer_count(resumed.model) == 2 * len(TARGETS)
     assert resumed.losses == pytest.approx(whole.losses[2:], rel=FP32_RTOL)
+
+
+@pytest.mark.slow
+def test_trainer_torch_compile_equals_eager_peft(tmp_path):
+    """``TrainingArguments(torch_compile=True)``: the trainer compiles the fused model (inductor on
+    CPU); its losses equal eager PEFT's (inductor reorders fp32 sums: ~1e-7 here)."""
+    ref = train(peft_model(), tmp_path / "peft")
+    got = train(peft_model(), tmp_path / "fused", fused=True, torch_compile=True)
+    assert fused_layer_count(got.model) == 2 * len(TARGETS)
+    assert_runs_equal(ref, got)
