@@ -204,6 +204,23 @@ class FusedLoRALinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
+    @torch.no_grad()
+    def merged_nf4(self) -> NF4Weight:
+        """The merged weight (:meth:`merged_weight`, computed in fp32) quantized again to NF4 with this
+        layer's blocksize and double quantization (default 64, none for a dense base): a 4-bit model
+        out of a QLoRA fine-tune, in bitsandbytes' layout. Not exact: re-quantizing rounds the
+        adapter's update to the NF4 grid; ``benchmarks/nf4_merge_error.py`` measures how much (README,
+        Limitations)."""
+        w = self.weight_nf4
+        if w is None:
+            merged = (self.weight if self.merged else self.merged_weight()).float()
+        else:  # in fp32 throughout, not in the compute dtype merged_weight returns
+            merged = w.dequantize(torch.float32) + self.delta_weight(torch.float32)
+            if self.use_dora:
+                merged = merged * self._dora_factor(self.weight_norm().float())
+        return NF4Weight.quantize(merged, w.blocksize if w is not None else 64,
+                                  w.double_quant if w is not None else False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_nf4 is not None:
             return qlora_linear(

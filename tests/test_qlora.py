@@ -280,3 +280,27 @@ def test_every_argument_in_every_layout(backend, arg):
             what = f"({arg} {layout}, M={M}, {backend})"
             assert (y.double() - y64).abs().max() < 1e-4, f"y {what}"
             assert (dl.double() - dl64).abs().max() < 1e-3 * max(1.0, dl64.abs().max().item()), f"d{arg} {what}"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_merged_nf4_requantizes_the_merged_weight(double_quant):
+    """``merged_nf4``: with a zero adapter the base's own bytes come back (NF4 of an NF4-decoded
+    weight is itself); with an adapter, the NF4 of ``W + s B A`` computed in fp32, same layout."""
+    torch.manual_seed(3)
+    base = torch.nn.Linear(256, 96, bias=False)
+    layer = FusedLoRALinear.from_linear(base, r=4, lora_alpha=8, base_quant="nf4", blocksize=64,
+                                                 double_quant=double_quant)
+    same = layer.merged_nf4()
+    assert torch.equal(same.packed, layer.weight_nf4.packed)
+    # Double quantization re-quantizes the block scales around a new mean: each scale moves within its
+    # 8-bit code's step (2^-8 relative), the codes stay.
+    torch.testing.assert_close(same.dequantize(torch.float32), layer.weight_nf4.dequantize(torch.float32),
+                               rtol=2**-8 if double_quant else 0, atol=1e-6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merged = layer.merged_nf4()
+    want = NF4Weight.quantize(layer.weight_nf4.dequantize(torch.float32) + layer.delta_weight(torch.float32),
+                                       64, double_quant)
+    assert merged.blocksize == 64 and merged.double_quant == double_quant
+    assert torch.equal(merged.packed, want.packed)
+    assert not torch.equal(merged.packed, layer.weight_nf4.packed)

@@ -1,0 +1,196 @@
+"""``INT4Weight``: a group-wise asymmetric INT4 weight with a float zero point per group.
+
+    W[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]),   g = i // group_size,   q in 0..15
+
+Storage: ``codes`` uint8 ``[out, in / 2]``, two codes a byte, column ``2j`` in the low nibble and
+``2j + 1`` in the high one (GPTQ's order within its int32 words); ``scales`` and ``zeros`` float32
+``[out, in / group_size]``. At G = 64 that is 4 + 64/64 = 5 bits a weight, ~3.2x below bf16.
+
+Why a float zero point: QA-LoRA's adapter term is constant within a group (it sees x averaged over
+each group), so merging it is a shift of each group's zero point, ``zero' = zero - delta / scale``.
+A float zero takes that shift exactly (to fp32 rounding); GPTQ's integer ``qzeros`` would round it
+(:meth:`INT4Weight.to_gptq` reports by how much).
+
+GPTQ checkpoints (AutoGPTQ / GPTQModel, ``desc_act=False``): ``qweight`` int32 ``[in / 8, out]``
+(input rows 8k..8k+7 of column o in word [k, o], row 8k+j at bits 4j), ``qzeros`` int32
+``[in / G, out / 8]`` (output columns packed the same way), ``scales`` ``[in / G, out]``, ``g_idx``
+``[in]`` (``i // G`` without act-order). Format "gptq" (v1) stores each zero minus one, "gptq_v2"
+the zero itself; both are read exactly, since integer zeros are exact floats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZES = (32, 64, 128)
+FORMATS = ("gptq", "gptq_v2")
+
+
+def _check_float(name: str, t, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_group(in_features: int, group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """``q`` [out, in] of values 0..15 (in even) -> uint8 [out, in / 2], column 2j in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in / 2] -> int64 [out, in] of values 0..15."""
+    lo, hi = (codes & 0xF).long(), (codes >> 4).long()
+    return torch.stack((lo, hi), dim=-1).reshape(codes.shape[0], -1)
+
+
+class INT4Weight:
+    """A frozen ``[out, in]`` weight as 4-bit codes with a float scale and zero point per
+    ``(output row, group of group_size input columns)``."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 shape: tuple[int, int]):
+        out_features, in_features = (int(v) for v in shape)
+        _check_group(in_features, group_size)
+        if in_features % 2:
+            raise ValueError(f"in_features must be even (two codes a byte), got {in_features}")
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+            raise TypeError(f"codes: expected a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if tuple(codes.shape) != (out_features, in_features // 2):
+            raise ValueError(f"codes: expected shape {[out_features, in_features // 2]}, got {list(codes.shape)}")
+        groups = (out_features, in_features // group_size)
+        _check_float("scales", scales, groups)
+        _check_float("zeros", zeros, groups)
+        if not (codes.device == scales.device == zeros.device):
+            raise ValueError(f"codes, scales and zeros must be on one device, got {codes.device}, {scales.device}, "
+                             f"{zeros.device}")
+        if not bool(torch.isfinite(scales).all()) or bool((scales == 0).any()):
+            raise ValueError("scales: every scale must be finite and nonzero (a zero scale makes the group's "
+                             "zero point, and any merge into it, undefined)")
+        if not bool(torch.isfinite(zeros).all()):
+            raise ValueError("zeros: every zero point must be finite")
+        self.codes = codes.contiguous()
+        self.scales = scales.float().contiguous()
+        self.zeros = zeros.float().contiguous()
+        self.group_size = int(group_size)
+        self.shape = torch.Size((out_features, in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 64, symmetric: bool = False) -> INT4Weight:
+        """Round-to-nearest INT4 of ``weight [out, in]`` per group: asymmetric (``scale = (max - min)
+        / 15``, ``zero = -min / scale``, a float) or symmetric (``zero = 8``, ``scale = absmax / 7``)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"weight: expected a 2-D floating-point tensor, got "
+                             f"{getattr(weight, 'shape', type(weight).__name__)}")
+        out_features, in_features = weight.shape
+        _check_group(in_features, group_size)
+        w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+        if symmetric:
+            scale = w.abs().amax(-1) / 7.0
+            zero = torch.full_like(scale, 8.0)
+        else:
+            lo, hi = w.amin(-1).clamp(max=0.0), w.amax(-1).clamp(min=0.0)
+            scale = (hi - lo) / 15.0
+            zero = -lo / torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: q = zero
+        q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 15)
+        return cls(pack_codes(q.reshape(out_features, in_features)), scale, zero, group_size,
+                   (out_features, in_features))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W ``[out, in]``, computed in fp32 (float64 for a float64 dtype), returned in ``dtype``."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        out_features, in_features = self.shape
+        q = unpack_codes(self.codes).to(work).reshape(out_features, -1, self.group_size)
+        w = (q - self.zeros.to(work)[..., None]) * self.scales.to(work)[..., None]
+        return w.reshape(out_features, in_features).to(dtype)
+
+    def merged(self, delta: torch.Tensor) -> INT4Weight:
+        """This weight plus a per-group constant ``delta [out, in / G]`` (added to every column of
+        its group), folded into the zero points in fp32: ``zero' = zero - delta / scale``."""
+        _check_float("delta", delta, tuple(self.scales.shape))
+        zeros = self.zeros - delta.to(self.zeros.device, torch.float32) / self.scales
+        return INT4Weight(self.codes, self.scales, zeros, self.group_size, tuple(self.shape))
+
+    # -- GPTQ ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None, *, group_size: int, checkpoint_format: str = "gptq",
+                  bits: int = 4) -> INT4Weight:
+        """A 4-bit GPTQ layer's tensors (see the module docstring), read exactly."""
+        if bits != 4:
+            raise ValueError(f"bits: only 4-bit GPTQ checkpoints are read, got bits={bits}")
+        if checkpoint_format not in FORMATS:
+            raise ValueError(f"checkpoint_format: expected one of {FORMATS}, got {checkpoint_format!r}")
+        for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 2:
+                raise TypeError(f"{name}: expected a 2-D int32 tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
+        _check_group(in_features, group_size)
+        groups = in_features // group_size
+        if tuple(qzeros.shape) != (groups, out_features // 8) or out_features % 8:
+            raise ValueError(f"qzeros: expected shape {[groups, out_features // 8]} for qweight "
+                             f"{list(qweight.shape)} and group_size {group_size}, got {list(qzeros.shape)}")
+        _check_float("scales", scales, (groups, out_features))
+        if g_idx is not None:
+            expected = torch.arange(in_features, device=g_idx.device) // group_size
+            if tuple(g_idx.shape) != (in_features,):
+                raise ValueError(f"g_idx: expected shape [{in_features}], got {list(g_idx.shape)}")
+            if not torch.equal(g_idx.long(), expected):
+                raise NotImplementedError("g_idx is not i // group_size: act-order (desc_act=True) checkpoints "
+                                          "are not supported")
+        shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+        q = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF        # [in / 8, 8, out]
+        q = q.reshape(in_features, out_features).t()                   # [out, in]
+        z = (qzeros[:, :, None] >> shifts[None, None, :]) & 0xF         # [groups, out / 8, 8]
+        z = z.reshape(groups, out_features).t().float()                 # [out, groups]
+        if checkpoint_format == "gptq":
+            z = z + 1.0  # v1 checkpoints store zero - 1
+        return cls(pack_codes(q), scales.t().float(), z, group_size, (out_features, in_features))
+
+    def to_gptq(self, checkpoint_format: str = "gptq") -> tuple[dict, float]:
+        """The GPTQ tensors (``qweight``, ``qzeros``, ``scales`` fp16, ``g_idx``) of this weight, and
+        the relative error (Frobenius norm) that rounding its float zeros to GPTQ's integers, and
+        its scales to fp16, adds to W."""
+        if checkpoint_format not in FORMATS:
+            raise ValueError(f"checkpoint_format: expected one of {FORMATS}, got {checkpoint_format!r}")
+        out_features, in_features = self.shape
+        if out_features % 8:
+            raise ValueError(f"GPTQ packs 8 output columns a word: out_features {out_features} is not a multiple of 8")
+        zeros = torch.clamp(torch.round(self.zeros), 0 if checkpoint_format == "gptq_v2" else 1, 15)
+        stored = (zeros - (1.0 if checkpoint_format == "gptq" else 0.0)).to(torch.int64)
+        q = unpack_codes(self.codes)                                             # [out, in]
+        shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+        words = (q.t().reshape(in_features // 8, 8, out_features) << shifts[None, :, None]).sum(1)
+        zwords = (stored.t().reshape(-1, out_features // 8, 8) << shifts[None, None, :]).sum(-1)
+        scales16 = self.scales.half()
+        tensors = {"qweight": _as_int32(words), "qzeros": _as_int32(zwords), "scales": scales16.t().contiguous(),
+                   "g_idx": torch.arange(in_features, dtype=torch.int32, device=q.device) // self.group_size}
+        exported = INT4Weight(self.codes, scales16.float(), zeros, self.group_size, tuple(self.shape))
+        exact = self.dequantize(torch.float64)
+        error = float((exported.dequantize(torch.float64) - exact).norm() / exact.norm().clamp(min=1e-300))
+        return tensors, error
+
+
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words of 32 bits -> int32 with the same bits (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -1,0 +1,132 @@
+"""QA-LoRA (Xu et al. 2023, arXiv 2309.14717) on an :class:`INT4Weight` base, PEFT's convention.
+
+    x~ = dropout(x)                         [M, in]
+    p  = mean_groups(x~) * (in / G)         [M, in / G]   (PEFT: the group mean times in // G)
+    y  = x W^T + bias + s * (p A^T) B^T     A [r, in / G], B [out, r]
+
+Since ``p`` is constant over a group's columns, the adapter is the dense update
+``dW[o, i] = s * (in / G) / G * (B A)[o, i // G]``: a per-(row, group) constant that
+:func:`merge_into` folds into the INT4 weight's zero points, so the merged layer stays 4-bit.
+
+Backward (W frozen): ``dh = s dy B``, ``dB = s dy^T h``, ``dA = dh^T p``,
+``dx = dy W + dropout(expand(dh A) * (in / G) / G)``; saved for it: ``p`` and ``h`` (``[M, in / G]``
+and ``[M, r]``: 1/G of x and less), never x, never a dropout mask (regenerated from the seed).
+This is the pure-torch path (W decoded in full for each matmul); the shapes are checked here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..dropout import apply_dropout, draw_seed
+from .format import INT4Weight
+
+
+def pool(x2d: Tensor, group_size: int) -> Tensor:
+    """PEFT's pooled input: ``x [M, in]`` -> the mean of each group of ``group_size`` columns times
+    ``in // group_size``, ``[M, in / group_size]``."""
+    groups = x2d.shape[1] // group_size
+    return x2d.reshape(x2d.shape[0], groups, group_size).mean(-1) * groups
+
+
+def delta_per_group(lora_A: Tensor, lora_B: Tensor, scaling: float, group_size: int) -> Tensor:
+    """The adapter as a dense update, one value per (output row, group): ``[out, in / G]``, in fp32
+    (float64 for float64 adapters)."""
+    work = torch.float64 if lora_A.dtype == torch.float64 else torch.float32
+    groups = lora_A.shape[1]
+    return (lora_B.to(work) @ lora_A.to(work)) * (scaling * groups / group_size)
+
+
+def merge_into(weight: INT4Weight, lora_A: Tensor, lora_B: Tensor, scaling: float) -> INT4Weight:
+    """``weight`` with the QA-LoRA adapter folded into its zero points (still INT4, exact to fp32
+    rounding of the zeros)."""
+    _check(weight, None, lora_A, lora_B)
+    return weight.merged(delta_per_group(lora_A.detach(), lora_B.detach(), scaling, weight.group_size))
+
+
+def _check(weight, x, lora_A, lora_B, bias=None) -> None:
+    if not isinstance(weight, INT4Weight):
+        raise TypeError(f"weight: expected an INT4Weight, got {type(weight).__name__}")
+    out_features, in_features = weight.shape
+    groups = in_features // weight.group_size
+    if x is not None:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
+            raise ValueError(f"x: expected [..., {in_features}], got {list(getattr(x, 'shape', []))}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != groups:
+        raise ValueError(f"lora_A: expected [r, in / group_size] = [r, {groups}], got {list(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected [out, r] = [{out_features}, {r}], got {list(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias: expected [{out_features}], got {list(bias.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and x is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected {x.dtype} on {x.device} (x's), got {t.dtype} on {t.device}")
+
+
+class _QALoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed):
+        G = weight.group_size
+        w = weight.dequantize(x2d.dtype)
+        p = pool(apply_dropout(x2d, dropout_p, seed), G)
+        h = p @ lora_A.t()
+        y = x2d @ w.t()
+        if bias is not None:
+            y = y + bias
+        y = y + (h @ lora_B.t()) * scaling
+        ctx.save_for_backward(p, h, lora_A, lora_B, seed)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        p, h, lora_A, lora_B, seed = ctx.saved_tensors
+        weight, s = ctx.weight, ctx.scaling
+        G = weight.group_size
+        dh = (dy @ lora_B) * s
+        dx = dA = dB = dbias = None
+        if ctx.needs_input_grad[1]:
+            dA = dh.t() @ p
+        if ctx.needs_input_grad[2]:
+            dB = (dy.t() @ h) * s
+        if ctx.needs_input_grad[0]:
+            groups = p.shape[1]
+            dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
+            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], -1)
+            dx = dy @ weight.dequantize(dy.dtype) + apply_dropout(dxd, ctx.dropout_p, seed)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = dy.sum(0)
+        return dx, dA, dB, dbias, None, None, None, None
+
+
+def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                  scaling: float, dropout_p: float = 0.0, training: bool = False,
+                  seed: Tensor | None = None) -> Tensor:
+    """QA-LoRA linear on ``x [..., in]`` over the INT4 ``weight`` (see the module docstring):
+    ``[..., out]``, in x's dtype. ``seed``: the dropout seed (drawn from torch's generator when None
+    and dropout is active)."""
+    _check(weight, x, lora_A, lora_B, bias)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    p = dropout_p if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), p, seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def qalora_linear_reference(x, weight_dense, bias, lora_A, lora_B, scaling: float, group_size: int,
+                            dropout_p: float = 0.0, seed=None):
+    """The same layer with plain torch autograd on a dense W: the float64 oracle of the tests."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ weight_dense.t() + (0 if bias is None else bias)
+    y = y + (pool(apply_dropout(x2d, dropout_p, seed), group_size) @ lora_A.t() @ lora_B.t()) * scaling
+    return y.reshape(*x.shape[:-1], weight_dense.shape[0])

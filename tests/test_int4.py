@@ -1,0 +1,214 @@
+"""The group-wise INT4 base and QA-LoRA on it: the format against its formula (float64), GPTQ import
+against the documented layout packed here element by element, the pooled op and its grads against
+float64 autograd (PEFT's convention, checked against PEFT's own QA-LoRA forward), merge into the zero
+points, and bad inputs."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from lorakern.dropout import apply_dropout
+from lorakern.int4.format import INT4Weight, pack_codes, unpack_codes
+from lorakern.int4.qalora import delta_per_group, merge_into, pool, qalora_linear, qalora_linear_reference
+
+
+def formula(w: INT4Weight) -> torch.Tensor:
+    """W[o, i] = scale[o, i // G] * (q[o, i] - zero[o, i // G]), element by element in float64."""
+    q = unpack_codes(w.codes).double()
+    g = torch.arange(w.shape[1]) // w.group_size
+    return w.scales.double()[:, g] * (q - w.zeros.double()[:, g])
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_dequantize_is_the_formula_and_round_to_nearest(group_size, symmetric):
+    W = torch.randn(37, 3 * 128, dtype=torch.float64) * 0.05
+    w = INT4Weight.quantize(W, group_size, symmetric=symmetric)
+    assert w.codes.shape == (37, 192) and w.scales.shape == (37, 384 // group_size)
+    torch.testing.assert_close(w.dequantize(torch.float64), formula(w), rtol=0, atol=0)
+    # round to nearest: every weight within half a step of its group's grid (the grid covers the range)
+    g = torch.arange(384) // group_size
+    err = (w.dequantize(torch.float64) - W).abs()
+    assert bool((err <= w.scales.double()[:, g] / 2 * (1 + 1e-6)).all())
+    assert w.nbytes() == 37 * 192 + 2 * 4 * w.scales.numel()
+
+
+def test_pack_unpack_round_trip():
+    q = torch.randint(0, 16, (5, 64))
+    assert torch.equal(unpack_codes(pack_codes(q)), q)
+    assert int(pack_codes(torch.tensor([[3, 12]]))[0, 0]) == 3 | (12 << 4)  # column 2j in the low nibble
+
+
+def gptq_pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, v1: bool):
+    """GPTQ's layout written element by element from its description: qweight[k, o] holds input rows
+    8k..8k+7 of column o, row 8k+j at bits 4j; qzeros[g, c] output columns 8c..8c+7 the same way;
+    v1 stores zero - 1. ``q`` [out, in], ``zeros``/``scales`` [out, groups]."""
+    out_features, in_features = q.shape
+    qweight = torch.zeros(in_features // 8, out_features, dtype=torch.int64)
+    for k in range(in_features // 8):
+        for j in range(8):
+            qweight[k] |= q[:, 8 * k + j].long() << (4 * j)
+    stored = zeros.long() - (1 if v1 else 0)
+    qzeros = torch.zeros(in_features // group_size, out_features // 8, dtype=torch.int64)
+    for c in range(out_features // 8):
+        for j in range(8):
+            qzeros[:, c] |= stored[8 * c + j, :] << (4 * j)
+    to32 = lambda t: torch.where(t >= 2**31, t - 2**32, t).to(torch.int32)  # noqa: E731
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    return to32(qweight), to32(qzeros), scales.t().half(), g_idx
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_gptq_import_is_exact(fmt):
+    out_features, in_features, G = 24, 256, 64
+    q = torch.randint(0, 16, (out_features, in_features))
+    zeros = torch.randint(1, 16, (out_features, in_features // G)).float()
+    scales = (torch.rand(out_features, in_features // G) * 0.01 + 0.001).half().float()
+    qweight, qzeros, scales16, g_idx = gptq_pack(q, zeros, scales, G, v1=fmt == "gptq")
+    w = INT4Weight.from_gptq(qweight, qzeros, scales16, g_idx, group_size=G, checkpoint_format=fmt)
+    g = torch.arange(in_features) // G
+    want = scales.double()[:, g] * (q.double() - zeros.double()[:, g])
+    assert torch.equal(w.dequantize(torch.float64), want)
+    # and back: integer zeros and fp16 scales export without error, to the same tensors
+    tensors, error = w.to_gptq(fmt)
+    assert error == 0.0
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales16), ("g_idx", g_idx)):
+        assert torch.equal(tensors[name], t), name
+
+
+def test_gptq_import_errors():
+    q = torch.randint(0, 16, (16, 128))
+    qweight, qzeros, scales, g_idx = gptq_pack(q, torch.full((16, 2), 8.0), torch.ones(16, 2) * 0.01, 64, True)
+    with pytest.raises(ValueError, match="qzeros: expected shape \\[2, 2\\]"):
+        INT4Weight.from_gptq(qweight, qzeros[:1], scales, group_size=64)
+    with pytest.raises(ValueError, match="scales: expected shape \\[2, 16\\]"):
+        INT4Weight.from_gptq(qweight, qzeros, scales.t(), group_size=64)
+    with pytest.raises(TypeError, match="qweight: expected a 2-D int32"):
+        INT4Weight.from_gptq(qweight.long(), qzeros, scales, group_size=64)
+    with pytest.raises(NotImplementedError, match="act-order"):
+        INT4Weight.from_gptq(qweight, qzeros, scales, g_idx.flip(0), group_size=64)
+    with pytest.raises(ValueError, match="group_size 128 does not divide|group_size: expected"):
+        INT4Weight.from_gptq(qweight[:4], qzeros[:1], scales[:1], group_size=128)
+    with pytest.raises(ValueError, match="bits"):
+        INT4Weight.from_gptq(qweight, qzeros, scales, group_size=64, bits=8)
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="group_size 64 does not divide in_features 96"):
+        INT4Weight.quantize(torch.randn(4, 96), 64)
+    with pytest.raises(ValueError, match="group_size: expected one of"):
+        INT4Weight.quantize(torch.randn(4, 96), 48)
+    w = INT4Weight.quantize(torch.randn(4, 64), 32)
+    with pytest.raises(ValueError, match="scales: every scale must be finite and nonzero"):
+        INT4Weight(w.codes, torch.zeros_like(w.scales), w.zeros, 32, (4, 64))
+    with pytest.raises(ValueError, match="zeros: expected shape \\[4, 2\\]"):
+        INT4Weight(w.codes, w.scales, w.zeros.t(), 32, (4, 64))
+    with pytest.raises(TypeError, match="codes: expected a uint8"):
+        INT4Weight(w.codes.int(), w.scales, w.zeros, 32, (4, 64))
+
+
+SHAPES = [((7, 192), 64, 37, 1), ((2, 5, 256), 32, 19, 16), ((3, 128), 128, 40, 8)]
+
+
+@pytest.mark.parametrize("x_shape,G,out_features,r", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_qalora_matches_float64_autograd(x_shape, G, out_features, r, dropout_p):
+    in_features = x_shape[-1]
+    w = INT4Weight.quantize(torch.randn(out_features, in_features, dtype=torch.float64), G)
+    W = w.dequantize(torch.float64)
+    A = torch.randn(r, in_features // G, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(out_features, r, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out_features, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*x_shape, dtype=torch.float64)[..., :in_features].requires_grad_(True)
+    seed = torch.tensor(11)
+    y = qalora_linear(x, w, bias, A, B, 0.7, dropout_p, training=True, seed=seed)
+    ref = qalora_linear_reference(x, W, bias, A, B, 0.7, G, dropout_p, seed)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, A, B, bias], dy)
+    want = torch.autograd.grad(ref, [x, A, B, bias], dy)
+    for name, a, b in zip(("x", "A", "B", "bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_qalora_fp32_against_float64_and_non_contiguous_x():
+    G = 64
+    w = INT4Weight.quantize(torch.randn(33, 256), G)
+    A, B = torch.randn(8, 4), torch.randn(33, 8)
+    x = torch.randn(9, 300)[:, 20:276]  # rows strided
+    y = qalora_linear(x, w, None, A, B, 0.5)
+    ref = qalora_linear_reference(x.double(), w.dequantize(torch.float64), None, A.double(), B.double(), 0.5, G)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_pooling_is_peft_qalora_convention():
+    """The pooled term equals PEFT's ``QALoraLinearVariant.forward`` (group mean times in // G), so
+    adapters trained in either move to the other."""
+    variants = pytest.importorskip("peft.tuners.lora.variants")
+    G, in_features, out_features, r = 32, 128, 12, 4
+    A, B = torch.nn.Linear(in_features // G, r, bias=False), torch.nn.Linear(r, out_features, bias=False)
+    module = types.SimpleNamespace(lora_A={"a": A}, lora_B={"a": B}, lora_dropout={"a": torch.nn.Identity()},
+                                   scaling={"a": 0.25}, qalora_group_size={"a": G}, in_features=in_features,
+                                   training=False)
+    x = torch.randn(2, 3, in_features)
+    peft_delta = variants.QALoraLinearVariant.forward(module, "a", x, torch.zeros(2, 3, out_features))
+    w = INT4Weight.quantize(torch.zeros(out_features, in_features), G)  # all-zero base: y is the adapter term
+    with torch.no_grad():
+        ours = qalora_linear(x, w, None, A.weight, B.weight, 0.25)
+    torch.testing.assert_close(ours, peft_delta, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_merge_into_the_zero_points_is_exact_to_fp32(G):
+    """Merged (adapter folded into the zeros, still INT4) against unmerged: relative error <= 1e-6
+    in fp32 on random inputs, at a real size."""
+    torch.manual_seed(1)
+    w = INT4Weight.quantize(torch.randn(512, 1024) * 0.02, G)
+    A, B = torch.randn(16, 1024 // G) * 0.05, torch.randn(512, 16) * 0.05
+    x = torch.randn(64, 1024)
+    unmerged = qalora_linear(x, w, None, A, B, 2.0)
+    merged = merge_into(w, A, B, 2.0)
+    assert torch.equal(merged.codes, w.codes) and torch.equal(merged.scales, w.scales)
+    y = x @ merged.dequantize().t()
+    rel = ((y - unmerged).norm() / unmerged.norm()).item()
+    assert rel <= 1e-6, rel
+    # the dense form of the same update, in float64, for the record of what the merge adds
+    dense = w.dequantize(torch.float64) + delta_per_group(A.double(), B.double(), 2.0, G).repeat_interleave(G, 1)
+    torch.testing.assert_close(merged.dequantize(torch.float64), dense, rtol=0, atol=1e-6)
+    # GPTQ's integer zeros round the merged ones: an error the export reports
+    _, error = merged.to_gptq()
+    assert error > 1e-4
+
+
+def test_qalora_bad_inputs():
+    w = INT4Weight.quantize(torch.randn(8, 64), 32)
+    A, B = torch.randn(2, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="lora_A: expected \\[r, in / group_size\\] = \\[r, 2\\]"):
+        qalora_linear(torch.randn(3, 64), w, None, torch.randn(2, 64), B, 1.0)
+    with pytest.raises(ValueError, match="lora_B: expected \\[out, r\\] = \\[8, 2\\]"):
+        qalora_linear(torch.randn(3, 64), w, None, A, torch.randn(2, 8), 1.0)
+    with pytest.raises(ValueError, match="x: expected \\[..., 64\\]"):
+        qalora_linear(torch.randn(3, 60), w, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_A: expected torch.float64"):
+        qalora_linear(torch.randn(3, 64, dtype=torch.float64), w, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="weight: expected an INT4Weight"):
+        qalora_linear(torch.randn(3, 64), torch.randn(8, 64), None, A, B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        qalora_linear(torch.randn(3, 64), w, None, A, B, 1.0, dropout_p=1.0, training=True)
+
+
+def test_dropout_mask_is_regenerated_not_saved():
+    """Backward saves the pooled input and h (1/G of x and less), not x and not a mask."""
+    G = 64
+    w = INT4Weight.quantize(torch.randn(16, 256), G)
+    A, B = torch.randn(4, 4, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    x = torch.randn(32, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qalora_linear(x, w, None, A, B, 1.0, 0.2, training=True)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert not big, [tuple(t.shape) for t in big]
+    assert pool(apply_dropout(x.detach(), 0.0, None), G).shape == (32, 4)
