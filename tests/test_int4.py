@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from torch import nn
 
 from lorakern.dropout import apply_dropout
 from lorakern.int4.format import INT4Weight, pack_codes, unpack_codes
@@ -212,3 +213,60 @@ def test_dropout_mask_is_regenerated_not_saved():
     big = [t for t in saved if t.numel() >= x.numel()]
     assert not big, [tuple(t.shape) for t in big]
     assert pool(apply_dropout(x.detach(), 0.0, None), G).shape == (32, 4)
+
+
+def _qalora_llama(dtype, G=32, seed=0):
+    """A tiny Llama whose seven projections are QALoRALinear over INT4 (from one fp32 model)."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakern.int4.layer import QALoRALinear
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    model.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    q = QALoRALinear.from_linear(child, r=4, lora_alpha=8, group_size=G)
+                    with torch.no_grad():
+                        q.lora_B.normal_(0, 0.1)  # act from step 0
+                    setattr(parent, name, q)
+    return model.to(dtype)
+
+
+def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly():
+    """Training target: an INT4-base Llama with QA-LoRA on all seven projections, fp32 against the
+    same model in float64, losses equal step by step (SGD); then merged into the INT4 zero points,
+    the model's loss equals the unmerged one's."""
+    from lorakern.int4.layer import QALoRALinear
+
+    models = {dt: _qalora_llama(dt) for dt in (torch.float32, torch.float64)}
+    params = {dt: [p for p in m.parameters() if p.requires_grad] for dt, m in models.items()}
+    assert len(params[torch.float32]) == 2 * 7 * 2
+    opts = {dt: torch.optim.SGD(ps, lr=0.5) for dt, ps in params.items()}
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        ids = torch.randint(0, 64, (4, 16), generator=g)
+        losses = {}
+        for dt, m in models.items():
+            loss = m(input_ids=ids, labels=ids).loss
+            opts[dt].zero_grad()
+            loss.backward()
+            opts[dt].step()
+            losses[dt] = loss.item()
+        assert abs(losses[torch.float32] - losses[torch.float64]) <= 1e-5 * losses[torch.float64], (step, losses)
+    model = models[torch.float32].eval()
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).loss.item()
+        for m in model.modules():
+            if isinstance(m, QALoRALinear):
+                m.merge()
+                assert not m.lora_B.any()
+        after = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(after - before) <= 1e-6 * before, (before, after)
