@@ -270,3 +270,29 @@ def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly():
                 assert not m.lora_B.any()
         after = model(input_ids=ids, labels=ids).loss.item()
     assert abs(after - before) <= 1e-6 * before, (before, after)
+
+
+def test_int4_base_tiles_never_hold_the_whole_weight(monkeypatch):
+    """INT4Base decodes W a row tile at a time: with tiles of 3 rows (37 rows: 13 tiles, the last
+    short) the products and the QA-LoRA op are the untiled ones."""
+    from lorakern.ops import bases
+
+    w = INT4Weight.quantize(torch.randn(37, 128, dtype=torch.float64), 64)
+    x, dy = torch.randn(5, 128, dtype=torch.float64), torch.randn(5, 37, dtype=torch.float64)
+    W = w.dequantize(torch.float64)
+    monkeypatch.setattr(bases, "TILE_ELEMENTS", 3 * 128)
+    base = bases.INT4Base(w)
+    assert len(list(base._tiles())) == 13
+    torch.testing.assert_close(base.linear(x, None), x @ W.t(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(base.grad_input(dy), dy @ W, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(base.row_norms().double(), W.norm(dim=1), rtol=1e-6, atol=0)
+    A = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(37, 2, dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    y = qalora_linear(xr, w, None, A, B, 0.3)
+    ref = qalora_linear_reference(xr, W, None, A, B, 0.3, 64)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(y, [xr, A, B], dy)
+    g2 = torch.autograd.grad(ref, [xr, A, B], dy)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

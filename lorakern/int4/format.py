@@ -116,11 +116,15 @@ class INT4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W ``[out, in]``, computed in fp32 (float64 for a float64 dtype), returned in ``dtype``."""
+        return self.dequantize_rows(0, self.shape[0], dtype)
+
+    def dequantize_rows(self, start: int, count: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start .. start + count`` of W, ``[count, in]`` (see :meth:`dequantize`)."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        out_features, in_features = self.shape
-        q = unpack_codes(self.codes).to(work).reshape(out_features, -1, self.group_size)
-        w = (q - self.zeros.to(work)[..., None]) * self.scales.to(work)[..., None]
-        return w.reshape(out_features, in_features).to(dtype)
+        rows = slice(start, start + count)
+        q = unpack_codes(self.codes[rows]).to(work).reshape(count, -1, self.group_size)
+        w = (q - self.zeros[rows].to(work)[..., None]) * self.scales[rows].to(work)[..., None]
+        return w.reshape(count, self.shape[1]).to(dtype)
 
     def merged(self, delta: torch.Tensor) -> INT4Weight:
         """This weight plus a per-group constant ``delta [out, in / G]`` (added to every column of

@@ -11,7 +11,8 @@ Since ``p`` is constant over a group's columns, the adapter is the dense update
 Backward (W frozen): ``dh = s dy B``, ``dB = s dy^T h``, ``dA = dh^T p``,
 ``dx = dy W + dropout(expand(dh A) * (in / G) / G)``; saved for it: ``p`` and ``h`` (``[M, in / G]``
 and ``[M, r]``: 1/G of x and less), never x, never a dropout mask (regenerated from the seed).
-This is the pure-torch path (W decoded in full for each matmul); the shapes are checked here.
+This is the pure-torch path (:class:`lorakern.ops.bases.INT4Base`: W decoded a row tile at a time
+for each matmul); the shapes are checked here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..dropout import apply_dropout, draw_seed
+from ..ops.bases import INT4Base
 from .format import INT4Weight
 
 
@@ -73,13 +75,10 @@ class _QALoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed):
         G = weight.group_size
-        w = weight.dequantize(x2d.dtype)
         p = pool(apply_dropout(x2d, dropout_p, seed), G)
         h = p @ lora_A.t()
-        y = x2d @ w.t()
-        if bias is not None:
-            y = y + bias
-        y = y + (h @ lora_B.t()) * scaling
+        y = INT4Base(weight).linear(x2d, bias)  # a new tensor: the adapter term is added in place
+        y.add_((h @ lora_B.t()).mul_(scaling))
         ctx.save_for_backward(p, h, lora_A, lora_B, seed)
         ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
         return y
@@ -99,7 +98,7 @@ class _QALoRA(torch.autograd.Function):
             groups = p.shape[1]
             dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
             dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], -1)
-            dx = dy @ weight.dequantize(dy.dtype) + apply_dropout(dxd, ctx.dropout_p, seed)
+            dx = INT4Base(weight).grad_input(dy).add_(apply_dropout(dxd, ctx.dropout_p, seed))
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = dy.sum(0)
         return dx, dA, dB, dbias, None, None, None, None

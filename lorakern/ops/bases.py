@@ -192,3 +192,61 @@ class NF4Base:
                    for t in (x, bias, adapter.lora_A, adapter.lora_B)):
             return None
         return native.cpu_qlora_forward(x, self.w, bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
+
+
+class INT4Base:
+    """A group-wise INT4 weight (:class:`lorakern.INT4Weight`), pure torch for now: row tiles of W
+    decoded into a buffer of at most ``TILE_ELEMENTS`` and multiplied there, so a call never holds
+    a whole dense copy of W (4096 x 14336 in fp32 is 235 MB; a tile is 16 MB)."""
+
+    __slots__ = ("w", "shape")
+    shared_rows = 64
+
+    def __init__(self, w):
+        self.w = w
+        self.shape = w.shape
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.w.codes, self.w.scales, self.w.zeros)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes()
+
+    def _tiles(self):
+        n_rows, cols = self.shape
+        per = max(1, min(n_rows, TILE_ELEMENTS // max(cols, 1)))
+        for r0 in range(0, n_rows, per):
+            yield r0, min(per, n_rows - r0)
+
+    def row_norms(self) -> Tensor:
+        dtype = torch.float32
+        return torch.cat([torch.linalg.vector_norm(self.w.dequantize_rows(r0, n, dtype), dim=1)
+                          for r0, n in self._tiles()]) if self.shape[0] else torch.zeros(0)
+
+    def dequantize(self, dtype: torch.dtype, backend: str = "reference") -> Tensor:
+        return self.w.dequantize(dtype)
+
+    def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
+        return out.copy_(self.w.dequantize_rows(start, out.shape[0], out.dtype))
+
+    def matmul(self, x: Tensor, transpose: bool, backend: str = "reference") -> Tensor:
+        n_rows, cols = self.shape
+        y = x.new_zeros(x.shape[0], cols) if transpose else x.new_empty(x.shape[0], n_rows)
+        for r0, n in self._tiles():
+            tile = self.w.dequantize_rows(r0, n, x.dtype)
+            if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
+                y.addmm_(x[:, r0:r0 + n], tile)
+            else:
+                y[:, r0:r0 + n] = x @ tile.t()
+        return y
+
+    def linear(self, x: Tensor, bias: Tensor | None, backend: str = "reference", dtype=None) -> Tensor:
+        y = self.matmul(x, False, backend)
+        return y if bias is None else y.add_(bias)
+
+    def grad_input(self, dy: Tensor, backend: str = "reference", dtype=None) -> Tensor:
+        return self.matmul(dy, True, backend)
+
+    def fused_forward(self, x, bias, adapter, backend):
+        return None
