@@ -22,8 +22,10 @@ namespace cpu = lorakern::cpu;
 
 namespace {
 
-// (packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols); 0 for "none".
-using WeightArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t, int64_t>;
+// (packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, code, shift); 0 for
+// "none" (code: the 16 values before scaling, none: NF4's; shift: float32 per block, added).
+using WeightArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t, int64_t,
+                              uintptr_t, uintptr_t, int64_t>;  // ..., scale_stride
 
 Nf4Weight make_weight(const WeightArgs& a) {
     Nf4Weight w;
@@ -35,6 +37,13 @@ Nf4Weight make_weight(const WeightArgs& a) {
     w.blocksize = std::get<5>(a);
     w.rows = std::get<6>(a);
     w.cols = std::get<7>(a);
+    w.code = reinterpret_cast<const float*>(std::get<8>(a));
+    w.shift = reinterpret_cast<const float*>(std::get<9>(a));
+    w.scale_stride = std::get<10>(a);
+    if (w.scale_stride < 1 || (w.scale_stride != 1 && w.nested_absmax != nullptr))
+        throw std::invalid_argument("scale_stride must be >= 1, and 1 with double quantization");
+    if (w.shift != nullptr && w.nested_absmax != nullptr)
+        throw std::invalid_argument("a per-block shift is for plain block scales (no double quantization)");
     if (w.packed == nullptr || w.absmax == nullptr) throw std::invalid_argument("packed and absmax are required");
     if (w.blocksize < 32 || (w.blocksize & (w.blocksize - 1)) != 0)
         throw std::invalid_argument("blocksize must be a power of two >= 32");
@@ -127,14 +136,21 @@ void check_cuda(int code, const char* what) {
     if (code != 0) throw std::runtime_error(std::string(what) + ": " + lorakern::cuda::error_string(code));
 }
 
-void cuda_dequantize(const WeightArgs& wa, int64_t numel, uintptr_t out, int out_dtype, uintptr_t stream) {
+Nf4Weight make_cuda_weight(const WeightArgs& wa) {
     const Nf4Weight w = make_weight(wa);
+    if (w.code != nullptr || w.shift != nullptr)
+        throw std::invalid_argument("the CUDA kernels decode NF4 only (a code table or shift was given)");
+    return w;
+}
+
+void cuda_dequantize(const WeightArgs& wa, int64_t numel, uintptr_t out, int out_dtype, uintptr_t stream) {
+    const Nf4Weight w = make_cuda_weight(wa);
     check_cuda(lorakern::cuda::dequantize(w, numel, reinterpret_cast<void*>(out), out_dtype, stream),
                "lorakern NF4 dequantize");
 }
 
 void cuda_gemv(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream) {
-    const Nf4Weight w = make_weight(wa);
+    const Nf4Weight w = make_cuda_weight(wa);
     check_cuda(lorakern::cuda::gemv(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype, stream),
                "lorakern NF4 gemv");
 }

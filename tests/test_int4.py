@@ -40,7 +40,7 @@ def test_quantize_dequantize_is_the_formula_and_round_to_nearest(group_size, sym
 def test_pack_unpack_round_trip():
     q = torch.randint(0, 16, (5, 64))
     assert torch.equal(unpack_codes(pack_codes(q)), q)
-    assert int(pack_codes(torch.tensor([[3, 12]]))[0, 0]) == 3 | (12 << 4)  # column 2j in the low nibble
+    assert int(pack_codes(torch.tensor([[3, 12]]))[0, 0]) == (3 << 4) | 12  # column 2j in the high nibble (NF4's)
 
 
 def gptq_pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, v1: bool):
@@ -296,3 +296,50 @@ def test_int4_base_tiles_never_hold_the_whole_weight(monkeypatch):
     g2 = torch.autograd.grad(ref, [xr, A, B], dy)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    from lorakern.nf4 import native
+
+    C = native.extension()
+    if C is None or request.param not in C.available_isas():
+        pytest.skip(f"{request.param} not available on this CPU / build")
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    return request.param
+
+
+# (out, in, G): odd out; weight rows in pairs with 1, 2 and 4 steps per group; in = 4096.
+NATIVE_SHAPES = [(37, 192, 64), (16, 128, 32), (23, 384, 128), (9, 4096, 64)]
+
+
+@pytest.mark.parametrize("out_features,in_features,G", NATIVE_SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+def test_native_int4_matmul_on_every_isa(isa, out_features, in_features, G, M):
+    """The NF4 kernels with the table 0..15 plus the zero points' shift: both products against
+    float64, on every CPU path; the automatic choice is the native one here."""
+    from lorakern.ops.bases import INT4Base
+
+    w = INT4Weight.quantize(torch.randn(out_features, in_features) * 0.05, G)
+    base = INT4Base(w)
+    W = w.dequantize(torch.float64)
+    x = torch.randn(M, in_features + 3)[:, 3:]  # strided rows
+    dy = torch.randn(M, out_features)
+    assert base.native_serves(x)
+    y = base.matmul(x, False, "native")
+    dx = base.matmul(dy, True, "native")
+    ref_y, ref_dx = x.double() @ W.t(), dy.double() @ W
+    # fp32 sums of `in` (or `out`) products, each rounded twice (scale * q, then + shift * sum x)
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5 * ref_y.abs().max().item())
+    torch.testing.assert_close(dx.double(), ref_dx, rtol=1e-5, atol=1e-5 * ref_dx.abs().max().item())
+    torch.testing.assert_close(base.matmul(x, False), y, rtol=0, atol=0)
+
+
+def test_native_int4_backend_refuses_what_it_cannot_serve():
+    from lorakern.ops.bases import INT4Base
+
+    base = INT4Base(INT4Weight.quantize(torch.randn(8, 64), 32))
+    with pytest.raises(RuntimeError, match="backend='native' serves float32 CPU inputs of 1 to 16 rows"):
+        base.matmul(torch.randn(17, 64), False, "native")
+    with pytest.raises(RuntimeError, match="torch.float64"):
+        base.matmul(torch.randn(2, 64, dtype=torch.float64), False, "native")

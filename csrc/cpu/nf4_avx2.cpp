@@ -13,10 +13,11 @@ struct Avx2Vec {
     static constexpr int W = 8;
     __m256 lut_lo, lut_hi;
     __m128i low_nibble;
-    Avx2Vec() {
+    explicit Avx2Vec(const float* code = nullptr) {
         alignas(32) static const float table[16] = {LK_NF4_VALUES};
-        lut_lo = _mm256_load_ps(table);
-        lut_hi = _mm256_load_ps(table + 8);
+        const float* t = code ? code : table;
+        lut_lo = _mm256_loadu_ps(t);
+        lut_hi = _mm256_loadu_ps(t + 8);
         low_nibble = _mm_set1_epi8(0x0F);
     }
     vec zero() const { return _mm256_setzero_ps(); }
@@ -41,6 +42,10 @@ struct Avx2Vec {
     Table scaled(float scale) const {
         const __m256 s = _mm256_set1_ps(scale);
         return {_mm256_mul_ps(lut_lo, s), _mm256_mul_ps(lut_hi, s)};
+    }
+    Table affine(float scale, float shift) const {
+        const __m256 s = _mm256_set1_ps(scale), c = _mm256_set1_ps(shift);
+        return {_mm256_fmadd_ps(lut_lo, s, c), _mm256_fmadd_ps(lut_hi, s, c)};
     }
     vec lookup(__m128i idx8) const { return lookup32(_mm256_cvtepu8_epi32(idx8), {lut_lo, lut_hi}); }
     // Index in the low 4 bits of each lane (higher bits ignored): permutes read bits 0-2, the blend

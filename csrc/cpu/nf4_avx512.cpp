@@ -13,9 +13,9 @@ struct Avx512Vec {
     static constexpr int W = 16;
     __m512 lut;
     __m128i low_nibble;
-    Avx512Vec() {
+    explicit Avx512Vec(const float* code = nullptr) {
         alignas(64) static const float table[16] = {LK_NF4_VALUES};
-        lut = _mm512_load_ps(table);
+        lut = _mm512_loadu_ps(code ? code : table);
         low_nibble = _mm_set1_epi8(0x0F);
     }
     vec zero() const { return _mm512_setzero_ps(); }
@@ -33,6 +33,9 @@ struct Avx512Vec {
     // vpermps reads only the low 4 bits of each index, so the low nibble needs no mask.
     using Table = __m512;
     Table scaled(float scale) const { return _mm512_mul_ps(lut, _mm512_set1_ps(scale)); }
+    Table affine(float scale, float shift) const {
+        return _mm512_fmadd_ps(lut, _mm512_set1_ps(scale), _mm512_set1_ps(shift));
+    }
     static int lane_source(int pos) { return pos < 16 ? 2 * pos : 2 * (pos - 16) + 1; }
     void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
         const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

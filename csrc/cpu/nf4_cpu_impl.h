@@ -47,7 +47,9 @@ constexpr int64_t kTChunk = 256;  // columns per task in the transposed product 
 inline void decode_generic(const Nf4Weight& w, int64_t start, int64_t count, float* out) {
     for (int64_t i = 0; i < count; ++i) {
         const int64_t f = start + i;
-        out[i] = nf4_value(nf4_index(w.packed, f)) * scale_of(w, f);
+        const float c = code_value(w, nf4_index(w.packed, f));
+        out[i] = w.shift ? __builtin_fmaf(c, scale_of(w, f), block_shift_value(w, f >> w.block_shift))
+                         : c * scale_of(w, f);
     }
 }
 
@@ -65,6 +67,14 @@ inline void store_converted(const float* src, int64_t count, void* dst, int out_
 
 inline int64_t out_elem_size(int out_dtype) { return out_dtype == kFloat32 ? 4 : 2; }
 
+// The decoded weights of one 32-step plus their block's shift (the INT4 base; rounded twice, after
+// the multiply and after the add: the matmul walk's tables round once, an fma).
+template <class V>
+inline void shift_all(const V& v, typename V::vec* wv, float shift) {
+    const typename V::vec s = v.set1(shift);
+    for (int j = 0; j < 32 / V::W; ++j) wv[j] = v.add(wv[j], s);
+}
+
 template <class V>
 void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int out_dtype, int threads) {
     if (count <= 0) return;
@@ -81,11 +91,12 @@ void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int
     const int64_t body_chunks = (count - head) / 32;
     const int64_t s0 = start + head;
     parallel_for((body_chunks + kDequantizeGrab - 1) / kDequantizeGrab, threads, [&](int64_t g) {
-        V v;
+        V v(w.code);
         for (int64_t c = g * kDequantizeGrab, c1 = std::min(body_chunks, c + kDequantizeGrab); c < c1; ++c) {
             const int64_t f = s0 + c * 32;
             typename V::vec wv[32 / V::W];
             v.decode32(w.packed + f / 2, v.set1(scale_of(w, f)), wv);
+            if (w.shift) shift_all(v, wv, block_shift_value(w, f >> w.block_shift));
             float tmp[32];
             for (int j = 0; j < 32 / V::W; ++j) v.store(tmp + j * V::W, wv[j]);
             store_converted(tmp, 32, o + (head + c * 32) * esize, out_dtype);
@@ -107,13 +118,22 @@ void dequantize(const Nf4Weight& w, int64_t start, int64_t count, void* out, int
 // multiply and add take the two vector ports the decode and FMAs are bound by.
 struct PlainScales {
     static constexpr bool kNested = false;
-    const float* absmax;  // scale of block b at absmax[b - first]
+    const float* absmax;  // scale of block b at absmax[(b - first) * stride]
+    const float* shift = nullptr;  // the INT4 base's per-block shift (same indexing), or null
     int64_t first = 0;
-    explicit PlainScales(const Nf4Weight& w) : absmax(static_cast<const float*>(w.absmax)) {}
+    int64_t stride = 1;
+    explicit PlainScales(const Nf4Weight& w)
+        : absmax(static_cast<const float*>(w.absmax)), shift(w.shift), stride(w.scale_stride) {}
     PlainScales(const float* scales, int64_t first_block) : absmax(scales), first(first_block) {}
     void enter(int64_t) {}
     int64_t group_end(int64_t) const { return INT64_MAX; }
-    float scale(int64_t b) const { return absmax[b - first]; }
+    float scale(int64_t b) const { return absmax[(b - first) * stride]; }
+    // Block b's 16-entry table: code * scale (NF4), or code * scale + shift (INT4: scale * (q - zero)).
+    template <class V>
+    typename V::Table table(const V& v, int64_t b) const {
+        const int64_t i = (b - first) * stride;
+        return shift ? v.affine(absmax[i], shift[i]) : v.scaled(absmax[i]);
+    }
 };
 
 struct NestedScales {
@@ -132,7 +152,15 @@ struct NestedScales {
     }
     int64_t group_end(int64_t b) const { return (b / kNestedBlocksize + 1) * kNestedBlocksize; }
     float scale(int64_t b) const { return table[q[b]]; }
+    template <class V>
+    typename V::Table table_of(const V& v, int64_t b) const { return v.scaled(scale(b)); }
 };
+
+// Block b's table from either scale source.
+template <class V>
+inline typename V::Table block_table(const V& v, const PlainScales& sc, int64_t b) { return sc.table(v, b); }
+template <class V>
+inline typename V::Table block_table(const V& v, const NestedScales& sc, int64_t b) { return sc.table_of(v, b); }
 
 // Accumulators per row of x: one per vector of a step (J) for small tiles, where the FMA latency
 // (4 cycles) would otherwise bind; one for MT >= 8, where a step's 2 x MT FMAs take longer than a
@@ -185,7 +213,7 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
             sc.enter(b);
             for (const int64_t ge = std::min(b1, sc.group_end(b)); b < ge; ++b) {
                 __builtin_prefetch(p + (MT <= 2 ? kPrefetchBytes : kPrefetchRows * w.cols / 2));
-                const typename V::Table t = v.scaled(sc.scale(b));
+                const typename V::Table t = block_table(v, sc, b);
                 for (int64_t s = 0; s < steps; s += U) {
                     for (int u = 0; u < U; ++u) step<V, MT>(v, p + 16 * u, t, xp + XS * u, acc + u * A);
                     p += 16 * U;
@@ -200,7 +228,7 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
         const int64_t b = f >> sh;
         sc.enter(b);
         const int64_t stop = std::min(end, (b + 1) << sh);
-        const typename V::Table t = v.scaled(sc.scale(b));
+        const typename V::Table t = block_table(v, sc, b);
         for (; f < stop; f += 32, p += 16, xp += XS) step<V, MT>(v, p, t, xp, acc);
     }
 }
@@ -309,7 +337,7 @@ __attribute__((always_inline)) inline void walk_pair(const V& v, S& sc0, S& sc1,
         for (const int64_t ge = std::min(b1, std::min(sc0.group_end(b), sc1.group_end(b + d) - d)); b < ge; ++b) {
             __builtin_prefetch(p + ahead * row_bytes);
             __builtin_prefetch(p + (ahead + 1) * row_bytes);
-            const typename V::Table t0 = v.scaled(sc0.scale(b)), t1 = v.scaled(sc1.scale(b + d));
+            const typename V::Table t0 = block_table(v, sc0, b), t1 = block_table(v, sc1, b + d);
             if (steps == 2) {  // blocksize 64, the default: unrolled, so the tables stay in registers
                 step(p, t0, t1);
                 step(p + 16, t0, t1);
@@ -514,7 +542,7 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     const bool flat = S::kNested && (M > 2 || V::W < 16);
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
     parallel_for(blocks, threads, [&](int64_t b) {
-        V v;
+        V v(w.code);
         const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);
         if (!flat) {
             S sc(w), sc1(w);  // the walk's block scales for a row and (pairs) the next one
@@ -553,7 +581,7 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
     }
     lora_h<V>(lora, x, M, K, threads);
     parallel_for((N + kRowBlock - 1) / kRowBlock, threads, [&](int64_t b) {
-        V v;
+        V v(w.code);
         thread_local std::vector<float> rowbuf;
         rowbuf.resize(std::max<size_t>(rowbuf.size(), K));
         for (int64_t n = b * kRowBlock; n < std::min(N, (b + 1) * kRowBlock); ++n)
@@ -568,7 +596,7 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
     const int64_t N = w.rows, K = w.cols;
     const int64_t chunks = (K + kTChunk - 1) / kTChunk;
     parallel_for(chunks, threads, [&](int64_t c) {
-        V v;
+        V v(w.code);
         thread_local std::vector<float> acc_buf;
         acc_buf.resize(std::max<size_t>(acc_buf.size(), M * kTChunk));
         float* acc = acc_buf.data();
@@ -583,6 +611,7 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
                 for (int64_t s = 0; s < kTChunk; s += 32) {
                     typename V::vec wv[32 / V::W];
                     v.decode32(w.packed + (f + s) / 2, v.set1(scale_of(w, f + s)), wv);
+                    if (w.shift) shift_all(v, wv, block_shift_value(w, (f + s) >> w.block_shift));
                     for (int j = 0; j < 32 / V::W; ++j) v.store(seg + s + j * V::W, wv[j]);
                 }
             } else {

@@ -8,6 +8,10 @@ namespace {
 struct ScalarVec {
     using vec = float;
     static constexpr int W = 1;
+    float code[16];
+    explicit ScalarVec(const float* table = nullptr) {
+        for (int i = 0; i < 16; ++i) code[i] = table ? table[i] : nf4_value(i);
+    }
     vec zero() const { return 0.0f; }
     vec in_register(vec a) const { return a; }
     vec set1(float f) const { return f; }
@@ -21,7 +25,12 @@ struct ScalarVec {
     };
     Table scaled(float scale) const {
         Table t;
-        for (int i = 0; i < 16; ++i) t.v[i] = nf4_value(i) * scale;
+        for (int i = 0; i < 16; ++i) t.v[i] = code[i] * scale;
+        return t;
+    }
+    Table affine(float scale, float shift) const {
+        Table t;
+        for (int i = 0; i < 16; ++i) t.v[i] = __builtin_fmaf(code[i], scale, shift);
         return t;
     }
     static int lane_source(int pos) { return pos; }
@@ -33,8 +42,8 @@ struct ScalarVec {
     }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         for (int i = 0; i < 16; ++i) {
-            out[2 * i] = nf4_value(p[i] >> 4) * scale;
-            out[2 * i + 1] = nf4_value(p[i] & 0xF) * scale;
+            out[2 * i] = code[p[i] >> 4] * scale;
+            out[2 * i + 1] = code[p[i] & 0xF] * scale;
         }
     }
 };

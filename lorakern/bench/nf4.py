@@ -31,7 +31,8 @@ from . import records, report
 from .shapes import DTYPE_NAMES, DTYPES, LLAMA3_8B, Shape
 from .timing import interleaved, measure, peak_memory
 
-NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "bnb")
+NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "int4", "bnb")
+INT4_GROUP = 64
 ADAPTER_R = 16
 
 
@@ -103,6 +104,14 @@ def make_linear(provider: str, in_f: int, out_f: int, compute_dtype, device) -> 
             dense.to(compute_dtype), r=ADAPTER_R, lora_alpha=2 * ADAPTER_R, base_quant="nf4",
             double_quant=provider == "nf4-dq", init_lora_weights=False)
         return layer.eval()
+    if provider == "int4":  # QA-LoRA over group-wise INT4 (G = 64), r = 16
+        from ..int4.layer import QALoRALinear
+
+        layer = QALoRALinear.from_linear(dense.to(compute_dtype), r=ADAPTER_R, lora_alpha=2 * ADAPTER_R,
+                                         group_size=INT4_GROUP)
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.02)
+        return layer.eval()
     if provider == "bnb":
         import bitsandbytes as bnb
 
@@ -117,6 +126,8 @@ def weight_bytes(provider: str, module: nn.Module) -> int:
         return module.weight.numel() * module.weight.element_size()
     if provider in ("nf4", "nf4-dq"):
         return module.weight_nf4.nbytes()
+    if provider == "int4":  # codes, scales, and the zero points' shift the kernel reads
+        return module.weight_int4.nbytes()
     qs = module.weight.quant_state  # bnb
     return module.weight.numel() + qs.absmax.numel() * qs.absmax.element_size()
 
@@ -187,7 +198,7 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
                 common = built[provider][1]
                 wbytes = common["weight_bytes"]
                 group.append({**common, "op": "nf4_linear", "mode": "fwd", "M": s.M,
-                              "r": s.r if provider.startswith("nf4") else 0,
+                              "r": s.r if provider.startswith(("nf4", "int4")) else 0,
                               "median_ms": med, "q20_ms": q20, "q80_ms": q80,
                               "tflops": 2.0 * s.M * n * k / (med * 1e-3) / 1e12,
                               "gbps": wbytes / (med * 1e-3) / 1e9, "floor_ms": wbytes / bandwidth * 1e3,

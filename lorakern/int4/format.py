@@ -2,8 +2,9 @@
 
     W[o, i] = scales[o, g] * (q[o, i] - zeros[o, g]),   g = i // group_size,   q in 0..15
 
-Storage: ``codes`` uint8 ``[out, in / 2]``, two codes a byte, column ``2j`` in the low nibble and
-``2j + 1`` in the high one (GPTQ's order within its int32 words); ``scales`` and ``zeros`` float32
+Storage: ``codes`` uint8 ``[out, in / 2]``, two codes a byte, column ``2j`` in the high nibble and
+``2j + 1`` in the low one (NF4's byte layout, so the native NF4 kernels read INT4 codes as they
+are, with the table 0..15 in place of NF4's values); ``scales`` and ``zeros`` float32
 ``[out, in / group_size]``. At G = 64 that is 4 + 64/64 = 5 bits a weight, ~3.2x below bf16.
 
 Why a float zero point: QA-LoRA's adapter term is constant within a group (it sees x averaged over
@@ -43,15 +44,15 @@ def _check_group(in_features: int, group_size: int) -> None:
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:
-    """``q`` [out, in] of values 0..15 (in even) -> uint8 [out, in / 2], column 2j in the low nibble."""
+    """``q`` [out, in] of values 0..15 (in even) -> uint8 [out, in / 2], column 2j in the high nibble."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
 def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in / 2] -> int64 [out, in] of values 0..15."""
-    lo, hi = (codes & 0xF).long(), (codes >> 4).long()
-    return torch.stack((lo, hi), dim=-1).reshape(codes.shape[0], -1)
+    hi, lo = (codes >> 4).long(), (codes & 0xF).long()
+    return torch.stack((hi, lo), dim=-1).reshape(codes.shape[0], -1)
 
 
 class INT4Weight:
@@ -84,10 +85,20 @@ class INT4Weight:
         self.zeros = zeros.float().contiguous()
         self.group_size = int(group_size)
         self.shape = torch.Size((out_features, in_features))
+        self._native = None
 
     @property
     def device(self) -> torch.device:
         return self.codes.device
+
+    def native_view(self) -> _NativeView:
+        """What the native NF4 kernels read to compute ``x (scale * q)^T``: these codes, the scales
+        as block scales (a group is a block: its G weights are contiguous in the row), the table
+        0..15 in place of NF4's values, and ``-scale * zero`` as each block's shift: the kernels
+        build a block's table as ``k * scale + shift``, one fma an entry."""
+        if self._native is None:
+            self._native = _NativeView(self)
+        return self._native
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
@@ -193,6 +204,22 @@ class INT4Weight:
         exact = self.dequantize(torch.float64)
         error = float((exported.dequantize(torch.float64) - exact).norm() / exact.norm().clamp(min=1e-300))
         return tensors, error
+
+
+class _NativeView:
+    """An INT4 weight in the NF4 kernels' terms (see :meth:`INT4Weight.native_view`)."""
+
+    __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "numel",
+                 "native_code", "native_shift", "native_scale_stride", "_pairs")
+
+    def __init__(self, w: INT4Weight):
+        # (scale, shift) per block, interleaved: one stream of block parameters for the kernels.
+        self._pairs = torch.stack((w.scales, -(w.scales * w.zeros)), dim=-1).reshape(-1, 2).contiguous()
+        self.packed, self.absmax, self.blocksize = w.codes, self._pairs[:, 0], w.group_size
+        self.native_shift, self.native_scale_stride = self._pairs[:, 1], 2
+        self.nested_absmax = self.nested_code = self.offset = None
+        self.shape, self.numel = w.shape, w.shape.numel()
+        self.native_code = torch.arange(16, dtype=torch.float32, device=w.device)
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,28 @@ class INT4Base:
     def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
         return out.copy_(self.w.dequantize_rows(start, out.shape[0], out.dtype))
 
-    def matmul(self, x: Tensor, transpose: bool, backend: str = "reference") -> Tensor:
+    def native_serves(self, x: Tensor) -> bool:
+        """The native NF4 kernels with the table 0..15 and each group's shift (``W = scale * q +
+        shift``, ``shift = -scale * zero``): CPU, float32, M <= SMALL_M, extension built."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.shape[0] <= SMALL_M
+                and native.unavailable_reason(x.device) is None)
+
+    def matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
+        """``backend``: "reference" (row tiles decoded in torch), "native" (raises where the
+        native path does not serve), "auto" (native where it serves)."""
+        if backend == "native" and not self.native_serves(x):
+            raise RuntimeError("INT4 backend='native' serves float32 CPU inputs of 1 to 16 rows with lorakern._C "
+                               f"built; got {x.dtype} on {x.device}, {x.shape[0]} rows")
+        if backend != "reference" and self.native_serves(x):
+            return self._native_matmul(x, transpose)
+        return self._tiled_matmul(x, transpose)
+
+    def _native_matmul(self, x: Tensor, transpose: bool) -> Tensor:
+        # One native call, no torch op around it: on 2 cores a torch op between two native calls
+        # cost the next one ~2 ms at M = 16 (the two thread pools' workers compete for the cores).
+        return native.cpu_matmul(x, self.w.native_view(), transpose)
+
+    def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
         n_rows, cols = self.shape
         y = x.new_zeros(x.shape[0], cols) if transpose else x.new_empty(x.shape[0], n_rows)
         for r0, n in self._tiles():
@@ -241,11 +262,11 @@ class INT4Base:
                 y[:, r0:r0 + n] = x @ tile.t()
         return y
 
-    def linear(self, x: Tensor, bias: Tensor | None, backend: str = "reference", dtype=None) -> Tensor:
+    def linear(self, x: Tensor, bias: Tensor | None, backend: str = "auto", dtype=None) -> Tensor:
         y = self.matmul(x, False, backend)
         return y if bias is None else y.add_(bias)
 
-    def grad_input(self, dy: Tensor, backend: str = "reference", dtype=None) -> Tensor:
+    def grad_input(self, dy: Tensor, backend: str = "auto", dtype=None) -> Tensor:
         return self.matmul(dy, True, backend)
 
     def fused_forward(self, x, bias, adapter, backend):
