@@ -92,7 +92,8 @@ void cpu_dequantize(const WeightArgs& wa, int64_t start, int64_t count, uintptr_
 }
 
 // (A, B, bias or 0, scaling, r, h): the LoRA term of the forward (see cpu::LoraTerm).
-using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, uintptr_t>;
+// (..., pool): QA-LoRA's pooled input, 0 for plain LoRA (see cpu::LoraTerm).
+using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, uintptr_t, int64_t>;
 
 // (index [M] int64, A addresses [n], B addresses [n], ranks [n] int64, scalings [n] float32): one
 // adapter per row instead of LoraArgs' A, B, r and scaling (see cpu::LoraTerm).
@@ -111,6 +112,9 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
         lora.scaling = static_cast<float>(std::get<3>(*lora_args));
         lora.r = std::get<4>(*lora_args);
         lora.h = reinterpret_cast<float*>(std::get<5>(*lora_args));
+        lora.pool = std::get<6>(*lora_args);
+        if (lora.pool < 0 || (lora.pool > 0 && (w.cols % lora.pool != 0 || multi)))
+            throw std::invalid_argument("pool must divide cols, and is for one adapter (not per-row adapters)");
         if (multi) {
             lora.index = reinterpret_cast<const int64_t*>(std::get<0>(*multi));
             lora.adapter_A = reinterpret_cast<const uintptr_t*>(std::get<1>(*multi));

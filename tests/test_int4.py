@@ -343,3 +343,23 @@ def test_native_int4_backend_refuses_what_it_cannot_serve():
         base.matmul(torch.randn(17, 64), False, "native")
     with pytest.raises(RuntimeError, match="torch.float64"):
         base.matmul(torch.randn(2, 64, dtype=torch.float64), False, "native")
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_native_qalora_inference_is_one_call_and_matches_float64(isa, M, monkeypatch):
+    """Under no_grad on the CPU the whole QA-LoRA layer is one native call (the pooled adapter term
+    inside the kernel): against float64, on every CPU path, and no autograd Function runs."""
+    from lorakern.int4 import qalora
+
+    G = 64
+    w = INT4Weight.quantize(torch.randn(37, 256) * 0.05, G)
+    A, B, bias = torch.randn(8, 4) * 0.1, torch.randn(37, 8) * 0.1, torch.randn(37)
+    x = torch.randn(M, 256)
+    calls = []
+    monkeypatch.setattr(qalora._QALoRA, "apply", lambda *a: calls.append(a))
+    with torch.no_grad():
+        y = qalora_linear(x, w, bias, A, B, 0.5)
+    assert not calls
+    ref = qalora_linear_reference(x.double(), w.dequantize(torch.float64), bias.double(), A.double(), B.double(),
+                                  0.5, G)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -33,6 +33,9 @@ struct LoraTerm {
     const uintptr_t* adapter_B = nullptr;
     const int64_t* ranks = nullptr;
     const float* scalings = nullptr;
+    // QA-LoRA: A is [r, cols / pool] and sees x averaged over each group of pool columns times
+    // cols / pool (PEFT's use_qalora), so h[m, j] = sum_g A[j, g] (cols / pool) mean_g(x[m]). 0: plain.
+    int64_t pool = 0;
 };
 
 // Row m's adapter: its A, B, rank and scaling (rank 0 and null pointers for a row of no adapter).

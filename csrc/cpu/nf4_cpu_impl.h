@@ -263,7 +263,19 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
         for (int64_t i = 4 * g; i < std::min(n, 4 * g + 4); ++i) {
             const int64_t m = i / lora->r, j = i % lora->r;
             const RowAdapter a = row_adapter(*lora, m);  // several adapters: row m's own (rank 0: none)
-            lora->h[i] = j < a.r ? dot(v, x + m * K, a.A + j * K, K) : 0.0f;
+            if (lora->pool > 0) {
+                const int64_t G = lora->pool, groups = K / G;
+                const float* xm = x + m * K;
+                float acc = 0.0f;
+                for (int64_t g = 0; g < groups; ++g) {
+                    float s = 0.0f;
+                    for (int64_t k = 0; k < G; ++k) s += xm[g * G + k];
+                    acc += a.A[j * groups + g] * s;
+                }
+                lora->h[i] = acc * (static_cast<float>(groups) / static_cast<float>(G));
+            } else {
+                lora->h[i] = j < a.r ? dot(v, x + m * K, a.A + j * K, K) : 0.0f;
+            }
             lora->scaled_h[i] = a.scaling * lora->h[i];
         }
     });

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..dropout import apply_dropout, draw_seed
+from ..nf4 import native
 from ..ops.bases import INT4Base
 from .format import INT4Weight
 
@@ -118,8 +119,24 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
         seed = draw_seed(x.device)
     seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
     x2d = x.reshape(-1, x.shape[-1])
-    y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), p, seed)
+    if p == 0.0 and _inference(x2d, lora_A, lora_B, bias) and _native_serves(x2d, weight, lora_A, lora_B, bias):
+        y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(), bias, lora_A.contiguous(),
+                                        lora_B.contiguous(), scaling, pool=weight.group_size)
+    else:
+        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _inference(*tensors) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _native_serves(x2d, weight, *others) -> bool:
+    """Decode and serving: the whole layer (base, zero points, pooled adapter term, bias) in one
+    native call, no torch op around it (on 2 cores a torch op between native calls cost the next
+    call ~2 ms at M = 16: the two thread pools compete for the cores)."""
+    return (INT4Base(weight).native_serves(x2d)
+            and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in others))
 
 
 def qalora_linear_reference(x, weight_dense, bias, lora_A, lora_B, scaling: float, group_size: int,

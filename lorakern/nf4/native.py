@@ -101,15 +101,16 @@ def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
 
 
 def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      lora_B: torch.Tensor, scaling: float, pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
     ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All float32
-    and contiguous (the caller checks)."""
+    and contiguous (the caller checks). ``pool``: QA-LoRA's group size (``h`` from x averaged over
+    each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain LoRA."""
     rows, cols = w.shape
     M, r = x.shape[0], lora_A.shape[0]
     y = x.new_empty(M, rows)
     h = x.new_empty(M, r)
-    lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr())
+    lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr(), int(pool))
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
                            torch.get_num_threads(), lora)
     return y, h
@@ -129,7 +130,7 @@ def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lor
     ranks = torch.tensor([A.shape[0] for A in lora_A], dtype=torch.int64)
     scales = torch.tensor(scalings, dtype=torch.float32)
     index = index.contiguous()
-    lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr())
+    lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr(), 0)
     multi = (index.data_ptr(), addresses[0].data_ptr(), addresses[1].data_ptr(), ranks.data_ptr(), scales.data_ptr())
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
                            torch.get_num_threads(), lora, multi)
