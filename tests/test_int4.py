@@ -363,3 +363,17 @@ def test_native_qalora_inference_is_one_call_and_matches_float64(isa, M, monkeyp
     ref = qalora_linear_reference(x.double(), w.dequantize(torch.float64), bias.double(), A.double(), B.double(),
                                   0.5, G)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_native_int4_tiles_for_large_m(isa, monkeypatch):
+    """M > 16: row tiles decoded by the native dequantize (table walk with the shift) and a BLAS
+    matmul each, 4 rows a tile here (37 rows: 10 tiles, the last short)."""
+    from lorakern.ops import bases
+
+    w = INT4Weight.quantize(torch.randn(37, 192) * 0.05, 64)
+    W = w.dequantize(torch.float64)
+    monkeypatch.setattr(bases, "TILE_ELEMENTS", 4 * 192)
+    base = bases.INT4Base(w)
+    x, dy = torch.randn(40, 192), torch.randn(40, 37)
+    torch.testing.assert_close(base.linear(x, None).double(), x.double() @ W.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.grad_input(dy).double(), dy.double() @ W, rtol=1e-5, atol=1e-5)

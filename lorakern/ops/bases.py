@@ -251,11 +251,23 @@ class INT4Base:
         # cost the next one ~2 ms at M = 16 (the two thread pools' workers compete for the cores).
         return native.cpu_matmul(x, self.w.native_view(), transpose)
 
+    def _decode_rows(self, r0: int, n: int, dtype: torch.dtype, buf: Tensor | None) -> Tensor:
+        """Rows r0 .. r0 + n of W in ``dtype``: by the native dequantize (the same table walk as the
+        matmul) into ``buf`` where it serves, else in torch."""
+        if buf is None:
+            return self.w.dequantize_rows(r0, n, dtype)
+        cols = self.shape[1]
+        return native.dequantize_into(self.w.native_view(), buf[: n * cols].view(n, cols), start=r0 * cols)
+
     def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
         n_rows, cols = self.shape
+        use_native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                      and native.unavailable_reason(x.device) is None)
+        per = max(1, min(n_rows, TILE_ELEMENTS // max(cols, 1)))
+        buf = torch.empty(per * cols, dtype=x.dtype) if use_native else None
         y = x.new_zeros(x.shape[0], cols) if transpose else x.new_empty(x.shape[0], n_rows)
         for r0, n in self._tiles():
-            tile = self.w.dequantize_rows(r0, n, x.dtype)
+            tile = self._decode_rows(r0, n, x.dtype, buf)
             if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
                 y.addmm_(x[:, r0:r0 + n], tile)
             else:
