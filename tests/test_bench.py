@@ -262,3 +262,16 @@ def test_default_run_is_the_headline_points():
             assert shapes and all(s.in_features == 4096 for s in shapes)
             total += len(shapes) * max(1, len(modes))
         assert total <= (8 if device == "cpu" else 20)
+
+
+def test_qalora_provider_in_the_lora_suite(tmp_path):
+    """QA-LoRA on an INT4 base beside the dense providers: it runs, trains (fwd+bwd) and keeps for
+    backward only the pooled input and h (1/64 of x and less)."""
+    rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "lora",
+                   "--providers", "base,fused,fused-qalora", "--modes", "fwd+bwd"])
+    assert rc == 0
+    recs = {(r["provider"], r["M"]): r for r in records.load(str(tmp_path / "results.jsonl"))}
+    for M in (1, 64):
+        qa, fused = recs[("fused-qalora", M)], recs[("fused", M)]
+        assert qa["median_ms"] > 0 and qa["ratio_to_base"] > 0
+        assert qa["saved_bytes"] < fused["saved_bytes"]

@@ -16,6 +16,8 @@
            the single-adapter QLoRA the NF4 variant of fused-multi is held to.
 - fused-multi-nf4: ``lorakern.multi_lora_linear`` on that NF4 base (many users' adapters over one
            4-bit base: QLoRA serving).
+- fused-qalora: ``lorakern.int4.layer.QALoRALinear``: QA-LoRA (A sees x pooled over groups of 64)
+           on the base quantized to group-wise INT4; in_features must be a multiple of 64.
 
 Modes: ``fwd`` (a training-mode forward without grad), ``bwd``, ``fwd+bwd`` (a training step) and
 ``eval`` (``module.eval()`` under no_grad: inference). In the training modes a DoRA layer's
@@ -153,7 +155,7 @@ def available_providers(device=None) -> list[str]:
         names += ["peft-dora", "peft-multi"]
     except ImportError:
         pass
-    names += ["fused-dora", "fused-multi", "fused-nf4", "fused-multi-nf4"]
+    names += ["fused-dora", "fused-multi", "fused-nf4", "fused-multi-nf4", "fused-qalora"]
     if device is None or torch.device(device).type == "cuda":
         names.append("fused-det")
     return names
@@ -201,6 +203,14 @@ def make_module(provider: str, s: Shape, dtype, device, dropout: float) -> nn.Mo
         return _peft_multi(fused, s.adapters)
     if provider == "fused-det":
         return Deterministic(fused)
+    if provider == "fused-qalora":  # QA-LoRA over the base quantized to group-wise INT4 (G = 64)
+        from ..int4.layer import QALoRALinear
+
+        lin = nn.Linear(s.in_features, s.out_features, device=device, dtype=dtype)
+        layer = QALoRALinear.from_linear(lin, r=s.r, lora_alpha=2 * s.r, group_size=64, lora_dropout=dropout)
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.02)
+        return layer
     if provider == "unfused":
         return UnfusedLoRA(fused)
     if provider == "peft":
