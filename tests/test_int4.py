@@ -102,6 +102,8 @@ def test_bad_weights_are_refused():
         INT4Weight.quantize(torch.randn(4, 96), 64)
     with pytest.raises(ValueError, match="group_size: expected one of"):
         INT4Weight.quantize(torch.randn(4, 96), 48)
+    with pytest.raises(ValueError, match="weight: every value must be finite"):
+        INT4Weight.quantize(torch.full((4, 64), float("nan")), 32)
     w = INT4Weight.quantize(torch.randn(4, 64), 32)
     with pytest.raises(ValueError, match="scales: every scale must be finite and nonzero"):
         INT4Weight(w.codes, torch.zeros_like(w.scales), w.zeros, 32, (4, 64))
@@ -182,6 +184,16 @@ def test_merge_into_the_zero_points_is_exact_to_fp32(G):
     # GPTQ's integer zeros round the merged ones: an error the export reports
     _, error = merged.to_gptq()
     assert error > 1e-4
+
+
+def test_qalora_empty_batch_forward_and_backward():
+    w = INT4Weight.quantize(torch.randn(12, 128), 64)
+    x = torch.randn(0, 128, requires_grad=True)
+    A = torch.randn(3, 2, requires_grad=True)
+    y = qalora_linear(x, w, None, A, torch.randn(12, 3), 0.5)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert x.grad.shape == (0, 128) and not A.grad.any()
 
 
 def test_qalora_bad_inputs():

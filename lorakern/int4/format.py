@@ -112,6 +112,8 @@ class INT4Weight:
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
         out_features, in_features = weight.shape
         _check_group(in_features, group_size)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight: every value must be finite (a NaN or inf has no INT4 code)")
         w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
         if symmetric:
             scale = w.abs().amax(-1) / 7.0

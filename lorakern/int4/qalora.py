@@ -98,7 +98,7 @@ class _QALoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             groups = p.shape[1]
             dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
-            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], -1)
+            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], groups * G)
             dx = INT4Base(weight).grad_input(dy).add_(apply_dropout(dxd, ctx.dropout_p, seed))
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = dy.sum(0)
