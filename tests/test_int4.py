@@ -389,3 +389,51 @@ def test_native_int4_tiles_for_large_m(isa, monkeypatch):
     x, dy = torch.randn(40, 192), torch.randn(40, 37)
     torch.testing.assert_close(base.linear(x, None).double(), x.double() @ W.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(base.grad_input(dy).double(), dy.double() @ W, rtol=1e-5, atol=1e-5)
+
+
+def _autogptq_quant_linear():
+    """AutoGPTQ's reference packer (``qlinear_cuda_old.QuantLinear.pack``, pure torch/numpy on the
+    CPU), loaded from its file: the package's ``__init__`` does not import beside transformers 5.
+    None where auto-gptq is not installed (it is not a test dependency: a 23 MB CUDA wheel)."""
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("auto_gptq")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "nn_modules", "qlinear", "qlinear_cuda_old.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_autogptq_qlinear_cuda_old", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.QuantLinear
+
+
+def test_gptq_import_matches_autogptq_packer():
+    """A layer packed by AutoGPTQ's own packer (v1 checkpoint: zeros stored minus one) reads back
+    exactly: our dequantize equals scale * (q - zero) of the q AutoGPTQ packed."""
+    QuantLinear = _autogptq_quant_linear()
+    if QuantLinear is None:
+        pytest.skip("auto-gptq is not installed (pip install --no-deps auto-gptq==0.7.1 to run this oracle)")
+    torch.manual_seed(0)
+    out_features, in_features, G = 64, 256, 64
+    lin = nn.Linear(in_features, out_features, bias=False).half()
+    groups = in_features // G
+    scales = (torch.rand(out_features, groups) * 0.01 + 0.002).half().float()
+    zeros = torch.randint(1, 16, (out_features, groups)).float()
+    q = torch.randint(0, 16, (out_features, in_features)).float()
+    g = torch.arange(in_features) // G
+    with torch.no_grad():  # a weight exactly on the grid, so packing rounds nothing
+        lin.weight.copy_((scales[:, g] * (q - zeros[:, g])).half())
+    W = lin.weight.float()
+    packer = QuantLinear(4, G, in_features, out_features, False)
+    packer.pack(lin.float(), scales, zeros.clone(), g)
+    w = INT4Weight.from_gptq(packer.qweight, packer.qzeros, packer.scales, packer.g_idx, group_size=G,
+                             checkpoint_format="gptq")
+    assert torch.equal(unpack_codes(w.codes), q.long())
+    assert torch.equal(w.zeros, zeros)
+    torch.testing.assert_close(w.dequantize(torch.float32), W, rtol=0, atol=1e-3 * W.abs().max().item())
