@@ -393,18 +393,26 @@ def test_native_int4_tiles_for_large_m(isa, monkeypatch):
 
 def _autogptq_quant_linear():
     """AutoGPTQ's reference packer (``qlinear_cuda_old.QuantLinear.pack``, pure torch/numpy on the
-    CPU), loaded from its file: the package's ``__init__`` does not import beside transformers 5.
-    None where auto-gptq is not installed (it is not a test dependency: a 23 MB CUDA wheel)."""
+    CPU), loaded from its file alone: the package's ``__init__`` does not import beside
+    transformers 5. None where it is not found. Not a test dependency: the auto-gptq 0.7.1 wheel
+    also installs a top-level ``tests`` package that shadows this suite's ``tests.helpers``. To run
+    this oracle: ``pip install --no-deps --target DIR auto-gptq==0.7.1`` and set
+    ``LORAKERN_AUTOGPTQ_DIR=DIR``."""
     import importlib.util
     import os
 
-    try:
-        spec = importlib.util.find_spec("auto_gptq")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "nn_modules", "qlinear", "qlinear_cuda_old.py")
+    root = os.environ.get("LORAKERN_AUTOGPTQ_DIR")
+    if root is None:
+        try:
+            spec = importlib.util.find_spec("auto_gptq")
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        package = spec.submodule_search_locations[0]
+    else:
+        package = os.path.join(root, "auto_gptq")
+    path = os.path.join(package, "nn_modules", "qlinear", "qlinear_cuda_old.py")
     if not os.path.exists(path):
         return None
     mod_spec = importlib.util.spec_from_file_location("_autogptq_qlinear_cuda_old", path)
@@ -418,7 +426,7 @@ def test_gptq_import_matches_autogptq_packer():
     exactly: our dequantize equals scale * (q - zero) of the q AutoGPTQ packed."""
     QuantLinear = _autogptq_quant_linear()
     if QuantLinear is None:
-        pytest.skip("auto-gptq is not installed (pip install --no-deps auto-gptq==0.7.1 to run this oracle)")
+        pytest.skip("auto-gptq is not installed (see _autogptq_quant_linear for how to run this oracle)")
     torch.manual_seed(0)
     out_features, in_features, G = 64, 256, 64
     lin = nn.Linear(in_features, out_features, bias=False).half()
