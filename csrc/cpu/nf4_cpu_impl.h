@@ -47,9 +47,8 @@ constexpr int64_t kTChunk = 256;  // columns per task in the transposed product 
 inline void decode_generic(const Nf4Weight& w, int64_t start, int64_t count, float* out) {
     for (int64_t i = 0; i < count; ++i) {
         const int64_t f = start + i;
-        const float c = code_value(w, nf4_index(w.packed, f));
-        out[i] = w.shift ? __builtin_fmaf(c, scale_of(w, f), block_shift_value(w, f >> w.block_shift))
-                         : c * scale_of(w, f);
+        out[i] = code_value(w, nf4_index(w.packed, f)) * scale_of(w, f);
+        if (w.shift) out[i] += block_shift_value(w, f >> w.block_shift);  // rounded as shift_all rounds
     }
 }
 
@@ -141,26 +140,20 @@ struct NestedScales {
     const uint8_t* q;
     const Nf4Weight& w;
     int64_t group = -1;
-    alignas(64) float table[256];
+    alignas(64) float scales[256];
     explicit NestedScales(const Nf4Weight& w_) : q(static_cast<const uint8_t*>(w_.absmax)), w(w_) {}
     void enter(int64_t b) {
         const int64_t g = b / kNestedBlocksize;
         if (g == group) return;
         group = g;
         const float a = w.nested_absmax[g], off = *w.offset;
-        for (int i = 0; i < 256; ++i) table[i] = add_rn(mul_rn(w.nested_code[i], a), off);
+        for (int i = 0; i < 256; ++i) scales[i] = add_rn(mul_rn(w.nested_code[i], a), off);
     }
     int64_t group_end(int64_t b) const { return (b / kNestedBlocksize + 1) * kNestedBlocksize; }
-    float scale(int64_t b) const { return table[q[b]]; }
+    float scale(int64_t b) const { return scales[q[b]]; }
     template <class V>
-    typename V::Table table_of(const V& v, int64_t b) const { return v.scaled(scale(b)); }
+    typename V::Table table(const V& v, int64_t b) const { return v.scaled(scale(b)); }
 };
-
-// Block b's table from either scale source.
-template <class V>
-inline typename V::Table block_table(const V& v, const PlainScales& sc, int64_t b) { return sc.table(v, b); }
-template <class V>
-inline typename V::Table block_table(const V& v, const NestedScales& sc, int64_t b) { return sc.table_of(v, b); }
 
 // Accumulators per row of x: one per vector of a step (J) for small tiles, where the FMA latency
 // (4 cycles) would otherwise bind; one for MT >= 8, where a step's 2 x MT FMAs take longer than a
@@ -213,7 +206,7 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
             sc.enter(b);
             for (const int64_t ge = std::min(b1, sc.group_end(b)); b < ge; ++b) {
                 __builtin_prefetch(p + (MT <= 2 ? kPrefetchBytes : kPrefetchRows * w.cols / 2));
-                const typename V::Table t = block_table(v, sc, b);
+                const typename V::Table t = sc.table(v, b);
                 for (int64_t s = 0; s < steps; s += U) {
                     for (int u = 0; u < U; ++u) step<V, MT>(v, p + 16 * u, t, xp + XS * u, acc + u * A);
                     p += 16 * U;
@@ -228,7 +221,7 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
         const int64_t b = f >> sh;
         sc.enter(b);
         const int64_t stop = std::min(end, (b + 1) << sh);
-        const typename V::Table t = block_table(v, sc, b);
+        const typename V::Table t = sc.table(v, b);
         for (; f < stop; f += 32, p += 16, xp += XS) step<V, MT>(v, p, t, xp, acc);
     }
 }
@@ -258,24 +251,24 @@ template <class V>
 inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, int threads) {
     if (lora == nullptr) return;
     const int64_t n = M * lora->r;
+    // QA-LoRA: each row of x pooled once (group sums times groups / G: PEFT's mean times groups),
+    // then h is a dot of length groups, as plain LoRA's is one of length K.
+    const int64_t G = lora->pool, groups = G > 0 ? K / G : 0;
+    std::vector<float> pooled(M * groups);
+    for (int64_t row = 0; row < M * groups; ++row) {  // row = m * groups + g: x's columns g G .. g G + G
+        float s = 0.0f;
+        for (int64_t k = 0; k < G; ++k) s += x[row * G + k];
+        pooled[row] = s * (static_cast<float>(groups) / static_cast<float>(G));
+    }
     parallel_for((n + 3) / 4, n * K >= (int64_t{1} << 20) ? threads : 1, [&](int64_t g) {
         V v;
         for (int64_t i = 4 * g; i < std::min(n, 4 * g + 4); ++i) {
             const int64_t m = i / lora->r, j = i % lora->r;
             const RowAdapter a = row_adapter(*lora, m);  // several adapters: row m's own (rank 0: none)
-            if (lora->pool > 0) {
-                const int64_t G = lora->pool, groups = K / G;
-                const float* xm = x + m * K;
-                float acc = 0.0f;
-                for (int64_t g = 0; g < groups; ++g) {
-                    float s = 0.0f;
-                    for (int64_t k = 0; k < G; ++k) s += xm[g * G + k];
-                    acc += a.A[j * groups + g] * s;
-                }
-                lora->h[i] = acc * (static_cast<float>(groups) / static_cast<float>(G));
-            } else {
+            if (pooled.empty())
                 lora->h[i] = j < a.r ? dot(v, x + m * K, a.A + j * K, K) : 0.0f;
-            }
+            else
+                lora->h[i] = dot(v, pooled.data() + m * groups, a.A + j * groups, groups);
             lora->scaled_h[i] = a.scaling * lora->h[i];
         }
     });
@@ -349,7 +342,7 @@ __attribute__((always_inline)) inline void walk_pair(const V& v, S& sc0, S& sc1,
         for (const int64_t ge = std::min(b1, std::min(sc0.group_end(b), sc1.group_end(b + d) - d)); b < ge; ++b) {
             __builtin_prefetch(p + ahead * row_bytes);
             __builtin_prefetch(p + (ahead + 1) * row_bytes);
-            const typename V::Table t0 = block_table(v, sc0, b), t1 = block_table(v, sc1, b + d);
+            const typename V::Table t0 = sc0.table(v, b), t1 = sc1.table(v, b + d);
             if (steps == 2) {  // blocksize 64, the default: unrolled, so the tables stay in registers
                 step(p, t0, t1);
                 step(p + 16, t0, t1);
