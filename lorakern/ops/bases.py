@@ -32,6 +32,32 @@ from ..nf4.reference import nf4_matmul_reference
 TILE_ELEMENTS = 1 << 22  # 4M weights per dequantized tile: 16 MB in fp32, 8 MB in bf16
 
 
+def tile_rows(n_rows: int, cols: int) -> int:
+    """Rows of W per dequantized tile (at most TILE_ELEMENTS weights, at least one row)."""
+    return max(1, min(n_rows, TILE_ELEMENTS // max(cols, 1)))
+
+
+def row_tiles(n_rows: int, cols: int):
+    """``(first row, rows)`` of each tile, in order."""
+    per = tile_rows(n_rows, cols)
+    for r0 in range(0, n_rows, per):
+        yield r0, min(per, n_rows - r0)
+
+
+def tiled_matmul(x: Tensor, transpose: bool, shape, decode) -> Tensor:
+    """``x W^T`` (or with ``transpose`` ``x W``) with W decoded a row tile at a time by
+    ``decode(r0, n) -> W[r0:r0+n]``, one BLAS matmul per tile: never a whole dense W."""
+    n_rows, cols = shape
+    y = x.new_zeros(x.shape[0], cols) if transpose else x.new_empty(x.shape[0], n_rows)
+    for r0, n in row_tiles(n_rows, cols):
+        tile = decode(r0, n)
+        if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
+            y.addmm_(x[:, r0:r0 + n], tile)
+        else:  # y[:, r0:r0+n] = x @ W[r0:r0+n]^T
+            y[:, r0:r0 + n] = x @ tile.t()
+    return y
+
+
 class DenseBase:
     """A dense ``weight [out, in]`` (any strides)."""
 
@@ -103,11 +129,9 @@ class NF4Base:
         n_rows, cols = self.shape
         if self.w.device.type != "cpu" or native.unavailable_reason(self.w.device) is not None:
             return self.row_norms_of(self.dequantize(torch.float32))
-        rows_per_tile = max(1, min(n_rows, TILE_ELEMENTS // cols))
-        buf = torch.empty(rows_per_tile * cols, dtype=torch.float32)
+        buf = torch.empty(tile_rows(n_rows, cols) * cols, dtype=torch.float32)
         out = torch.empty(n_rows, dtype=torch.float32)
-        for r0 in range(0, n_rows, rows_per_tile):
-            n = min(rows_per_tile, n_rows - r0)
+        for r0, n in row_tiles(n_rows, cols):
             out[r0:r0 + n] = self.row_norms_of(self.dequantize_rows(r0, buf[: n * cols].view(n, cols)))
         return out
 
@@ -152,19 +176,9 @@ class NF4Base:
         if x.device.type == "cuda":  # the CUDA dequantize writes whole weights: one tile
             full = self.dequantize(x.dtype)
             return x @ full if transpose else x @ full.t()
-        rows_per_tile = max(1, min(n_rows, TILE_ELEMENTS // cols))
-        buf = torch.empty(rows_per_tile * cols, dtype=x.dtype, device=x.device)
-        y = x.new_empty(x.shape[0], cols if transpose else n_rows)
-        if transpose:
-            y.zero_()
-        for r0 in range(0, n_rows, rows_per_tile):
-            n = min(rows_per_tile, n_rows - r0)
-            tile = self.dequantize_rows(r0, buf[: n * cols].view(n, cols))
-            if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
-                y.addmm_(x[:, r0:r0 + n], tile)
-            else:  # y[:, r0:r0+n] = x @ W[r0:r0+n]^T
-                y[:, r0:r0 + n] = x @ tile.t()
-        return y
+        buf = torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype, device=x.device)
+        return tiled_matmul(x, transpose, self.shape,
+                            lambda r0, n: self.dequantize_rows(r0, buf[: n * cols].view(n, cols)))
 
     def linear(self, x: Tensor, bias: Tensor | None, backend: str = "native", dtype=None) -> Tensor:
         """``dtype`` other than x's (bitsandbytes' ``compute_dtype``): W decoded to it (rounded there)
@@ -195,9 +209,11 @@ class NF4Base:
 
 
 class INT4Base:
-    """A group-wise INT4 weight (:class:`lorakern.INT4Weight`), pure torch for now: row tiles of W
-    decoded into a buffer of at most ``TILE_ELEMENTS`` and multiplied there, so a call never holds
-    a whole dense copy of W (4096 x 14336 in fp32 is 235 MB; a tile is 16 MB)."""
+    """A group-wise INT4 weight (:class:`lorakern.INT4Weight`). On the CPU at small M the native
+    NF4 kernels read it (a block's table ``k * scale + shift``); otherwise row tiles of W are
+    decoded (natively on the CPU, in torch elsewhere) into a buffer of at most ``TILE_ELEMENTS``
+    and multiplied there, so a call never holds a whole dense W (4096 x 14336 in fp32 is 235 MB; a
+    tile is 16 MB)."""
 
     __slots__ = ("w", "shape")
     shared_rows = 64
@@ -213,16 +229,10 @@ class INT4Base:
     def nbytes(self) -> int:
         return self.w.nbytes()
 
-    def _tiles(self):
-        n_rows, cols = self.shape
-        per = max(1, min(n_rows, TILE_ELEMENTS // max(cols, 1)))
-        for r0 in range(0, n_rows, per):
-            yield r0, min(per, n_rows - r0)
-
     def row_norms(self) -> Tensor:
         dtype = torch.float32
         return torch.cat([torch.linalg.vector_norm(self.w.dequantize_rows(r0, n, dtype), dim=1)
-                          for r0, n in self._tiles()]) if self.shape[0] else torch.zeros(0)
+                          for r0, n in row_tiles(*self.shape)]) if self.shape[0] else torch.zeros(0)
 
     def dequantize(self, dtype: torch.dtype, backend: str = "reference") -> Tensor:
         return self.w.dequantize(dtype)
@@ -251,28 +261,16 @@ class INT4Base:
         # cost the next one ~2 ms at M = 16 (the two thread pools' workers compete for the cores).
         return native.cpu_matmul(x, self.w.native_view(), transpose)
 
-    def _decode_rows(self, r0: int, n: int, dtype: torch.dtype, buf: Tensor | None) -> Tensor:
-        """Rows r0 .. r0 + n of W in ``dtype``: by the native dequantize (the same table walk as the
-        matmul) into ``buf`` where it serves, else in torch."""
-        if buf is None:
-            return self.w.dequantize_rows(r0, n, dtype)
-        cols = self.shape[1]
-        return native.dequantize_into(self.w.native_view(), buf[: n * cols].view(n, cols), start=r0 * cols)
-
     def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
+        """Row tiles decoded by the native dequantize (the matmul's table walk) on the CPU, else in
+        torch."""
         n_rows, cols = self.shape
-        use_native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                      and native.unavailable_reason(x.device) is None)
-        per = max(1, min(n_rows, TILE_ELEMENTS // max(cols, 1)))
-        buf = torch.empty(per * cols, dtype=x.dtype) if use_native else None
-        y = x.new_zeros(x.shape[0], cols) if transpose else x.new_empty(x.shape[0], n_rows)
-        for r0, n in self._tiles():
-            tile = self._decode_rows(r0, n, x.dtype, buf)
-            if transpose:  # dx [M, in] += dy[:, r0:r0+n] @ W[r0:r0+n]
-                y.addmm_(x[:, r0:r0 + n], tile)
-            else:
-                y[:, r0:r0 + n] = x @ tile.t()
-        return y
+        if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and native.unavailable_reason(x.device) is None):
+            return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
+        view, buf = self.w.native_view(), torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype)
+        return tiled_matmul(x, transpose, self.shape, lambda r0, n: native.dequantize_into(
+            view, buf[: n * cols].view(n, cols), start=r0 * cols))
 
     def linear(self, x: Tensor, bias: Tensor | None, backend: str = "auto", dtype=None) -> Tensor:
         y = self.matmul(x, False, backend)
