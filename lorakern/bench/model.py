@@ -162,8 +162,8 @@ def run(shape_list, providers, modes, dtype, device, min_run_time, progress=True
     bar = report.progress(len(shape_list) * len(modes) * len(providers), "lorakern-bench model", progress)
     out = []
     for s in shape_list:
+        models = {p: make_model(p, s, dtype, device, dropout) for p in providers}  # once for every mode
         for mode in modes:
-            models = {p: make_model(p, s, dtype, device, dropout) for p in providers}
             steps = {p: make_step(m, mode, s, dtype, device) for p, m in models.items()}
             timed = interleaved({p: st for p, (st, _) in steps.items()}, device, min_run_time)
             group = []
@@ -187,7 +187,8 @@ def run(shape_list, providers, modes, dtype, device, min_run_time, progress=True
                 ref = "peft+bnb" if r["provider"] in ("peft+bnb", "fused-nf4") else "peft"
                 r["ratio_to_peft"] = r["median_ms"] / times[ref] if ref in times else None
             out.extend(group)
-            del models, steps
+            del steps
+        del models
     bar.close()
     return out
 
