@@ -100,6 +100,11 @@ class INT4Weight:
             self._native = _NativeView(self)
         return self._native
 
+    def to(self, device) -> INT4Weight:
+        """The same weight on ``device`` (codes, scales and zeros; never a dtype cast)."""
+        return INT4Weight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.group_size,
+                          tuple(self.shape))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 

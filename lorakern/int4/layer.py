@@ -52,13 +52,12 @@ class QALoRALinear(nn.Module):
         self.lora_B.zero_()
 
     def _apply(self, fn, recurse=True):
-        """``.to(device)`` / ``.cuda()`` move the INT4 tensors too (they are not Parameters)."""
+        """``.to(device)`` / ``.cuda()`` move the INT4 tensors too (they are not Parameters); as in
+        FusedLoRALinear, only the device follows, learnt by applying fn to an empty probe."""
         super()._apply(fn, recurse)
-        w = self.weight_int4
-        device = fn(torch.empty(0, device=w.device)).device
-        if device != w.device:
-            self.weight_int4 = INT4Weight(w.codes.to(device), w.scales.to(device), w.zeros.to(device), w.group_size,
-                                          tuple(w.shape))
+        device = fn(torch.empty(0, device=self.weight_int4.device)).device
+        if device != self.weight_int4.device:
+            self.weight_int4 = self.weight_int4.to(device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

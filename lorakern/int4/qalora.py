@@ -11,8 +11,9 @@ Since ``p`` is constant over a group's columns, the adapter is the dense update
 Backward (W frozen): ``dh = s dy B``, ``dB = s dy^T h``, ``dA = dh^T p``,
 ``dx = dy W + dropout(expand(dh A) * (in / G) / G)``; saved for it: ``p`` and ``h`` (``[M, in / G]``
 and ``[M, r]``: 1/G of x and less), never x, never a dropout mask (regenerated from the seed).
-This is the pure-torch path (:class:`lorakern.ops.bases.INT4Base`: W decoded a row tile at a time
-for each matmul); the shapes are checked here.
+The base products go through :class:`lorakern.ops.bases.INT4Base` (native NF4 kernels on the CPU
+at small M, row tiles elsewhere); inference on the CPU at small M is one native call, the pooled
+adapter term included. The shapes are checked here.
 """
 
 from __future__ import annotations
