@@ -35,6 +35,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    """Each CPU path of the native kernels in turn ($LORAKERN_CPU_ISA), skipped where this CPU or
+    build lacks it."""
+    from lorakern.nf4 import native
+
+    C = native.extension()
+    if C is None or request.param not in C.available_isas():
+        pytest.skip(f"{request.param} not available on this CPU / build")
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    return request.param
+
+
 @pytest.fixture
 def device():
     """CUDA when present, else CPU (where the Triton kernels run in the interpreter)."""

@@ -310,17 +310,6 @@ def test_int4_base_tiles_never_hold_the_whole_weight(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
-def isa(request, monkeypatch):
-    from lorakern.nf4 import native
-
-    C = native.extension()
-    if C is None or request.param not in C.available_isas():
-        pytest.skip(f"{request.param} not available on this CPU / build")
-    monkeypatch.setenv(native.ISA_ENV, request.param)
-    return request.param
-
-
 # (out, in, G): odd out; weight rows in pairs with 1, 2 and 4 steps per group; in = 4096.
 NATIVE_SHAPES = [(37, 192, 64), (16, 128, 32), (23, 384, 128), (9, 4096, 64)]
 

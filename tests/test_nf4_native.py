@@ -34,14 +34,6 @@ def test_extension_is_built_where_a_compiler_exists():
         assert "scalar" in isas()
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
-def isa(request, monkeypatch):
-    if request.param not in isas():
-        pytest.skip(f"{request.param} not available on this CPU / build")
-    monkeypatch.setenv(native.ISA_ENV, request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dequantize_bit_exact(isa, dtype, double_quant):
