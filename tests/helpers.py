@@ -113,3 +113,14 @@ class PeftBlock(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.relu(self.up(self.q(x)))) + x
+
+
+def tiny_llama(seed: int = 0, **config):
+    """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads, 64 tokens of vocab and of
+    context) from a ``LlamaConfig``, no download; ``config`` overrides or adds fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64) | config
+    return LlamaForCausalLM(LlamaConfig(**fields))

@@ -230,14 +230,11 @@ def test_dropout_mask_is_regenerated_not_saved():
 def _qalora_llama(dtype, G=32, seed=0):
     """A tiny Llama whose seven projections are QALoRALinear over INT4 (from one fp32 model)."""
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import tiny_llama
 
     from lorakern.int4.layer import QALoRALinear
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(seed)
     model.requires_grad_(False)
     torch.manual_seed(seed + 1)
     for layer in model.model.layers:

@@ -17,8 +17,9 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import helpers  # noqa: E402
 import peft  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from lorakern.integrations.peft import fuse, is_fused  # noqa: E402
 
@@ -29,11 +30,7 @@ FP32_RTOL = 1e-5
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, eos_token_id=EOS)
-    return LlamaForCausalLM(config)
+    return helpers.tiny_llama(seed, vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS)
 
 
 def lora_config(**kw) -> peft.LoraConfig:
