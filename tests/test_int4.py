@@ -199,18 +199,60 @@ def test_qalora_empty_batch_forward_and_backward():
 def test_qalora_bad_inputs():
     w = INT4Weight.quantize(torch.randn(8, 64), 32)
     A, B = torch.randn(2, 2), torch.randn(8, 2)
-    with pytest.raises(ValueError, match="lora_A: expected \\[r, in / group_size\\] = \\[r, 2\\]"):
-        qalora_linear(torch.randn(3, 64), w, None, torch.randn(2, 64), B, 1.0)
-    with pytest.raises(ValueError, match="lora_B: expected \\[out, r\\] = \\[8, 2\\]"):
-        qalora_linear(torch.randn(3, 64), w, None, A, torch.randn(2, 8), 1.0)
-    with pytest.raises(ValueError, match="x: expected \\[..., 64\\]"):
-        qalora_linear(torch.randn(3, 60), w, None, A, B, 1.0)
-    with pytest.raises(ValueError, match="lora_A: expected torch.float64"):
-        qalora_linear(torch.randn(3, 64, dtype=torch.float64), w, None, A, B, 1.0)
-    with pytest.raises(TypeError, match="weight: expected an INT4Weight"):
-        qalora_linear(torch.randn(3, 64), torch.randn(8, 64), None, A, B, 1.0)
+    x = torch.randn(3, 64)
+    cases = [
+        ((x, w, None, torch.randn(2, 64), B, 1.0), ValueError,
+         r"lora_A: expected shape \[r, 2\] \(r, in_features / group_size\)"),
+        ((x, w, None, torch.randn(0, 2), torch.randn(8, 0), 1.0), ValueError, r"lora_A: expected 2-D .* r >= 1"),
+        ((x, w, None, A, torch.randn(2, 8), 1.0), ValueError, r"lora_B: expected shape \[8, 2\]"),
+        ((x, w, torch.randn(7), A, B, 1.0), ValueError, r"bias: expected shape \[8\]"),
+        ((torch.randn(3, 60), w, None, A, B, 1.0), ValueError, "x: expected last dim in_features=64"),
+        ((x.double(), w, None, A, B, 1.0), TypeError, "lora_A: expected dtype torch.float64"),
+        ((x.long(), w, None, A, B, 1.0), TypeError, "x: expected a floating-point tensor"),
+        ((x, torch.randn(8, 64), None, A, B, 1.0), TypeError, "weight: expected an INT4Weight"),
+        ((x, w, None, A.tolist(), B, 1.0), TypeError, "lora_A: expected a torch.Tensor, got list"),
+        ((x.tolist(), w, None, A, B, 1.0), TypeError, "x: expected a torch.Tensor, got list"),
+        ((x, w, None, A, B, float("nan")), ValueError, "scaling: expected a finite number"),
+        ((x, w, None, A, B, float("inf")), ValueError, "scaling: expected a finite number"),
+        ((x, w, None, A, B, "2"), ValueError, "scaling: expected a finite number"),
+        ((x.to("meta"), w, None, A, B, 1.0), ValueError, "weight: expected device meta"),
+        ((x, w, None, A.to("meta"), B, 1.0), ValueError, "lora_A: expected device cpu"),
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            qalora_linear(*args)
     with pytest.raises(ValueError, match="dropout_p"):
-        qalora_linear(torch.randn(3, 64), w, None, A, B, 1.0, dropout_p=1.0, training=True)
+        qalora_linear(x, w, None, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        qalora_linear(x, w, None, A, B, 1.0, dropout_p=-0.1)  # refused in eval too: it is the layer's setting
+    merge_cases = [
+        ((w, torch.randn(2, 64), B, 1.0), ValueError, r"lora_A: expected shape \[r, 2\]"),
+        ((w, A, torch.randn(7, 2), 1.0), ValueError, r"lora_B: expected shape \[8, 2\]"),
+        ((w, A, B, float("nan")), ValueError, "scaling: expected a finite number"),
+        ((w, None, B, 1.0), TypeError, "lora_A: expected a torch.Tensor"),
+        ((w, A.long(), B, 1.0), TypeError, "lora_A: expected a floating-point tensor"),
+        ((w.dequantize(), A, B, 1.0), TypeError, "weight: expected an INT4Weight"),
+    ]
+    for args, error, match in merge_cases:
+        with pytest.raises(error, match=match):
+            merge_into(*args)
+
+
+def test_qalora_under_autocast_runs_in_the_autocast_dtype():
+    """As nn.Linear under autocast: fp32 x and adapter, bf16 compute, bf16 out; the adapter's grads
+    come back in its own fp32."""
+    torch.manual_seed(0)
+    w = INT4Weight.quantize(torch.randn(24, 64), 32)
+    x = torch.randn(5, 64, requires_grad=True)
+    A = torch.randn(3, 2, requires_grad=True)
+    B = torch.randn(24, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qalora_linear(x, w, None, A, B, 0.5)
+    assert y.dtype == torch.bfloat16
+    ref = qalora_linear_reference(x.double(), w.dequantize(torch.float64), None, A.double(), B.double(), 0.5, 32)
+    assert torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
 def test_dropout_mask_is_regenerated_not_saved():

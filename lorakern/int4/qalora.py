@@ -13,7 +13,7 @@ Backward (W frozen): ``dh = s dy B``, ``dB = s dy^T h``, ``dA = dh^T p``,
 and ``[M, r]``: 1/G of x and less), never x, never a dropout mask (regenerated from the seed).
 The base products go through :class:`lorakern.ops.bases.INT4Base` (native NF4 kernels on the CPU
 at small M, row tiles elsewhere); inference on the CPU at small M is one native call, the pooled
-adapter term included. The shapes are checked here.
+adapter term included. Arguments are checked by the op layer's shared checks (lora_A ``[r, in / G]``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ from torch import Tensor
 from ..dropout import apply_dropout, draw_seed
 from ..nf4 import native
 from ..ops.bases import INT4Base
+from ..ops.common import (
+    autocast_dtype,
+    autocast_to,
+    check_adapter_args,
+    check_adapter_shapes,
+    check_scaling,
+    check_tensor,
+    check_x,
+    rows,
+)
 from .format import INT4Weight
 
 
@@ -45,32 +55,22 @@ def delta_per_group(lora_A: Tensor, lora_B: Tensor, scaling: float, group_size: 
 def merge_into(weight: INT4Weight, lora_A: Tensor, lora_B: Tensor, scaling: float) -> INT4Weight:
     """``weight`` with the QA-LoRA adapter folded into its zero points (still INT4, exact to fp32
     rounding of the zeros)."""
-    _check(weight, None, lora_A, lora_B)
+    _check_weight(weight)
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        check_tensor(name, t)
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    out_features, in_features = weight.shape
+    check_adapter_shapes(out_features, in_features, None, lora_A, lora_B, adapter_in=in_features // weight.group_size)
+    check_scaling(scaling)
     return weight.merged(delta_per_group(lora_A.detach(), lora_B.detach(), scaling, weight.group_size))
 
 
-def _check(weight, x, lora_A, lora_B, bias=None) -> None:
+def _check_weight(weight, device=None) -> None:
     if not isinstance(weight, INT4Weight):
         raise TypeError(f"weight: expected an INT4Weight, got {type(weight).__name__}")
-    out_features, in_features = weight.shape
-    groups = in_features // weight.group_size
-    if x is not None:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
-            raise ValueError(f"x: expected [..., {in_features}], got {list(getattr(x, 'shape', []))}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-        if x.device != weight.device:
-            raise ValueError(f"x is on {x.device}, the weight on {weight.device}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != groups:
-        raise ValueError(f"lora_A: expected [r, in / group_size] = [r, {groups}], got {list(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B: expected [out, r] = [{out_features}, {r}], got {list(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias: expected [{out_features}], got {list(bias.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and x is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name}: expected {x.dtype} on {x.device} (x's), got {t.dtype} on {t.device}")
+    if device is not None and weight.device != device:
+        raise ValueError(f"weight: expected device {device} (the device of x), got {weight.device}")
 
 
 class _QALoRA(torch.autograd.Function):
@@ -112,19 +112,24 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
     """QA-LoRA linear on ``x [..., in]`` over the INT4 ``weight`` (see the module docstring):
     ``[..., out]``, in x's dtype. ``seed``: the dropout seed (drawn from torch's generator when None
     and dropout is active)."""
-    _check(weight, x, lora_A, lora_B, bias)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
-    p = dropout_p if training else 0.0
+    check_x(x)
+    _check_weight(weight, x.device)
+    out_features, in_features = weight.shape
+    cast = autocast_dtype(x.device.type)
+    check_adapter_args(x, out_features, in_features, bias, lora_A, lora_B, scaling, dropout_p, cast is not None,
+                       adapter_in=in_features // weight.group_size)
+    if cast is not None:  # as nn.Linear under autocast: inputs in the autocast dtype
+        x, bias, lora_A, lora_B = autocast_to(cast, x, bias, lora_A, lora_B)
+    p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d, scaling = rows(x), float(scaling)
     if p == 0.0 and _inference(x2d, lora_A, lora_B, bias) and _native_serves(x2d, weight, lora_A, lora_B, bias):
         y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(), bias, lora_A.contiguous(),
                                         lora_B.contiguous(), scaling, pool=weight.group_size)
     else:
-        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), p, seed)
+        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -111,12 +111,13 @@ def autocast_to(dtype: torch.dtype, *tensors):
 
 def check_adapter_args(
     x, out_features: int, in_features: int, bias, lora_A, lora_B, scaling, dropout_p, autocasting: bool,
-    base: dict | None = None, dtypes: tuple | None = None, magnitude=None,
+    base: dict | None = None, dtypes: tuple | None = None, magnitude=None, adapter_in: int | None = None,
 ) -> None:
     """The checks every LoRA entry point and op shares (dense or quantized base): x's last dim, the
     shapes of lora_A [r, in], lora_B [out, r], bias [out] and DoRA's magnitude [out], dropout_p and
     scaling, and that x, the ``base`` tensors, bias, lora_A, lora_B and magnitude share x's device
     and (outside autocast) dtype. ``dtypes``: the allowed dtypes (default: any floating point).
+    ``adapter_in``: lora_A's columns when the adapter sees a pooled x (QA-LoRA: in_features / G).
     x itself is checked first, by :func:`check_x` (its device picks the autocast state)."""
     named = (("x", x), *(base.items() if base else ()), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
              ("magnitude", magnitude))
@@ -125,20 +126,10 @@ def check_adapter_args(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x: expected last dim in_features={in_features}, got shape {tuple(x.shape)}")
-    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A: expected 2-D [r, in_features] with r >= 1, got shape {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A: expected shape [r, {in_features}], got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
-    for name, t in (("bias", bias), ("magnitude", magnitude)):
-        if t is not None and tuple(t.shape) != (out_features,):
-            raise ValueError(f"{name}: expected shape [{out_features}] (out_features), got {tuple(t.shape)}")
+    check_adapter_shapes(out_features, in_features, bias, lora_A, lora_B, magnitude, adapter_in)
     if not is_real(dropout_p) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
-    if not is_real(scaling) or not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
+    check_scaling(scaling)
     device, dtype = x.device, x.dtype
     for name, t in named:
         if t is None:
@@ -152,6 +143,28 @@ def check_adapter_args(
             raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
         if not autocasting and t_dtype != dtype:
             raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {t_dtype}")
+
+
+def check_adapter_shapes(out_features: int, in_features: int, bias, lora_A, lora_B, magnitude=None,
+                         adapter_in: int | None = None) -> None:
+    """lora_A ``[r, in]`` (``[r, adapter_in]`` for a pooled adapter), lora_B ``[out, r]``, bias and
+    magnitude ``[out]``: what :func:`check_adapter_args` and a merge both need (tensors checked)."""
+    cols, what = (in_features, "in_features") if adapter_in is None else (adapter_in, "in_features / group_size")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A: expected 2-D [r, {what}] with r >= 1, got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != cols:
+        raise ValueError(f"lora_A: expected shape [r, {cols}] (r, {what}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B: expected shape [{out_features}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
+    for name, t in (("bias", bias), ("magnitude", magnitude)):
+        if t is not None and tuple(t.shape) != (out_features,):
+            raise ValueError(f"{name}: expected shape [{out_features}] (out_features), got {tuple(t.shape)}")
+
+
+def check_scaling(scaling) -> None:
+    if not is_real(scaling) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite number, got {scaling!r}")
 
 
 def check_backward_args(dy, x, h, lora_A, lora_B, out_features: int, in_features: int, scaling, dropout_p,
