@@ -98,6 +98,21 @@ def assert_runs_equal(a, b, rtol=FP32_RTOL):
         assert (pa[name] - pb[name]).abs().max() <= rtol * scale, name
 
 
+def assert_no_further_from_exact(ref, got, exact, factor=2.0):
+    """``got`` (fused, fp32) is no further from the float64 run ``exact`` than ``ref`` (PEFT, fp32) is,
+    times ``factor``, plus one fp32 rounding of the value: losses step by step and the final weights."""
+    eps = torch.finfo(torch.float32).eps
+    assert len(ref.losses) == len(got.losses) == len(exact.losses) > 0
+    for step, (r, g, e) in enumerate(zip(ref.losses, got.losses, exact.losses)):
+        assert abs(g - e) <= factor * abs(r - e) + eps * abs(e), f"step {step}: PEFT {r}, fused {g}, float64 {e}"
+    pr, pg, pe = trainable(ref.model), trainable(got.model), trainable(exact.model)
+    assert pr.keys() == pg.keys() == pe.keys()
+    for name in pe:
+        err_ref = (pr[name].double() - pe[name]).abs().max()
+        err_got = (pg[name].double() - pe[name]).abs().max()
+        assert err_got <= factor * err_ref + eps * pe[name].abs().max(), (name, err_got.item(), err_ref.item())
+
+
 def fused_layer_count(model) -> int:
     from peft.tuners.lora.layer import LoraLayer
 
@@ -201,7 +216,7 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def sft_train(out, callback: bool, resume=None, **kw):
+def sft_train(out, callback: bool, resume=None, model=None, **kw):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from lorakern.integrations.trainer import FuseCallback
@@ -212,7 +227,7 @@ def sft_train(out, callback: bool, resume=None, **kw):
     # compare in fp32 (bf16 autocast has its own test above).
     kw.setdefault("bf16", False)
     # SFTTrainer builds the PEFT model itself from peft_config: no user code runs before step 1.
-    trainer = recording(trl.SFTTrainer)(model=tiny_llama(), args=arguments(out, cls=trl.SFTConfig, **kw),
+    trainer = recording(trl.SFTTrainer)(model=model or tiny_llama(), args=arguments(out, cls=trl.SFTConfig, **kw),
                                         train_dataset=rows, processing_class=char_tokenizer(),
                                         peft_config=lora_config(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
@@ -224,7 +239,12 @@ def test_sft_trainer_with_fuse_callback_equals_peft(tmp_path):
     got = sft_train(tmp_path / "fused", callback=True)
     assert fused_layer_count(ref.model) == 0
     assert fused_layer_count(got.model) == 2 * len(TARGETS)
-    assert_runs_equal(ref, got)
+    # SFTConfig's gradient checkpointing recomputes the forward, and the CPU's GEMM kernels (AVX2 or
+    # AVX-512) sum in their own order: the two fp32 runs drift apart by ~2e-6 of the largest weight on
+    # an AVX2 EPYC. So each is held against the same run in float64, fused no further from it than
+    # PEFT's own fp32 run (times 2), plus fp32 rounding of the values.
+    exact = sft_train(tmp_path / "exact", callback=False, model=tiny_llama().double())
+    assert_no_further_from_exact(ref, got, exact)
 
 
 def test_sft_trainer_resume_keeps_the_model_fused(tmp_path):
