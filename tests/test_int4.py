@@ -223,6 +223,10 @@ def test_qalora_bad_inputs():
             qalora_linear(*args)
     with pytest.raises(ValueError, match="dropout_p"):
         qalora_linear(x, w, None, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="seed: expected a 0-d int64 tensor on cpu"):
+        qalora_linear(x, w, None, A, B, 1.0, dropout_p=0.1, training=True, seed=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="seed: expected a torch.Tensor, got int"):
+        qalora_linear(x, w, None, A, B, 1.0, dropout_p=0.1, training=True, seed=3)
     with pytest.raises(ValueError, match="dropout_p"):
         qalora_linear(x, w, None, A, B, 1.0, dropout_p=-0.1)  # refused in eval too: it is the layer's setting
     merge_cases = [

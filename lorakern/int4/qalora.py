@@ -30,6 +30,7 @@ from ..ops.common import (
     check_adapter_args,
     check_adapter_shapes,
     check_scaling,
+    check_seed,
     check_tensor,
     check_x,
     rows,
@@ -123,6 +124,7 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
+    check_seed(seed, p, x.device)
     seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
     x2d, scaling = rows(x), float(scaling)
     if p == 0.0 and _inference(x2d, lora_A, lora_B, bias) and _native_serves(x2d, weight, lora_A, lora_B, bias):
