@@ -95,15 +95,16 @@ DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 war
 
 # Several adapters per batch (multi_matmul_kernel, multi_skinny_kernel): a tile's row ids and
 # adapter ids stay live beside the accumulator and the run loop, and LoRA's 4-warp configs spill
-# there (8-32 B on sm_80 / sm_90; which ones differs between Triton 3.5 and 3.7): the 16-bit multi
-# tiles take 8 warps (40-174 registers, no spill on 3.5 or 3.7) and at most 3 stages, decode
-# tiles BLOCK_K 64 (16-bit; 128 spilled), fp32 tiles BLOCK_K 32 and 4 warps (fp32's 8-warp tiles
-# spilled), skinny panels 32 rows at most.
+# there (8-32 B on sm_80 / sm_90; which ones differs from one Triton to the next): the multi
+# tiles take 8 warps and at most 3 stages, decode tiles BLOCK_K 64 (16-bit; 128 spilled), skinny
+# panels 32 rows at most. fp32 (FMA dots, both operand tiles in registers): 16x32 tiles on 8 warps,
+# the one shape of those tried with no spill on each of Triton 3.5, 3.6, 3.7.1 and 3.9 (sm_80 and
+# sm_90; 80-124 registers). Each of 16x64 on 4 or 8 warps, 16x32 on 4 warps, 16x16 and 32x32
+# spilled 8-32 B on at least one of them, and 16x32 on 8 warps with 2 stages spilled on 3.9 only.
 MULTI_MATMUL_UNALIGNED = (MatmulConfig(64, 64, 32, 8, 2), MatmulConfig(32, 64, 32, 8, 2))
-MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 64, 32, 4, 2),)
+MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 32, 32, 8, 3),)
 MULTI_MATMUL_MEDIUM = (MatmulConfig(64, 64, 64, 8, 3),)  # 16-bit; 64x32 spilled on 3.5 (4 warps) and 3.7 (8)
-MULTI_MATMUL_DECODE = (MatmulConfig(16, 32, 64, 8, 3),)  # 16-bit; the 16x64 tile spilled on one Triton or another
-MULTI_MATMUL_DECODE_FP32 = (MatmulConfig(16, 32, 64, 4, 3),)
+MULTI_MATMUL_DECODE = (MatmulConfig(16, 32, 64, 8, 3),)  # every dtype; the 16x64 tile spilled on one Triton or another
 MULTI_MAX_STAGES = 3
 
 MAX_BLOCK_R = 64  # rank columns in one skinny program; r > 64 takes several (x read r/64 times for h)
@@ -127,7 +128,7 @@ def multi_matmul_candidates(M: int, aligned: bool = True, dtype: torch.dtype = t
     if not aligned:
         return MULTI_MATMUL_UNALIGNED_FP32 if dtype == torch.float32 else MULTI_MATMUL_UNALIGNED
     if M <= 16:
-        return MULTI_MATMUL_DECODE_FP32 if dtype == torch.float32 else MULTI_MATMUL_DECODE
+        return MULTI_MATMUL_DECODE
     if M <= 64 and dtype != torch.float32:
         return MULTI_MATMUL_MEDIUM
     warps = (lambda c: c.num_warps) if dtype == torch.float32 else (lambda c: 8)
@@ -168,7 +169,12 @@ def skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyCon
 
 
 def multi_skinny_candidates(M: int, r_pad: int, dtype: torch.dtype) -> tuple[SkinnyConfig, ...]:
-    return tuple(c for c in skinny_candidates(M, r_pad, dtype) if c.BLOCK_M <= 32)
+    """The skinny configs of at most 32 rows; fp32's 32-row panel on 8 warps: on 4 warps it spilled
+    16-112 B on sm_90 with Triton 3.9 (192 registers), on 8 warps 128 at most, no spill."""
+    cands = tuple(c for c in skinny_candidates(M, r_pad, dtype) if c.BLOCK_M <= 32)
+    if dtype != torch.float32:
+        return cands
+    return tuple(replace(c, num_warps=8) if c.BLOCK_M == 32 else c for c in cands)
 
 
 def dy_candidates(M: int, dtype: torch.dtype, dm: bool = False) -> tuple[DyConfig, ...]:
