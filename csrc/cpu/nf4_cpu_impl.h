@@ -12,9 +12,11 @@
 //
 // Decode (M = 1, 4096 x 4096): 16.8M weights in 8.4 MB of bytes + 1 MB of absmax. At ~20 GB/s
 // that is ~0.45 ms, so the decode must cost a few instructions per 32 weights. The shuffle port
-// is the limit on x86 (one per cycle): in order, 32 weights cost 2 unpacks + 2 widenings + 2
-// permutes = 6 shuffles; split (even weights from the high nibbles, odd from the low ones, of the
-// same widened bytes) costs 1 widening + 2 permutes = 3.
+// is the limit on x86 (one per cycle): with AVX-512, in order, 32 weights cost 2 unpacks + 2
+// widenings + 2 permutes = 6 shuffles; split (even weights from the high nibbles, odd from the low
+// ones, of the same widened bytes) costs 1 widening + 2 permutes = 3. AVX2 (two 8-entry halves of
+// the table) needs 8 permutes per 32 weights and gets its indices without a shuffle
+// (nf4_avx2.cpp).
 #pragma once
 
 #include <stdint.h>
