@@ -34,6 +34,12 @@ if __name__ == "__main__":  # compile, never interpret (before triton is importe
 
 import torch  # noqa: E402
 
+# The Triton each CUDA build of torch pins (torch's own requirements; a CPU build pins none). The
+# range lorakern checks (tools/triton_matrix.py) is the Tritons of this table from 3.5 on.
+TRITON_OF_TORCH = {"2.7.0": "3.3.0", "2.7.1": "3.3.1", "2.8.0": "3.4.0", "2.9.0": "3.5.0", "2.9.1": "3.5.1",
+                   "2.10.0": "3.6.0", "2.11.0": "3.6.0", "2.12.0": "3.7.0", "2.12.1": "3.7.1", "2.13.0": "3.7.1",
+                   "2.14.0": "3.8.0", "2.14.1": "3.8.0"}
+
 # Largest dynamic shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -18,6 +18,23 @@ def _in_subprocess(code: str) -> str:
     return out.stdout
 
 
+def test_triton_is_the_one_the_cuda_build_of_this_torch_pins():
+    """The tests check the Triton that GPU users of this torch run: a CUDA build of torch installs
+    the Triton it pins; beside a CPU build, which pins none (plain pip would take the newest),
+    README's test command installs the one the CUDA build of the same release pins."""
+    import torch
+    import triton
+
+    from lorakern.aot import TRITON_OF_TORCH
+
+    release = torch.__version__.split("+")[0]
+    if release not in TRITON_OF_TORCH:
+        pytest.skip(f"torch {release}: which Triton its CUDA build pins is not recorded in lorakern.aot")
+    assert triton.__version__ == TRITON_OF_TORCH[release], (
+        f"triton {triton.__version__} beside torch {torch.__version__}, whose CUDA build pins "
+        f"{TRITON_OF_TORCH[release]}: pip install triton=={TRITON_OF_TORCH[release]}")
+
+
 def test_launcher_choices_are_all_in_the_default_sweep():
     """Every config a launcher can pick (every autotune candidate) for many shapes was compiled by
     the default sweep: M = 0, 1, 7, 16, 33, 64, 4096, 65537, odd in/out, r from 1 to 256, every dtype,

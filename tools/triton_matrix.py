@@ -22,10 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from lorakern.aot import TRITON_OF_TORCH
+
 ROOT = Path(__file__).resolve().parents[1]
-# The Triton that each CUDA build of torch pins (torch's own requirements).
-TORCH_PIN = {"3.2.0": "2.6", "3.3.1": "2.7", "3.4.0": "2.8", "3.5.0": "2.9", "3.6.0": "2.10, 2.11",
-             "3.7.0": "2.12", "3.7.1": "2.13"}
+
+
+def torch_pin(triton_version: str) -> str:
+    """The torch releases whose CUDA builds pin this Triton ("-" for none)."""
+    return ", ".join(t for t, v in TRITON_OF_TORCH.items() if v == triton_version) or "-"
 
 
 def run(cmd, env=None, log=None) -> tuple[int, str, float]:
@@ -56,7 +60,7 @@ def check(version: str, python: Path, out: Path) -> dict:
                for r in recs if r["violations"]]
     ok = [r for r in recs if r["ok"]]
     result = {
-        "triton": version, "torch_pin": TORCH_PIN.get(version, "-"), "aot_rc": rc, "aot_seconds": round(secs),
+        "triton": version, "torch_pin": torch_pin(version), "aot_rc": rc, "aot_seconds": round(secs),
         "compiles": len(recs), "failing": failing,
         "spills": sum(1 for r in recs if r.get("spill_bytes")),
         "max_regs": max((r["regs"] for r in ok), default=None),
@@ -110,8 +114,9 @@ def main(argv=None) -> int:
         print(f"triton {version}: {result['compiles']} compiles, {len(result['failing'])} failing, "
               f"interpreter {result['interpreter']}", flush=True)
         results.append(result)
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (out / "summary.md").write_text(markdown(results, meta))
+        # Written after each version, so a long run cut short keeps what it checked.
+        (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        (out / "summary.md").write_text(markdown(results, meta))
     print(markdown(results, meta))
     return 0 if all(not r["failing"] and r["aot_rc"] == 0 and r["interpreter_rc"] == 0 for r in results) else 1
 
