@@ -47,7 +47,7 @@ def run(x, w, b, As, Bs, scalings, index, ps, seed_value=3, device="cpu", **kw):
     its seed (as drawn on the CPU, where the reference runs: the same draw on every device)."""
     leaves = [t.clone().to(device).requires_grad_() for t in (x, b, *As, *Bs)]
     n = len(As)
-    w = w.to(device) if isinstance(w, torch.Tensor) else w
+    w = w.to(device)  # a dense weight or an NF4Weight
     torch.manual_seed(seed_value)
     if device != "cpu":
         torch.cuda.manual_seed(seed_value)
@@ -174,8 +174,33 @@ def test_stacked_ranks_strided_x_and_rank_256(M, backend):
 
 
 @pytest.mark.parametrize("M", [5, 40])  # the native decode kernel for the base, the tiled decode
-def test_nf4_base(M):
-    check((M,), 128, 24, (8, 16), torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(M)), nf4=True)
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_nf4_base(M, backend):
+    """"triton" decodes W to x's dtype for the kernels, in forward and again in backward."""
+    check((M,), 128, 24, (8, 16), torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(M)), nf4=True,
+          backend=backend)
+
+
+def test_nf4_base_triton_saves_no_decoded_weight():
+    """The decoded W is a temporary of the forward (and again of the backward), never saved: the
+    saved tensors are x's rows, the adapters, h and the index (4-bit bytes stay the base's)."""
+    device = _triton_device()
+    x, w, b, As, Bs = inputs((40,), 128, 24, (8, 16), torch.float32)
+    weight = NF4Weight.quantize(w, 64).to(device)
+    saved = []
+    leaves = [t.to(device).requires_grad_() for t in (x, *As, *Bs)]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = multi_lora_linear(leaves[0], weight, b.to(device), leaves[1:3], leaves[3:], 1.0,
+                              torch.randint(-1, 2, (40,)).to(device), backend="triton")
+    y.sum().backward()
+    assert saved and (24, 128) not in saved and (128, 24) not in saved, saved
+    assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nf4_base_16_bit_triton(dtype):
+    check((37,), 64, 40, (1, 16, 8), torch.randint(-1, 3, (37,), generator=torch.Generator().manual_seed(5)), dtype,
+          ps=[0.0, 0.2, 0.0], nf4=True, backend="triton")
 
 
 def test_bad_inputs_get_clear_errors():
@@ -204,8 +229,8 @@ def test_bad_inputs_get_clear_errors():
         (dict(scaling=[1.0]), ValueError, "scaling: expected a number or a sequence of 2"),
         (dict(dropout_p=[0.1, 1.0]), ValueError, r"adapter 1: dropout_p: expected a probability in \[0, 1\)"),
         (dict(backend="native"), ValueError, "backend must be one of .'auto', 'reference', 'triton'"),
-        (dict(weight=NF4Weight.quantize(w, 64), backend="triton"), ValueError,
-         "backend must be one of .'auto', 'reference', 'native'"),
+        (dict(weight=NF4Weight.quantize(w, 64), backend="cuda"), ValueError,
+         "backend must be one of .'auto', 'reference', 'native', 'triton'"),
     ]:
         args = dict(x=x, weight=w, bias=b, lora_A=As, lora_B=Bs, scaling=1.0, adapter_index=idx)
         args.update(kwargs)

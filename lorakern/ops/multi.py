@@ -3,10 +3,12 @@ serving, or several adapters trained in one batch), on a dense or NF4 base.
 
     y_m = x_m W^T + bias + s_a * dropout_a(x_m) A_a^T B_a^T,   a = adapter_index[m]  (-1: the base only)
 
-Two paths. On a dense base, "triton" (CUDA, or the interpreter) runs the kernels of
-lorakern/triton/multi.py on the adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is
-stacked per call, a copy of their n * r_max * (in + out) elements; pass stacked tensors to avoid
-it). The pure-torch path (every device, any base; autograd through torch): the base once for the
+Two paths. "triton" (CUDA, or the interpreter) runs the kernels of lorakern/triton/multi.py on
+the adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is stacked per call, a copy of
+their n * r_max * (in + out) elements; pass stacked tensors to avoid it); an NF4 base is decoded to
+x's dtype into a temporary for them, in forward and again in backward (as the QLoRA op's "triton":
+never kept between the two; "auto" takes it for CUDA inputs above SMALL_M rows, where the GEMM
+dominates, and the NF4 kernels below). The pure-torch path (every device, any base; autograd through torch): the base once for the
 whole batch (its small-M kernels, its tiled decode for an NF4 base), then per adapter its rows gathered,
 two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
 None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backend import FLOAT_DTYPES, SMALL_M, resolve_lora, resolve_nf4
+from ..backend import FLOAT_DTYPES, SMALL_M, resolve_lora, resolve_qlora
 from ..dropout import apply_dropout, draw_seed
 from ..nf4 import native
 from ..nf4.format import NF4Weight
@@ -127,9 +129,9 @@ def multi_lora_linear(
         scaling, dropout_p: one number for all adapters, or one per adapter.
         adapter_index: integer, x's leading shape (or flat ``[M]``): the adapter of each row, -1 for
             the base alone.
-        backend: "auto", "reference" (pure torch), "triton" (dense base: the fused kernels, on CUDA
-            or in the interpreter; "auto" takes them for CUDA tensors), or for an NF4 base "native"
-            (its base product by lorakern._C).
+        backend: "auto", "reference" (pure torch), "triton" (the fused kernels, on CUDA or in the
+            interpreter; "auto" takes them for CUDA tensors, on an NF4 base above 16 rows), or for
+            an NF4 base "native" (its base product by lorakern._C).
 
     Returns y with grads for x, bias and every adapter's A and B (from its own rows only; for
     stacked adapters, zeros beyond each adapter's rank).
@@ -162,7 +164,7 @@ def multi_lora_linear(
             raise type(e)(f"adapter {a}: {e}") from None
     index = check_index(adapter_index, x, n)
     ranks = [A.shape[0] for A in lora_A] if ranks is None else ranks
-    chosen = resolve_nf4(backend, x.device) if nf4 else resolve_lora(backend, x, max(ranks))
+    chosen = resolve_qlora(backend, rows(x), max(ranks)) if nf4 else resolve_lora(backend, x, max(ranks))
     if cast is not None:
         x, bias = autocast_to(cast, x, bias)
         lora_A, lora_B = autocast_to(cast, *lora_A), autocast_to(cast, *lora_B)
@@ -171,16 +173,16 @@ def multi_lora_linear(
     ps = [p if training else 0.0 for p in ps]
     seed = draw_seed(x.device) if any(p > 0.0 for p in ps) else None
     x2d = rows(x)
+    base = NF4Base(weight) if nf4 else DenseBase(weight)
     if chosen == "triton":
         if stacks is None:
             r_max = max(ranks)
             stacks = (_stack(lora_A, 0, r_max), _stack(lora_B, 1, r_max))
         adapters = _kernels().Adapters(ranks, scalings, ps, x.device)
-        y = _MultiTriton.apply(x2d, bias, *stacks, weight, index.to(torch.int32), adapters, seed)
+        y = _MultiTriton.apply(x2d, bias, *stacks, base, index.to(torch.int32), adapters, seed)
     elif nf4 and chosen == "native" and _native_serves(x2d, bias, lora_A, lora_B, ps):
         y = native.cpu_multi_forward(x2d, weight, bias, lora_A, lora_B, scalings, index)
     else:
-        base = NF4Base(weight) if nf4 else DenseBase(weight)
         y = _BaseLinear.apply(x2d, bias, base, chosen)
         y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -201,19 +203,23 @@ def _native_serves(x2d, bias, lora_A, lora_B, ps) -> bool:
 
 
 class _MultiTriton(torch.autograd.Function):
-    """The Triton kernels (lorakern/triton/multi.py) on stacked adapters; W never gets a grad."""
+    """The Triton kernels (lorakern/triton/multi.py) on stacked adapters over a base's W in x's
+    dtype (an NF4 base decoded for the forward and again for the backward, never saved); W never
+    gets a grad."""
 
     @staticmethod
-    def forward(ctx, x2d, bias, lora_A, lora_B, weight, index, adapters, seed):
-        y, h = _kernels().forward(x2d, weight, bias, lora_A, lora_B, index, adapters, seed)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, h, index, seed)
-        ctx.adapters = adapters
+    def forward(ctx, x2d, bias, lora_A, lora_B, base, index, adapters, seed):
+        y, h = _kernels().forward(x2d, base.dequantize(x2d.dtype, "native"), bias, lora_A, lora_B, index, adapters,
+                                  seed)
+        ctx.save_for_backward(x2d, lora_A, lora_B, h, index, seed)
+        ctx.base, ctx.adapters = base, adapters
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, h, index, seed = ctx.saved_tensors
+        x2d, lora_A, lora_B, h, index, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
+        weight = ctx.base.dequantize(dy.dtype, "native")
         dx, dA, dB, dbias = _kernels().backward(dy, x2d, weight, lora_A, lora_B, h, index, ctx.adapters, seed,
                                                 needs_dx=need[0], needs_dlora=need[2] or need[3], needs_dbias=need[1])
         return dx, dbias, dA, dB, None, None, None, None
