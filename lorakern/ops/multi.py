@@ -8,9 +8,9 @@ the adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is stacked per 
 their n * r_max * (in + out) elements; pass stacked tensors to avoid it); an NF4 base is decoded to
 x's dtype into a temporary for them, in forward and again in backward (as the QLoRA op's "triton":
 never kept between the two; "auto" takes it for CUDA inputs above SMALL_M rows, where the GEMM
-dominates, and the NF4 kernels below). The pure-torch path (every device, any base; autograd through torch): the base once for the
-whole batch (its small-M kernels, its tiled decode for an NF4 base), then per adapter its rows gathered,
-two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
+dominates, and the NF4 kernels below). The pure-torch path (every device, any base; autograd
+through torch): the base once for the whole batch (its small-M kernels, its tiled decode for an
+NF4 base), then per adapter its rows gathered, two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
 None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
 Dropout draws one seed per call; the mask of element (m, k) is the one the single-adapter op
 draws for that seed and element index ``m * in + k``, with adapter a(m)'s probability: a batch
