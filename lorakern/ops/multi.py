@@ -10,8 +10,8 @@ x's dtype into a temporary for them, in forward and again in backward (as the QL
 never kept between the two; "auto" takes it for CUDA inputs above SMALL_M rows, where the GEMM
 dominates, and the NF4 kernels below). The pure-torch path (every device, any base; autograd
 through torch): the base once for the whole batch (its small-M kernels, its tiled decode for an
-NF4 base), then per adapter its rows gathered, two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's rows only (zeros, not
-None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
+NF4 base), then per adapter its rows gathered, two skinny matmuls and a scatter-add into y; dA_a
+and dB_a come from a's rows only (zeros, not None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
 Dropout draws one seed per call; the mask of element (m, k) is the one the single-adapter op
 draws for that seed and element index ``m * in + k``, with adapter a(m)'s probability: a batch
 whose rows are all one adapter's gets exactly the single-adapter op's masks.
