@@ -3,18 +3,18 @@ serving, or several adapters trained in one batch), on a dense or NF4 base.
 
     y_m = x_m W^T + bias + s_a * dropout_a(x_m) A_a^T B_a^T,   a = adapter_index[m]  (-1: the base only)
 
-Two paths. "triton" (CUDA, or the interpreter) runs the kernels of lorakern/triton/multi.py on
-the adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is stacked per call, a copy of
-their n * r_max * (in + out) elements; pass stacked tensors to avoid it); an NF4 base is decoded to
-x's dtype into a temporary for them, in forward and again in backward (as the QLoRA op's "triton":
-never kept between the two; "auto" takes it for CUDA inputs above SMALL_M rows, where the GEMM
-dominates, and the NF4 kernels below). The pure-torch path (every device, any base; autograd
-through torch): the base once for the whole batch (its small-M kernels, its tiled decode for an
-NF4 base), then per adapter its rows gathered, two skinny matmuls and a scatter-add into y; dA_a
-and dB_a come from a's rows only (zeros, not None, for an adapter without rows). Each adapter keeps its own rank, scaling and dropout.
-Dropout draws one seed per call; the mask of element (m, k) is the one the single-adapter op
-draws for that seed and element index ``m * in + k``, with adapter a(m)'s probability: a batch
-whose rows are all one adapter's gets exactly the single-adapter op's masks.
+Two paths. "triton" (CUDA, or the interpreter) runs the kernels of lorakern/triton/multi.py on the
+adapters stacked ``[n, r_max, ...]`` (a sequence of adapters is stacked per call, a copy of their n
+* r_max * (in + out) elements; pass stacked tensors to avoid it); an NF4 base is decoded to x's
+dtype into a temporary for them, in forward and again in backward (as the QLoRA op's "triton": never
+kept between the two; "auto" takes it for CUDA inputs above SMALL_M rows, where the GEMM dominates,
+and the NF4 kernels below). The pure-torch path (every device, any base; autograd through torch):
+the base once for the whole batch (its small-M kernels, its tiled decode for an NF4 base), then per
+adapter its rows gathered, two skinny matmuls and a scatter-add into y; dA_a and dB_a come from a's
+rows only (zeros, not None, for an adapter without rows). Each adapter keeps its own rank, scaling
+and dropout. Dropout draws one seed per call; the mask of element (m, k) is the one the
+single-adapter op draws for that seed and element index ``m * in + k``, with adapter a(m)'s
+probability: a batch whose rows are all one adapter's gets exactly the single-adapter op's masks.
 
 Cost against one adapter on the same rows: the base product is shared, each adapter with rows adds
 ``2 * rows_a * r_a * (in + out)`` FLOPs and a gather of its rows of x (rows_a * in elements, as
