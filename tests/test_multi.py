@@ -273,6 +273,54 @@ def test_fuse_serves_peft_mixed_batches(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_stacked_adapters_are_kept_while_no_adapter_changes():
+    """On CUDA a fused mixed batch passes the adapters stacked: for serving, one stack per layer is
+    kept until an adapter changes (in place, by load_state_dict, or replaced); training stacks per
+    call with the grads flowing back. The stacks serve PEFT's mixed batch output (Triton kernels)."""
+    from lorakern.integrations.peft import stacked_adapters
+
+    _, model = _peft_model()
+    layer = model.base_model.model.up  # adapters default (r=8), b (r=4), c (r=16)
+    names = ["b", "default", "c"]
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        A, B, ranks = stacked_adapters(layer, names, x)
+        assert ranks == [4, 8, 16] and A.shape == (3, 16, 48) and B.shape == (3, 72, 16)
+        for a, n in enumerate(names):
+            r = ranks[a]
+            assert torch.equal(A[a, :r], layer.lora_A[n].weight) and not A[a, r:].any()
+            assert torch.equal(B[a, :, :r], layer.lora_B[n].weight) and not B[a, :, r:].any()
+        again = stacked_adapters(layer, names, x)
+        assert again[0] is A and again[1] is B, "unchanged adapters: the kept stacks"
+        assert stacked_adapters(layer, names, x.double())[0].dtype == torch.float64
+        layer.lora_A["b"].weight.add_(1.0)  # an in-place write (an optimizer step)
+        A2 = stacked_adapters(layer, names, x)[0]
+        assert torch.equal(A2[0, :4], layer.lora_A["b"].weight)
+        state = {k: v + 1 for k, v in model.state_dict().items() if "lora_B.c" in k}
+        model.load_state_dict(state, strict=False)
+        B3 = stacked_adapters(layer, names, x)[1]
+        assert torch.equal(B3[2], layer.lora_B["c"].weight)
+        layer.lora_A["default"].weight = torch.nn.Parameter(torch.randn(8, 48))  # replaced
+        A4 = stacked_adapters(layer, names, x)[0]
+        assert torch.equal(A4[1, :8], layer.lora_A["default"].weight)
+        index = torch.tensor([0, 2, -1, 1, 1, 0])
+        want = layer(x, adapter_names=[(names + ["__base__"])[i] for i in index.tolist()])
+        device = _triton_device()
+        got = multi_lora_linear(x.to(device), layer.base_layer.weight.to(device), layer.base_layer.bias.to(device),
+                                A4.to(device), B3.to(device), [layer.scaling[n] for n in names], index.to(device),
+                                ranks=ranks, backend="triton")
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        layer.lora_A[n].weight.requires_grad_(True)
+        layer.lora_B[n].weight.requires_grad_(True)
+    A5, B5, _ = stacked_adapters(layer, names, x)  # training: stacked per call, grads flow back
+    assert A5 is not stacked_adapters(layer, names, x)[0]
+    (A5.sum() + B5.sum()).backward()
+    assert all(layer.lora_A[n].weight.grad is not None and layer.lora_B[n].weight.grad is not None for n in names)
+
+
 def test_peft_mixed_batch_errors_are_peft_s():
     """What PEFT refuses in a mixed batch (a wrong number of names, DoRA) it still refuses fused."""
     peft, model = _peft_model()

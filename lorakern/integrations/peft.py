@@ -25,6 +25,8 @@ with a one-time warning per reason.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
@@ -34,6 +36,7 @@ from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype, autocast_to
+from ..ops.multi import stack_ranks
 
 _FUSED = "_lorakern_fused"
 
@@ -216,16 +219,54 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
     base = layer.base_layer
     if not names:
         return base(x)
-    As, Bs, ps, scalings = [], [], [], []
-    for n in names:
-        A, B = _in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight)
-        dropout = layer.lora_dropout[n]
-        As.append(A)
-        Bs.append(B)
-        ps.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
-        scalings.append(layer.scaling[n])
+    dropouts = [layer.lora_dropout[n] for n in names]
+    ps = [d.p if isinstance(d, nn.Dropout) and d.training else 0.0 for d in dropouts]
+    scalings = [layer.scaling[n] for n in names]
+    if x.device.type == "cuda":  # the Triton kernels take the adapters stacked
+        As, Bs, ranks = stacked_adapters(layer, names, x)
+    else:
+        pairs = [_in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+        As, Bs, ranks = [A for A, _ in pairs], [B for _, B in pairs], None
     weight = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else base.weight
-    return multi_lora_linear(x, weight, _bias_in_x_dtype(x, base), As, Bs, scalings, index, ps, training=True)
+    return multi_lora_linear(x, weight, _bias_in_x_dtype(x, base), As, Bs, scalings, index, ps, training=True,
+                             ranks=ranks)
+
+
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stacked A, stacked B, ranks)
+
+
+def stacked_adapters(layer, names, x: torch.Tensor):
+    """Adapters ``names`` of ``layer`` stacked as the Triton kernels take them (``A [n, r_max, in]``,
+    ``B [n, out, r_max]``, zero-padded, in the dtype they compute in) and their ranks.
+
+    Serving (no adapter needs a grad): kept per layer until one of the adapters changes. Stacking is
+    a copy of ``n * r_max * (in + out)`` elements, which at decode sits beside a base GEMV reading
+    ``out * in``: 32 adapters of r=16 on a 4096 x 4096 layer copy 4M elements per call against the
+    base's 16.8M, ~25% more traffic per step. The key holds the adapter tensors themselves (so no
+    other tensor can take one's identity while it is cached), their storage and version counters,
+    which every in-place write bumps (optimizer steps, ``load_state_dict``, ``nn.init`` under
+    ``no_grad``). Training stacks per call, so that the grads flow back to each adapter."""
+    weights = [t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    ranks = [layer.lora_A[n].weight.shape[0] for n in names]
+
+    def stack(part: int) -> torch.Tensor:
+        return stack_ranks([t.to(dtype) for t in weights[part::2]], part, max(ranks))
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
+        return stack(0), stack(1), ranks
+    key = (dtype, x.device, tuple((t, t.data_ptr(), t._version) for t in weights))
+    cached = _STACKS.get(layer)
+    if cached is None or not _same_key(cached[0], key):
+        with torch.no_grad():
+            cached = (key, stack(0), stack(1), ranks)
+        _STACKS[layer] = cached
+    return cached[1:]
+
+
+def _same_key(a, b) -> bool:
+    return (a[:2] == b[:2] and len(a[2]) == len(b[2])
+            and all(t is u and p == q and v == w for (t, p, v), (u, q, w) in zip(a[2], b[2])))
 
 
 class FusedForward:

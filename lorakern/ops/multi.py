@@ -108,7 +108,7 @@ def _stacked_views(lora_A, lora_B, ranks):
     return [lora_A[a, :r] for a, r in enumerate(ranks)], [lora_B[a, :, :r] for a, r in enumerate(ranks)], ranks
 
 
-def _stack(tensors: list[Tensor], dim: int, r_max: int) -> Tensor:
+def stack_ranks(tensors: list[Tensor], dim: int, r_max: int) -> Tensor:
     """Adapters' tensors zero-padded along ``dim`` (their rank) to r_max and stacked (autograd
     flows back to each): a copy of n * r_max * (in + out) elements, the adapters' size."""
     pad = [(0, 0, 0, r_max - t.shape[0]) if dim == 0 else (0, r_max - t.shape[1]) for t in tensors]
@@ -177,7 +177,7 @@ def multi_lora_linear(
     if chosen == "triton":
         if stacks is None:
             r_max = max(ranks)
-            stacks = (_stack(lora_A, 0, r_max), _stack(lora_B, 1, r_max))
+            stacks = (stack_ranks(lora_A, 0, r_max), stack_ranks(lora_B, 1, r_max))
         adapters = _kernels().Adapters(ranks, scalings, ps, x.device)
         y = _MultiTriton.apply(x2d, bias, *stacks, base, index.to(torch.int32), adapters, seed)
     elif nf4 and chosen == "native" and _native_serves(x2d, bias, lora_A, lora_B, ps):
