@@ -327,6 +327,52 @@ def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly():
     assert abs(after - before) <= 1e-6 * before, (before, after)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_qalora_layer_saves_and_loads_its_int4_base(merged):
+    """The INT4 base is in the state_dict (codes, scales and the float zeros): a merged layer, saved
+    and loaded into a fresh layer quantized from the same Linear (or torch.save'd whole), gives the
+    output it had; strict loading names the missing base keys, an adapter-only state (strict=False)
+    keeps the base, and a base of another shape or group size is refused."""
+    import io
+
+    from lorakern.int4.layer import QALoRALinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    layer = QALoRALinear.from_linear(lin, r=4, group_size=32)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        want = layer(x)
+        if merged:
+            layer.merge()
+        state = layer.state_dict()
+        assert {"weight_int4.codes", "weight_int4.scales", "weight_int4.zeros"} <= set(state)
+        fresh = QALoRALinear.from_linear(lin, r=4, group_size=32)
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fresh.weight_int4.zeros, layer.weight_int4.zeros)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf, weights_only=False)(x), want, rtol=1e-5, atol=1e-5)
+
+        adapter_only = {k: v for k, v in state.items() if not k.startswith("weight_int4.")}
+        with pytest.raises(RuntimeError, match="Missing key.*weight_int4.codes"):
+            QALoRALinear.from_linear(lin, r=4, group_size=32).load_state_dict(adapter_only)
+        kept = QALoRALinear.from_linear(lin, r=4, group_size=32)
+        base = kept.weight_int4
+        kept.load_state_dict(adapter_only, strict=False)
+        assert kept.weight_int4 is base
+        for bad, match in [
+            ({**state, "weight_int4.codes": state["weight_int4.codes"][:10]}, "weight_int4"),
+            (QALoRALinear.from_linear(nn.Linear(128, 64), r=4, group_size=64).state_dict(), "group_size 64"),
+            ({**state, "weight_int4.scales": state["weight_int4.scales"][:, :3]}, "weight_int4.scales"),
+        ]:
+            with pytest.raises(RuntimeError, match=match):
+                QALoRALinear.from_linear(lin, r=4, group_size=32).load_state_dict(bad)
+
+
 def test_int4_base_tiles_never_hold_the_whole_weight(monkeypatch):
     """INT4Base decodes W a row tile at a time: with tiles of 3 rows (37 rows: 13 tiles, the last
     short) the products and the QA-LoRA op are the untiled ones."""

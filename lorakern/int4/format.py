@@ -108,6 +108,30 @@ class INT4Weight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
+    STATE_KEYS = ("codes", "scales", "zeros")
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``prefix + "codes"``, ``"scales"`` and ``"zeros"`` (the float zero points, so a merged
+        weight saves exactly); the shape and group size follow from their shapes."""
+        return {prefix + k: getattr(self, k) for k in self.STATE_KEYS}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, prefix: str = "") -> INT4Weight:
+        """Inverse of :meth:`state_dict`, every tensor checked (a KeyError names a missing key)."""
+        missing = [prefix + k for k in cls.STATE_KEYS if prefix + k not in state]
+        if missing:
+            raise KeyError(f"state_dict: missing INT4 keys {missing}")
+        codes, scales, zeros = (state[prefix + k] for k in cls.STATE_KEYS)
+        for k, t in zip(cls.STATE_KEYS, (codes, scales, zeros)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"state_dict: {prefix}{k}: expected a 2-D tensor, got "
+                                 f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        out_features, in_features = codes.shape[0], 2 * codes.shape[1]
+        if scales.shape[1] == 0 or in_features % scales.shape[1]:
+            raise ValueError(f"state_dict: {prefix}scales: {list(scales.shape)} does not divide the "
+                             f"{in_features} columns of {prefix}codes {list(codes.shape)} into groups")
+        return cls(codes, scales, zeros, in_features // scales.shape[1], (out_features, in_features))
+
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 64, symmetric: bool = False) -> INT4Weight:
         """Round-to-nearest INT4 of ``weight [out, in]`` per group: asymmetric (``scale = (max - min)

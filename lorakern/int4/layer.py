@@ -60,6 +60,37 @@ class QALoRALinear(nn.Module):
             self.weight_int4 = self.weight_int4.to(device)
         return self
 
+    # The INT4 weight is not a Parameter (a frozen 4-bit tensor set), so the state_dict carries it
+    # by hand: a merged layer's zero points are the adapter's work, and a state without them would
+    # load the unmerged base under a zeroed B.
+    _WEIGHT_PREFIX = "weight_int4."
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight_int4.state_dict(prefix + self._WEIGHT_PREFIX))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wp = prefix + self._WEIGHT_PREFIX
+        keys = [k for k in state_dict if k.startswith(wp)]
+        if keys:
+            try:
+                loaded = INT4Weight.from_state_dict(state_dict, wp)
+            except (KeyError, TypeError, ValueError) as e:
+                error_msgs.append(f"{wp[:-1]}: {e}")
+            else:
+                if tuple(loaded.shape) != (self.out_features, self.in_features) or loaded.group_size != self.group_size:
+                    error_msgs.append(f"{wp[:-1]}: INT4 shape {tuple(loaded.shape)} with group_size "
+                                      f"{loaded.group_size}, expected {(self.out_features, self.in_features)} with "
+                                      f"group_size {self.group_size}")
+                else:
+                    self.weight_int4 = loaded.to(self.weight_int4.device)
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        elif strict:  # a state without the base (adapter weights only, strict=False) keeps this one
+            missing_keys.extend(wp + k for k in INT4Weight.STATE_KEYS)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qalora_linear(x, self.weight_int4, self.bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
                              self.scaling, self.lora_dropout, training=self.training)
