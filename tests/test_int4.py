@@ -373,6 +373,41 @@ def test_qalora_layer_saves_and_loads_its_int4_base(merged):
                 QALoRALinear.from_linear(lin, r=4, group_size=32).load_state_dict(bad)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_hqq_export_of_a_merged_layer(compute_dtype):
+    """A merged QA-LoRA layer exported to HQQ (float zero points) and loaded by HQQ's own
+    HQQLinear on the CPU: in float32 its dequantized W is the merged INT4 weight bit for bit and its
+    output the merged layer's; in 16 bits the reported error is the one HQQ's dequantize makes."""
+    hqq = pytest.importorskip("hqq.core.quantize")
+    from lorakern.int4.layer import QALoRALinear
+
+    torch.manual_seed(0)
+    layer = QALoRALinear.from_linear(nn.Linear(256, 48), r=4, group_size=64)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        state, err = layer.weight_int4.to_hqq(compute_dtype, bias=layer.bias)
+        loaded = hqq.HQQLinear(None, quant_config=None, initialize=False, compute_dtype=compute_dtype, device="cpu")
+        loaded.load_state_dict(state)
+        w = loaded.dequantize()
+        own = layer.weight_int4.dequantize(torch.float32).double()
+        assert abs(float((w.double() - own).norm() / own.norm()) - err) <= 1e-12
+        if compute_dtype == torch.float32:
+            assert err == 0.0 and torch.equal(w, layer.weight_int4.dequantize(torch.float32))
+            torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+        else:
+            assert 0.0 < err < 1e-2
+    w4 = INT4Weight.quantize(torch.randn(3, 64), 64)
+    with pytest.raises(ValueError, match="3 groups .* is odd"):
+        w4.to_hqq()
+    with pytest.raises(ValueError, match=r"bias: expected a tensor of shape \[48\]"):
+        layer.weight_int4.to_hqq(bias=torch.zeros(47))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        layer.weight_int4.to_hqq(torch.float64)
+
+
 def test_int4_base_tiles_never_hold_the_whole_weight(monkeypatch):
     """INT4Base decodes W a row tile at a time: with tiles of 3 rows (37 rows: 13 tiles, the last
     short) the products and the QA-LoRA op are the untiled ones."""

@@ -237,6 +237,47 @@ class INT4Weight:
         return tensors, error
 
 
+    # -- HQQ ----------------------------------------------------------------------------------------
+
+    def to_hqq(self, compute_dtype: torch.dtype = torch.float16,
+               bias: torch.Tensor | None = None) -> tuple[dict, float]:
+        """This weight as the state dict ``hqq.core.quantize.HQQLinear.load_state_dict`` reads (4 bits,
+        ``axis=1``, groups of ``group_size`` along a row, packing "4bit_u8"), and the relative error
+        (Frobenius norm) of HQQ's dequantize in ``compute_dtype`` against this weight's own float32
+        one. HQQ keeps float zero points, so in float32 the export is exact (a merged QA-LoRA weight
+        included: error 0, the same bits); in 16 bits its scales, zeros and products round to that
+        dtype.
+
+        HQQ's layout: W reshaped to ``[out * in / G, G]`` (one group a row), codes packed along
+        that first axis (row i in the high nibble of byte row i, row i + half in the low one),
+        ``scale`` and ``zero`` ``[out * in / G, 1]``, and ``W = (q - zero) * scale``."""
+        if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"compute_dtype: expected float16, bfloat16 or float32, got {compute_dtype}")
+        out_features, in_features = self.shape
+        groups = out_features * in_features // self.group_size
+        if groups % 2:
+            raise ValueError(f"HQQ packs two groups a byte row: {groups} groups (out_features x in_features / "
+                             f"group_size) is odd")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
+            raise ValueError(f"bias: expected a tensor of shape [{out_features}], got "
+                             f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        q = unpack_codes(self.codes).to(torch.uint8).reshape(groups, self.group_size)
+        half = groups // 2
+        state = {
+            "W_q": (q[:half] << 4) | q[half:], "nbits": 4, "group_size": self.group_size,
+            "shape": torch.Size((out_features, in_features)), "axis": 1, "packing": "4bit_u8",
+            "unpack_view_dtype": torch.uint8, "view_as_float": False, "compute_dtype": compute_dtype,
+            "scale": self.scales.reshape(groups, 1).to(compute_dtype),
+            "zero": self.zeros.reshape(groups, 1).to(compute_dtype), "quant_scale": False, "quant_zero": False,
+            "offload_meta": False,
+        }
+        if bias is not None:
+            state["bias"] = bias.detach().to(compute_dtype)
+        hqq = ((q.to(compute_dtype) - state["zero"]) * state["scale"]).reshape(out_features, in_features)
+        own = self.dequantize(torch.float32).double()
+        return state, float((hqq.double() - own).norm() / own.norm().clamp(min=1e-300))
+
+
 class _NativeView:
     """An INT4 weight in the NF4 kernels' terms (see :meth:`INT4Weight.native_view`)."""
 
