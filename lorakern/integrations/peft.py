@@ -245,7 +245,8 @@ def stacked_adapters(layer, names, x: torch.Tensor):
     base's 16.8M, ~25% more traffic per step. The key holds the adapter tensors themselves (so no
     other tensor can take one's identity while it is cached), their storage and version counters,
     which every in-place write bumps (optimizer steps, ``load_state_dict``, ``nn.init`` under
-    ``no_grad``). Training stacks per call, so that the grads flow back to each adapter."""
+    ``no_grad``; a write through ``tensor.data``, which has a counter of its own, is not seen, as
+    for the DoRA norm cache). Training stacks per call, so that the grads flow back to each adapter."""
     weights = [t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
     dtype = autocast_dtype(x.device.type) or x.dtype
     ranks = [layer.lora_A[n].weight.shape[0] for n in names]
