@@ -88,8 +88,11 @@ SKINNY = (  # largest BLOCK_M first (skinny_candidates rotates to about one prog
 DY_LARGE = (DyConfig(64, 64, 4, 3),)  # M > 64: 64-row panels, the tallest that fit
 DY_MEDIUM = (DyConfig(64, 64, 4, 3), DyConfig(32, 64, 4, 3))  # 16 < M <= 64: one or two row panels
 DY_SMALL = (DyConfig(16, 64, 4, 3), DyConfig(16, 32, 4, 3))  # M <= 16: split over columns instead
-DY_LARGE_DM = (DyConfig(64, 64, 8, 3),)  # DoRA's dm reads a z tile beside each dY tile: 4 warps spilled 220 B
-DY_MEDIUM_DM = (DyConfig(64, 64, 8, 3), DyConfig(32, 64, 4, 3))  # (sm_80, 16-bit), 8 warps hold both unspilled
+# DoRA's dm reads a z tile beside each dY tile: on 4 warps 64x64 spilled 220 B (sm_80, 16-bit); on 8
+# warps with 3 stages 24 B at r=32 with Triton 3.8 (255 registers); with 2 stages no spill on 3.5,
+# 3.6, 3.7.0, 3.7.1, 3.8 and 3.9 (sm_80 / sm_90, every rank and variant of the sweep).
+DY_LARGE_DM = (DyConfig(64, 64, 8, 2),)
+DY_MEDIUM_DM = (DyConfig(64, 64, 8, 2), DyConfig(32, 64, 4, 3))
 DY_FP32 = (DyConfig(32, 32, 8, 2),)  # fp32's FMA dots hold both tiles in registers: 32x16 tiles
 DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 warps
 
