@@ -231,7 +231,7 @@ def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
     counts = torch.bincount(index + 1, minlength=len(lora_A) + 1).tolist()  # bin 0: rows with -1
     rows_max = max(counts[1:])
     if not any(p > 0.0 for p in ps) and 0 < len(lora_A) * rows_max <= 2 * (x2d.shape[0] - counts[0]):
-        return _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts, rows_max)
+        return _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts)
     start = counts[0]
     for a, count in enumerate(counts[1:]):
         # An adapter without rows runs on none (a few us): its dA and dB are then zeros, not None.
@@ -243,7 +243,7 @@ def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
     return y
 
 
-def _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts, rows_max):
+def _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts):
     """:func:`_add_adapters` without dropout, every adapter at once: the rows of each adapter
     gathered into a zero-padded ``[n, rows_max, in]`` block, two batched matmuls against the adapters
     stacked (zero-padded to r_max), one scatter-add. Taken when the padding at most doubles the rows
@@ -252,7 +252,8 @@ def _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts
     (M = 64) and 1.20x (M = 8) one adapter's time that way, ~1.0x this way (EPYC Zen 4, 2 threads).
     Stacking a sequence of adapters is a copy of n * r_max * (in + out) elements (4 MB there)."""
     n, K, N = len(lora_A), x2d.shape[1], y.shape[1]
-    per, r_max = counts[1:], max(A.shape[0] for A in lora_A)
+    per = counts[1:]
+    rows_max, r_max = max(per), max(A.shape[0] for A in lora_A)
     order = order[counts[0]:]  # the rows that take an adapter, grouped by adapter
     adapter = index.index_select(0, order)
     per_t = torch.tensor(per, device=x2d.device)
