@@ -229,9 +229,6 @@ def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
     """``y`` with each adapter's term added on its rows, in place (autograd tracks it)."""
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index + 1, minlength=len(lora_A) + 1).tolist()  # bin 0: rows with -1
-    rows_max = max(counts[1:])
-    if not any(p > 0.0 for p in ps) and 0 < len(lora_A) * rows_max <= 2 * (x2d.shape[0] - counts[0]):
-        return _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts)
     start = counts[0]
     for a, count in enumerate(counts[1:]):
         # An adapter without rows runs on none (a few us): its dA and dB are then zeros, not None.
@@ -241,25 +238,3 @@ def _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index):
         term = ((xa @ lora_A[a].t()) @ lora_B[a].t()) * scalings[a]
         y.index_add_(0, row_ids, term.to(y.dtype))
     return y
-
-
-def _add_adapters_batched(y, x2d, lora_A, lora_B, scalings, index, order, counts):
-    """:func:`_add_adapters` without dropout, every adapter at once: the rows of each adapter
-    gathered into a zero-padded ``[n, rows_max, in]`` block, two batched matmuls against the adapters
-    stacked (zero-padded to r_max), one scatter-add. Taken when the padding at most doubles the rows
-    (a decode batch of one row per adapter has none). Per adapter, the loop runs six small ops, each
-    a dispatch and a wake-up of the CPU's thread team: 8 adapters of r=16 on 4096 x 4096 cost 1.10x
-    (M = 64) and 1.20x (M = 8) one adapter's time that way, ~1.0x this way (EPYC Zen 4, 2 threads).
-    Stacking a sequence of adapters is a copy of n * r_max * (in + out) elements (4 MB there)."""
-    n, K, N = len(lora_A), x2d.shape[1], y.shape[1]
-    per = counts[1:]
-    rows_max, r_max = max(per), max(A.shape[0] for A in lora_A)
-    order = order[counts[0]:]  # the rows that take an adapter, grouped by adapter
-    adapter = index.index_select(0, order)
-    per_t = torch.tensor(per, device=x2d.device)
-    slot = adapter * rows_max + torch.arange(order.numel(), device=x2d.device) - (per_t.cumsum(0) - per_t)[adapter]
-    xp = x2d.new_zeros(n * rows_max, K).index_copy(0, slot, x2d.index_select(0, order)).view(n, rows_max, K)
-    scale = torch.tensor(scalings, dtype=x2d.dtype, device=x2d.device)
-    h = torch.bmm(xp, stack_ranks(lora_A, 0, r_max).transpose(1, 2)) * scale[:, None, None]
-    term = torch.bmm(h, stack_ranks(lora_B, 1, r_max).transpose(1, 2)).view(n * rows_max, N)
-    return y.index_add_(0, order, term.index_select(0, slot).to(y.dtype))
