@@ -236,7 +236,6 @@ class INT4Weight:
         error = float((exported.dequantize(torch.float64) - exact).norm() / exact.norm().clamp(min=1e-300))
         return tensors, error
 
-
     # -- HQQ ----------------------------------------------------------------------------------------
 
     def to_hqq(self, compute_dtype: torch.dtype = torch.float16,
