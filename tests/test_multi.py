@@ -119,11 +119,14 @@ def test_degenerate_batches(case, backend):
     check((9,), 16, 12, (8, 4), index, backend=backend)
 
 
+# (M, K, N): 33 rows sorted into mixed tiles with unaligned K; 5 rows of aligned K and N, the
+# decode tile whose rows each gather their own adapter's B (forward) and A (dx).
+@pytest.mark.parametrize("M,K,N", [(33, 40, 24), (5, 48, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_16_bit(dtype, backend):
-    index = torch.randint(-1, 2, (33,), generator=torch.Generator().manual_seed(1))
-    check((33,), 40, 24, (8, 16), index, dtype, backend=backend)
+def test_16_bit(M, K, N, dtype, backend):
+    index = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(1))
+    check((M,), K, N, (8, 16, 24), index, dtype, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

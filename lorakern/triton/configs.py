@@ -104,6 +104,9 @@ DY_FP32_SMALL = (DyConfig(16, 32, 8, 2),)  # fp32, M <= 16: 16x16 tiles on 8 war
 # the one shape of those tried with no spill on each of Triton 3.5, 3.6, 3.7.1 and 3.9 (sm_80 and
 # sm_90; 80-124 registers). Each of 16x64 on 4 or 8 warps, 16x32 on 4 warps, 16x16 and 32x32
 # spilled 8-32 B on at least one of them, and 16x32 on 8 warps with 2 stages spilled on 3.9 only.
+# 16-row tiles (decode, fp32 unaligned) gather each row's adapter instead of looping over runs
+# (PER_ROW in multi_matmul_kernel): with the run loop they still spilled 8-24 B on sm_80 with
+# Triton 3.8 at 48-64 registers; per row, 0 spills on 3.5.0-3.9.0 (at most 204 registers).
 MULTI_MATMUL_UNALIGNED = (MatmulConfig(64, 64, 32, 8, 2), MatmulConfig(32, 64, 32, 8, 2))
 MULTI_MATMUL_UNALIGNED_FP32 = (MatmulConfig(16, 32, 32, 8, 3),)
 MULTI_MATMUL_MEDIUM = (MatmulConfig(64, 64, 64, 8, 3),)  # 16-bit; 64x32 spilled on 3.5 (4 warps) and 3.7 (8)

@@ -135,7 +135,8 @@ def multi_matmul(a, w, h, b, bias, out, order, index, adapters: Adapters, scale,
             HAS_BIAS=bias is not None, HAS_DROPOUT=dropout, HAS_ORDER=order is not None, USE_INT64=use_int64,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=block_k(cfg, a.dtype),
             BLOCK_R=matmul_block_r(r_pad), GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(a.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, PER_ROW=cfg.BLOCK_M <= 16,
+            **dot_options(a.dtype),
         )
 
     aligned = all(v % 16 == 0 for v in (K, N, a.stride(0), w.stride(0), w.stride(1), out.stride(0)) if v != 1)
