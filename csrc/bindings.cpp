@@ -140,21 +140,14 @@ void check_cuda(int code, const char* what) {
     if (code != 0) throw std::runtime_error(std::string(what) + ": " + lorakern::cuda::error_string(code));
 }
 
-Nf4Weight make_cuda_weight(const WeightArgs& wa) {
-    const Nf4Weight w = make_weight(wa);
-    if (w.code != nullptr || w.shift != nullptr)
-        throw std::invalid_argument("the CUDA kernels decode NF4 only (a code table or shift was given)");
-    return w;
-}
-
 void cuda_dequantize(const WeightArgs& wa, int64_t numel, uintptr_t out, int out_dtype, uintptr_t stream) {
-    const Nf4Weight w = make_cuda_weight(wa);
+    const Nf4Weight w = make_weight(wa);
     check_cuda(lorakern::cuda::dequantize(w, numel, reinterpret_cast<void*>(out), out_dtype, stream),
                "lorakern NF4 dequantize");
 }
 
 void cuda_gemv(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream) {
-    const Nf4Weight w = make_cuda_weight(wa);
+    const Nf4Weight w = make_weight(wa);
     check_cuda(lorakern::cuda::gemv(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype, stream),
                "lorakern NF4 gemv");
 }

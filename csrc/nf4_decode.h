@@ -40,9 +40,8 @@ struct Nf4Weight {
     int block_shift;  // log2(blocksize): a 64-bit divide per lookup costs ~40 cycles on x86
     int64_t rows;  // out_features
     int64_t cols;  // in_features
-    // The 16 values a code stands for before its block's scale, or null for NF4's. The CPU kernels
-    // read any table (the INT4 base passes 0..15, with its zero points as the shift below); the
-    // CUDA kernels decode NF4 only (the bindings refuse a table or a shift).
+    // The 16 values a code stands for before its block's scale, or null for NF4's (the INT4 base
+    // passes 0..15, with its zero points as the shift below); the CPU and CUDA kernels read either.
     const float* code = nullptr;
     // Per block, added to every decoded weight of the block (float32 [n_blocks], or null): the INT4
     // base's -scale * zero, so a block's table is code * scale + shift (one fma per entry).

@@ -71,14 +71,31 @@ def parse_ptxas(text: str, arch: int, source: str) -> list[dict]:
     out = []
     for mangled, rec in records.items():
         pretty = names[mangled]
-        m = re.search(r"(\w+)<([^()]*)>\(", pretty)
-        kernel, targs = (m.group(1), m.group(2)) if m else (pretty.split("(")[0].split("::")[-1], "")
+        kernel, targs = _kernel_and_template(pretty)
         args = [a.strip() for a in targs.split(",") if a.strip()]
         dtype = next((_DTYPE[a] for a in args if a in _DTYPE), None)
         out.append({"kernel": kernel, "arch": arch, "dtype": dtype, "r": None,
                     "config": {"template": targs}, "variant": {"source": source}, "ok": True, "error": None,
                     "mma": "none", "cuda": True, **rec})
     return out
+
+
+def _kernel_and_template(pretty: str) -> tuple[str, str]:
+    """``("gemv_kernel", "__half, 8, Decode=0")`` from a demangled name such as ``void ns::(anonymous
+    namespace)::gemv_kernel<__half, 8, (ns::(anonymous namespace)::Decode)0>(...)``: enum arguments
+    print as casts, whose parentheses a plain pattern would take for the parameter list."""
+    m = re.search(r"(\w+)<", pretty)
+    if m is None:
+        return pretty.split("(")[0].split("::")[-1].split()[-1], ""
+    depth, start = 1, m.end()
+    for i in range(start, len(pretty)):
+        depth += {"<": 1, ">": -1}.get(pretty[i], 0)
+        if depth == 0:
+            targs = pretty[start:i]
+            break
+    else:
+        return m.group(1), ""
+    return m.group(1), re.sub(r"\((?:[^()]|\([^()]*\))*::(\w+)\)(-?\d+)", r"\1=\2", targs)
 
 
 def compile_cu(path: Path, arch: int, nvcc: str) -> list[dict]:

@@ -90,7 +90,10 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     assert set(ROLES) == {role for r in recs for role in r["roles"]}  # LoRA's, DoRA's (WA, ... base), several adapters'
 
 
-GEMV = "_ZN8lorakern4cuda12_GLOBAL__N_111gemv_kernelI6__halfLi8EEEvNS_9Nf4WeightEPKT_lPS5_l"
+# gemv_kernel<__half, 8, Decode 1> (the INT4 base's table): an enum argument demangles as a cast,
+# "(lorakern::cuda::(anonymous namespace)::Decode)1", parentheses inside the template arguments.
+GEMV = ("_ZN8lorakern4cuda44_GLOBAL__N__7930b9ca_11_nf4_cuda_cu_828420f711gemv_kernelI6__halfLi8ELNS1_6DecodeE1EEEvNS_"
+        "9Nf4WeightEPKT_lPS6_l")
 PTXAS_SAMPLE = f"""\
 ptxas info    : Compiling entry function '{GEMV}' for 'sm_90a'
 ptxas info    : Function properties for {GEMV}
@@ -104,7 +107,8 @@ def test_ptxas_report_parsing_and_rules():
     from lorakern.aot_cuda import parse_ptxas
 
     (rec,) = parse_ptxas(PTXAS_SAMPLE, 90, "csrc/cuda/nf4_cuda.cu")
-    assert rec["kernel"] == "gemv_kernel" and rec["dtype"] == "fp16" and rec["config"]["template"] == "__half, 8"
+    assert rec["kernel"] == "gemv_kernel" and rec["dtype"] == "fp16"
+    assert rec["config"]["template"] == "__half, 8, Decode=1"
     assert (rec["regs"], rec["spill_bytes"], rec["stack_bytes"], rec["shared_bytes"]) == (72, 12, 64, 64)
     assert violations(rec) == ["spills 12 bytes", "stack frame 64 bytes (local memory)"]
 

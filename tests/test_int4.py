@@ -9,11 +9,13 @@ import types
 
 import pytest
 import torch
+from helpers import assert_close_like_torch
 from torch import nn
 
 from lorakern.dropout import apply_dropout
 from lorakern.int4.format import INT4Weight, pack_codes, unpack_codes
 from lorakern.int4.qalora import delta_per_group, merge_into, pool, qalora_linear, qalora_linear_reference
+from lorakern.nf4 import native
 
 
 def formula(w: INT4Weight) -> torch.Tensor:
@@ -464,10 +466,83 @@ def test_native_int4_backend_refuses_what_it_cannot_serve():
     from lorakern.ops.bases import INT4Base
 
     base = INT4Base(INT4Weight.quantize(torch.randn(8, 64), 32))
-    with pytest.raises(RuntimeError, match="backend='native' serves float32 CPU inputs of 1 to 16 rows"):
+    with pytest.raises(RuntimeError, match="backend='native' serves 1 to 16 rows .*float32 on the CPU"):
         base.matmul(torch.randn(17, 64), False, "native")
     with pytest.raises(RuntimeError, match="torch.float64"):
         base.matmul(torch.randn(2, 64, dtype=torch.float64), False, "native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_native_int4_dequantize_on_every_isa(isa, dtype):
+    """The native dequantize of an INT4 base (``q * scale``, then ``+ shift``, each rounded in
+    fp32, then the dtype's rounding): the same bits on every CPU path, a weight view whose bytes
+    start at an odd offset included, and within two fp32 roundings of the float64 formula."""
+    from lorakern.ops.bases import INT4Base
+
+    w = INT4Weight.quantize(torch.randn(37, 192) * 0.05, 64)
+    got = INT4Base(w).dequantize(dtype, "native")
+    scale_q = (unpack_codes(w.codes).float().reshape(37, 3, 64) * w.scales[..., None])
+    expected = (scale_q + (-(w.scales * w.zeros))[..., None]).reshape(37, 192).to(dtype)
+    assert torch.equal(got, expected)
+    ref = w.dequantize(torch.float64)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=4 * 2**-24 * ref.abs().max().item()
+                               if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item())
+    odd = INT4Weight(torch.cat([torch.zeros(1, dtype=torch.uint8), w.codes.reshape(-1)])[1:].view(37, 96),
+                     w.scales, w.zeros, 64, (37, 192))
+    assert odd.codes.data_ptr() % 2 == 1
+    assert torch.equal(INT4Base(odd).dequantize(dtype, "native"), got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_int4_gemv_and_dequantize(dtype):
+    """The CUDA kernels with the INT4 table: the dequantize gives the CPU native dequantize's bits,
+    the GEMV (M <= 16) and the dequantize-then-cuBLAS path (M > 16, and x W for the backward)
+    against float64, a weight whose bytes start at an odd offset (the element-wise walk) included."""
+    from lorakern.ops.bases import INT4Base
+
+    if native.unavailable_reason(torch.device("cuda")) is not None:
+        pytest.fail(native.unavailable_reason(torch.device("cuda")))
+    for out_f, in_f, G in NATIVE_SHAPES:
+        w = INT4Weight.quantize(torch.randn(out_f, in_f) * 0.05, G)
+        raw = torch.cat([torch.zeros(1, dtype=torch.uint8), w.codes.reshape(-1)])
+        odd = INT4Weight(raw[1:].view_as(w.codes), w.scales, w.zeros, G, (out_f, in_f))
+        for cpu_w in (w, odd):
+            wc = cpu_w.to("cuda")
+            base = INT4Base(wc)
+            assert torch.equal(base.dequantize(dtype, "native").cpu(), INT4Base(cpu_w).dequantize(dtype, "native"))
+            w64 = wc.dequantize(torch.float64)
+            for M in (1, 3, 8, 9, 16, 17, 64):
+                for transpose in (False, True):
+                    x = torch.randn(M, out_f if transpose else in_f, dtype=dtype, device="cuda")
+                    ref = x.double() @ (w64 if transpose else w64.t())
+                    wd = wc.dequantize(dtype)
+                    same = x @ (wd if transpose else wd.t())
+                    got = base.matmul(x, transpose, "auto")
+                    assert_close_like_torch(f"cuda INT4 {(out_f, in_f, G)} M={M} T={transpose}", got, ref, same, dtype)
+
+
+@pytest.mark.gpu
+def test_qalora_on_cuda_matches_float64():
+    """QA-LoRA forward and backward on CUDA (the INT4 GEMV at M <= 16, the decoded weight above)."""
+    G = 64
+    w = INT4Weight.quantize(torch.randn(37, 256) * 0.05, G)
+    for M in (3, 40):
+        x = torch.randn(M, 256, dtype=torch.float64)
+        A, B, bias = torch.randn(8, 4) * 0.1, torch.randn(37, 8) * 0.1, torch.randn(37)
+        dy = torch.randn(M, 37)
+        leaves = [t.float().cuda().requires_grad_() for t in (x, A, B)]
+        y = qalora_linear(leaves[0], w.to("cuda"), bias.cuda(), leaves[1], leaves[2], 0.5)
+        y.backward(dy.cuda())
+        ref_leaves = [t.double().requires_grad_() for t in (x, A, B)]
+        ref = qalora_linear_reference(ref_leaves[0], w.dequantize(torch.float64), bias.double(), ref_leaves[1],
+                                      ref_leaves[2], 0.5, G)
+        ref.backward(dy.double())
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(y.detach().cpu().double(), ref.detach(), rtol=1e-5, atol=1e-5 * scale)
+        for got, want in zip(leaves, ref_leaves):
+            torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-5,
+                                       atol=1e-5 * want.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("M", [1, 3, 16])

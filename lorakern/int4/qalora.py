@@ -143,7 +143,7 @@ def _native_serves(x2d, weight, *others) -> bool:
     """Decode and serving: the whole layer (base, zero points, pooled adapter term, bias) in one
     native call, no torch op around it (on 2 cores a torch op between native calls cost the next
     call ~2 ms at M = 16: the two thread pools compete for the cores)."""
-    return (INT4Base(weight).native_serves(x2d)
+    return (x2d.device.type == "cpu" and INT4Base(weight).native_serves(x2d)
             and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in others))
 
 

@@ -235,36 +235,57 @@ class INT4Base:
                           for r0, n in row_tiles(*self.shape)]) if self.shape[0] else torch.zeros(0)
 
     def dequantize(self, dtype: torch.dtype, backend: str = "reference") -> Tensor:
-        return self.w.dequantize(dtype)
+        """In torch (``backend="reference"``, or where the native kernels are not built), else the
+        native dequantize, whose bits the CPU and CUDA kernels share (``k * scale``, then
+        ``+ shift``, each rounded)."""
+        if backend == "reference" or not self._native_decodes(dtype):
+            return self.w.dequantize(dtype)
+        return native.dequantize_into(self.w.native_view(),
+                                      torch.empty(tuple(self.shape), dtype=dtype, device=self.w.device))
+
+    def _native_decodes(self, dtype: torch.dtype) -> bool:
+        return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and native.unavailable_reason(self.w.device) is None)
 
     def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
         return out.copy_(self.w.dequantize_rows(start, out.shape[0], out.dtype))
 
-    def native_serves(self, x: Tensor) -> bool:
+    def native_serves(self, x: Tensor, transpose: bool = False) -> bool:
         """The native NF4 kernels with the table 0..15 and each group's shift (``W = scale * q +
-        shift``, ``shift = -scale * zero``): CPU, float32, M <= SMALL_M, extension built."""
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x.shape[0] <= SMALL_M
-                and native.unavailable_reason(x.device) is None)
+        shift``, ``shift = -scale * zero``), M <= SMALL_M, extension built: on the CPU in float32
+        (both products), on CUDA in fp32 / bf16 / fp16 (the GEMV: ``x W^T`` only)."""
+        if not (0 < x.shape[0] <= SMALL_M and native.unavailable_reason(x.device) is None):
+            return False
+        if x.device.type == "cuda":
+            return not transpose and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return x.device.type == "cpu" and x.dtype == torch.float32
 
     def matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
         """``backend``: "reference" (row tiles decoded in torch), "native" (raises where the
         native path does not serve), "auto" (native where it serves)."""
-        if backend == "native" and not self.native_serves(x):
-            raise RuntimeError("INT4 backend='native' serves float32 CPU inputs of 1 to 16 rows with lorakern._C "
-                               f"built; got {x.dtype} on {x.device}, {x.shape[0]} rows")
-        if backend != "reference" and self.native_serves(x):
+        if backend == "native" and not self.native_serves(x, transpose):
+            raise RuntimeError("INT4 backend='native' serves 1 to 16 rows with lorakern._C built: float32 on the "
+                               "CPU, float32 / bfloat16 / float16 x W^T on CUDA; got "
+                               f"{x.dtype} on {x.device}, {x.shape[0]} rows{' (x W)' if transpose else ''}")
+        if backend != "reference" and self.native_serves(x, transpose):
             return self._native_matmul(x, transpose)
-        return self._tiled_matmul(x, transpose)
+        return self._tiled_matmul(x, transpose, backend)
 
     def _native_matmul(self, x: Tensor, transpose: bool) -> Tensor:
         # One native call, no torch op around it: on 2 cores a torch op between two native calls
         # cost the next one ~2 ms at M = 16 (the two thread pools' workers compete for the cores).
+        if x.device.type == "cuda":
+            return native.cuda_gemv(x, self.w.native_view())
         return native.cpu_matmul(x, self.w.native_view(), transpose)
 
-    def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
-        """Row tiles decoded by the native dequantize (the matmul's table walk) on the CPU, else in
-        torch."""
+    def _tiled_matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
+        """Row tiles decoded by the native dequantize (the matmul's table walk) on the CPU; on CUDA
+        the whole W decoded once by the CUDA dequantize (it writes whole weights, as NF4's) and one
+        cuBLAS matmul; else row tiles decoded in torch."""
         n_rows, cols = self.shape
+        if x.device.type == "cuda" and backend != "reference" and self._native_decodes(x.dtype):
+            full = self.dequantize(x.dtype, backend)
+            return x @ full if transpose else x @ full.t()
         if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and native.unavailable_reason(x.device) is None):
             return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
