@@ -80,6 +80,7 @@ BACKENDS = {
     "LoRA": ("reference", "triton"),
     "QLoRA": ("reference", "native", "triton"),
     "NF4": ("reference", "native"),
+    "QA-LoRA": ("reference", "native", "triton"),
 }
 
 
@@ -161,6 +162,13 @@ def resolve_qlora(backend: str, x2d: torch.Tensor, r: int, base_dtype: torch.dty
     large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
     prefer = ("triton", "native") if large_cuda else ("native",)
     return resolve("QLoRA", backend, x2d.device, prefer, qlora_reasons(x2d, r, base_dtype))
+
+
+def resolve_qalora(backend: str, x2d: torch.Tensor, r: int) -> str:
+    """QA-LoRA on an INT4 base: "reference", "native" or "triton", chosen as for QLoRA."""
+    large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
+    prefer = ("triton", "native") if large_cuda else ("native",)
+    return resolve("QA-LoRA", backend, x2d.device, prefer, qlora_reasons(x2d, r, None))
 
 
 def resolve_nf4(backend: str, device: torch.device) -> str:

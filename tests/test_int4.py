@@ -139,6 +139,80 @@ def test_qalora_matches_float64_autograd(x_shape, G, out_features, r, dropout_p)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("x_shape,G,out_features,r", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_qalora_triton_matches_float64(x_shape, G, out_features, r, dropout_p, dtype):
+    """The Triton path (the LoRA GEMM on the decoded W with h = pool(x) A^T; dx's rank part through
+    A's columns repeated G times; in the interpreter without a GPU): output and every grad within
+    2x the error of the same definition run in the dtype, against float64, dropout masks the
+    reference's for the same seed, x strided."""
+    from lorakern.backend import interpreting
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    in_features = x_shape[-1]
+    w = INT4Weight.quantize(torch.randn(out_features, in_features) * in_features**-0.5, G)
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(r, in_features // G, generator=g) * 0.3
+    B = torch.randn(out_features, r, generator=g) * r**-0.5
+    bias = torch.randn(out_features, generator=g)
+    x = torch.randn(*x_shape[:-1], in_features + 5, generator=g)[..., 5:]
+    dy = torch.randn(*x_shape[:-1], out_features, generator=g)
+    seed = torch.tensor(11)
+
+    def run(dt, dev, W=None, backend=None):
+        leaves = [t.detach().to(dev, dt).requires_grad_() for t in (x, A, B, bias)]
+        if W is None:
+            y = qalora_linear(leaves[0], w.to(dev), leaves[3], leaves[1], leaves[2], 0.7, dropout_p, training=True,
+                              seed=seed.to(dev), backend=backend)
+        else:
+            y = qalora_linear_reference(leaves[0], W.to(dt), leaves[3], leaves[1], leaves[2], 0.7, G, dropout_p, seed)
+        y.backward(dy.to(dev, dt))
+        return [y.detach().cpu()] + [t.grad.cpu() for t in leaves]
+
+    got = run(dtype, device, backend="triton")
+    ref64 = run(torch.float64, "cpu", W=w.dequantize(torch.float64))
+    same = run(dtype, "cpu", W=w.dequantize(dtype))
+    for name, a, b, c in zip(("y", "dx", "dA", "dB", "dbias"), got, ref64, same):
+        assert_close_like_torch(f"{name} {x_shape} G={G} r={r} p={dropout_p}", a, b, c, dtype)
+
+
+def test_qalora_triton_decodes_w_per_call_and_saves_no_dense_w(monkeypatch):
+    """Training on the Triton path holds no dense W between forward and backward: it is decoded
+    in each (two decodes a step) and the saved tensors are the pooled input, h and the adapter."""
+    from lorakern.backend import interpreting
+    from lorakern.ops import bases
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    G = 32
+    w = INT4Weight.quantize(torch.randn(48, 128), G).to(device)
+    A = torch.randn(4, 4, device=device, requires_grad=True)
+    B = torch.randn(48, 4, device=device, requires_grad=True)
+    x = torch.randn(20, 128, device=device, requires_grad=True)
+    decodes = []
+    real = bases.INT4Base.dequantize
+    monkeypatch.setattr(bases.INT4Base, "dequantize", lambda self, *a: decodes.append(a) or real(self, *a))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qalora_linear(x, w, None, A, B, 1.0, 0.2, training=True, backend="triton")
+    assert len(decodes) == 1 and not [t for t in saved if t.numel() >= 48 * 128]
+    y.sum().backward()
+    assert len(decodes) == 2
+
+
+def test_qalora_backend_requests():
+    w = INT4Weight.quantize(torch.randn(8, 64), 32)
+    x, A, B = torch.randn(2, 64), torch.randn(2, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="backend must be one of .*'triton'"):
+        qalora_linear(x, w, None, A, B, 1.0, backend="cuda")
+    y = qalora_linear(x, w, None, A, B, 1.0, backend="reference")
+    torch.testing.assert_close(y, qalora_linear(x, w, None, A, B, 1.0, backend="native"), rtol=1e-6, atol=1e-6)
+
+
 def test_qalora_fp32_against_float64_and_non_contiguous_x():
     G = 64
     w = INT4Weight.quantize(torch.randn(33, 256), G)
@@ -296,13 +370,23 @@ def _qalora_llama(dtype, G=32, seed=0):
     return model.to(dtype)
 
 
-def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly():
-    """Training target: an INT4-base Llama with QA-LoRA on all seven projections, fp32 against the
-    same model in float64, losses equal step by step (SGD); then merged into the INT4 zero points,
-    the model's loss equals the unmerged one's."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly(backend):
+    """Training target: an INT4-base Llama with QA-LoRA on all seven projections, fp32 (the default
+    path, or the Triton kernels: on CUDA, or interpreted) against the same model in float64, losses
+    equal step by step (SGD); then merged into the INT4 zero points, the model's loss equals the
+    unmerged one's."""
+    from lorakern.backend import interpreting
     from lorakern.int4.layer import QALoRALinear
 
+    if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     models = {dt: _qalora_llama(dt) for dt in (torch.float32, torch.float64)}
+    if backend == "triton":  # on the device the kernels run on (float64 stays on the CPU reference)
+        models[torch.float32].to("cuda" if torch.cuda.is_available() else "cpu")
+        for m in models[torch.float32].modules():
+            if isinstance(m, QALoRALinear):
+                m.backend = "triton"
     params = {dt: [p for p in m.parameters() if p.requires_grad] for dt, m in models.items()}
     assert len(params[torch.float32]) == 2 * 7 * 2
     opts = {dt: torch.optim.SGD(ps, lr=0.5) for dt, ps in params.items()}
@@ -311,14 +395,15 @@ def test_tiny_llama_qalora_trains_as_its_float64_reference_and_merges_exactly():
         ids = torch.randint(0, 64, (4, 16), generator=g)
         losses = {}
         for dt, m in models.items():
-            loss = m(input_ids=ids, labels=ids).loss
+            dev_ids = ids.to(next(m.parameters()).device)
+            loss = m(input_ids=dev_ids, labels=dev_ids).loss
             opts[dt].zero_grad()
             loss.backward()
             opts[dt].step()
             losses[dt] = loss.item()
         assert abs(losses[torch.float32] - losses[torch.float64]) <= 1e-5 * losses[torch.float64], (step, losses)
     model = models[torch.float32].eval()
-    ids = torch.randint(0, 64, (4, 16), generator=g)
+    ids = torch.randint(0, 64, (4, 16), generator=g).to(next(model.parameters()).device)
     with torch.no_grad():
         before = model(input_ids=ids, labels=ids).loss.item()
         for m in model.modules():

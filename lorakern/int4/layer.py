@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ..backend import BACKENDS
 from ..layers import lora_scaling
 from .format import INT4Weight
 from .qalora import merge_into, qalora_linear
@@ -16,21 +17,25 @@ from .qalora import merge_into, qalora_linear
 class QALoRALinear(nn.Module):
     """``y = x W^T + bias + s * (pool_G(dropout(x)) A^T) B^T`` with W an :class:`INT4Weight`
     (``self.weight_int4``, frozen), ``lora_A [r, in / G]``, ``lora_B [out, r]`` (PEFT's
-    ``use_qalora`` shapes and init: A kaiming-uniform, B zeros). :meth:`merge` folds the adapter
+    ``use_qalora`` shapes and init: A kaiming-uniform, B zeros); ``backend`` as for
+    :func:`lorakern.qalora_linear`. :meth:`merge` folds the adapter
     into the INT4 zero points (exact to fp32 rounding) and zeroes B, so the layer then computes the
     base alone and stays 4-bit."""
 
     def __init__(self, weight: INT4Weight, bias: torch.Tensor | None = None, r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+                 lora_dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(weight, INT4Weight):
             raise TypeError(f"weight: expected an INT4Weight, got {type(weight).__name__}")
         if r < 1:
             raise ValueError(f"r: expected >= 1, got {r}")
+        if backend not in ("auto", *BACKENDS["QA-LoRA"]):
+            raise ValueError(f"backend: expected one of {('auto', *BACKENDS['QA-LoRA'])}, got {backend!r}")
         out_features, in_features = weight.shape
         self.weight_int4 = weight
         self.in_features, self.out_features, self.group_size = in_features, out_features, weight.group_size
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
+        self.r, self.lora_alpha, self.lora_dropout, self.backend = r, lora_alpha, lora_dropout, backend
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         device = weight.device
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, dtype).clone(), requires_grad=False)
@@ -40,10 +45,10 @@ class QALoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, group_size: int = 64,
-                    lora_dropout: float = 0.0, symmetric: bool = False) -> QALoRALinear:
+                    lora_dropout: float = 0.0, symmetric: bool = False, backend: str = "auto") -> QALoRALinear:
         """Quantize ``linear.weight`` to INT4 (round to nearest, per group) under a new adapter."""
         weight = INT4Weight.quantize(linear.weight.detach(), group_size, symmetric)
-        return cls(weight, linear.bias, r, lora_alpha, lora_dropout, dtype=linear.weight.dtype)
+        return cls(weight, linear.bias, r, lora_alpha, lora_dropout, dtype=linear.weight.dtype, backend=backend)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -93,8 +98,8 @@ class QALoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qalora_linear(x, self.weight_int4, self.bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
-                             self.scaling, self.lora_dropout, training=self.training)
+                             self.scaling, self.lora_dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}")
+                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, backend={self.backend!r}")

@@ -14,6 +14,13 @@ and ``[M, r]``: 1/G of x and less), never x, never a dropout mask (regenerated f
 The base products go through :class:`lorakern.ops.bases.INT4Base` (native NF4 kernels on the CPU
 at small M, row tiles elsewhere); inference on the CPU at small M is one native call, the pooled
 adapter term included. Arguments are checked by the op layer's shared checks (lora_A ``[r, in / G]``).
+
+The Triton path is the LoRA kernels' GEMM on W decoded for the call: ``y = x W^T + (s h) B^T +
+bias`` with ``h = p A^T`` computed first (``[M, in / G]`` by ``[in / G, r]``: G times fewer FLOPs
+than LoRA's h), and ``dx = dy W + D(dh A_rep) (in / G) / G`` with ``A_rep`` A's columns each
+repeated G times (``[r, in]``, as a LoRA A): the expansion of the pooling is a rank-r product the
+GEMM's K-loop already carries. W is decoded again for the backward, never saved (a whole dense W
+held across the step would undo the 4-bit base); dA, dB, dh and dbias are small torch matmuls.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..backend import resolve_qalora
 from ..dropout import apply_dropout, draw_seed
 from ..nf4 import native
 from ..ops.bases import INT4Base
@@ -75,44 +83,86 @@ def _check_weight(weight, device=None) -> None:
 
 
 class _QALoRA(torch.autograd.Function):
+    """The reference and native paths: the base through INT4Base (``base_backend``: "reference",
+    row tiles decoded in torch, or "auto", the native kernels where they serve), the adapter in
+    torch."""
+
     @staticmethod
-    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed):
+    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed, base_backend):
         G = weight.group_size
         p = pool(apply_dropout(x2d, dropout_p, seed), G)
         h = p @ lora_A.t()
-        y = INT4Base(weight).linear(x2d, bias)  # a new tensor: the adapter term is added in place
+        y = INT4Base(weight).linear(x2d, bias, base_backend)  # a new tensor: the adapter term is added in place
         y.add_((h @ lora_B.t()).mul_(scaling))
+        ctx.save_for_backward(p, h, lora_A, lora_B, seed)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
+        ctx.base_backend = base_backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        p, h, lora_A, lora_B, seed = ctx.saved_tensors
+        dh, dA, dB, dbias = _adapter_grads(ctx, dy, p, h, lora_A, lora_B)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            G, groups = ctx.weight.group_size, p.shape[1]
+            dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
+            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], groups * G)
+            dx = INT4Base(ctx.weight).grad_input(dy, ctx.base_backend).add_(apply_dropout(dxd, ctx.dropout_p, seed))
+        return dx, dA, dB, dbias, None, None, None, None, None
+
+
+def _adapter_grads(ctx, dy, p, h, lora_A, lora_B):
+    """``(dh, dA, dB, dbias)`` in torch (each of the last three None unless asked for)."""
+    s = ctx.scaling
+    dh = (dy @ lora_B) * s
+    dA = dh.t() @ p if ctx.needs_input_grad[1] else None
+    dB = (dy.t() @ h) * s if ctx.needs_input_grad[2] else None
+    dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return dh, dA, dB, dbias
+
+
+class _QALoRATriton(torch.autograd.Function):
+    """The Triton path (see the module docstring): W decoded in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed):
+        from ..triton.launch import lora_matmul
+
+        G = weight.group_size
+        p = pool(apply_dropout(x2d, dropout_p, seed), G)
+        h = p @ lora_A.t()
+        y = x2d.new_empty(x2d.shape[0], weight.shape[0])
+        lora_matmul(x2d, INT4Base(weight).dequantize(x2d.dtype, "native"), h, lora_B, bias, y, scaling, role="y")
         ctx.save_for_backward(p, h, lora_A, lora_B, seed)
         ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        from ..triton.launch import lora_matmul
+
         p, h, lora_A, lora_B, seed = ctx.saved_tensors
-        weight, s = ctx.weight, ctx.scaling
-        G = weight.group_size
-        dh = (dy @ lora_B) * s
-        dx = dA = dB = dbias = None
-        if ctx.needs_input_grad[1]:
-            dA = dh.t() @ p
-        if ctx.needs_input_grad[2]:
-            dB = (dy.t() @ h) * s
+        dh, dA, dB, dbias = _adapter_grads(ctx, dy, p, h, lora_A, lora_B)
+        dx = None
         if ctx.needs_input_grad[0]:
-            groups = p.shape[1]
-            dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
-            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], groups * G)
-            dx = INT4Base(weight).grad_input(dy).add_(apply_dropout(dxd, ctx.dropout_p, seed))
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            dbias = dy.sum(0)
+            G, groups = ctx.weight.group_size, p.shape[1]
+            a_rep = lora_A.repeat_interleave(G, dim=1)  # [r, in]: column i is A's column i // G
+            dx = dy.new_empty(dy.shape[0], groups * G)
+            lora_matmul(dy, INT4Base(ctx.weight).dequantize(dy.dtype, "native").t(), dh.float() * (groups / G),
+                        a_rep.t(), None, dx, 1.0, dropout_p=ctx.dropout_p, seed=seed, role="dx")
         return dx, dA, dB, dbias, None, None, None, None
 
 
 def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                   scaling: float, dropout_p: float = 0.0, training: bool = False,
-                  seed: Tensor | None = None) -> Tensor:
+                  seed: Tensor | None = None, backend: str = "auto") -> Tensor:
     """QA-LoRA linear on ``x [..., in]`` over the INT4 ``weight`` (see the module docstring):
     ``[..., out]``, in x's dtype. ``seed``: the dropout seed (drawn from torch's generator when None
-    and dropout is active)."""
+    and dropout is active). ``backend``: "reference" (pure torch), "native" (lorakern._C for the
+    base: the CPU kernels at M <= 16, the CUDA GEMV), "triton" (the fused LoRA kernels on the
+    decoded W), or "auto": Triton for CUDA inputs of more than 16 rows, else native where built,
+    else the reference (with a one-time warning)."""
     check_x(x)
     _check_weight(weight, x.device)
     out_features, in_features = weight.shape
@@ -127,11 +177,16 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
     check_seed(seed, p, x.device)
     seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
     x2d, scaling = rows(x), float(scaling)
-    if p == 0.0 and _inference(x2d, lora_A, lora_B, bias) and _native_serves(x2d, weight, lora_A, lora_B, bias):
+    chosen = resolve_qalora(backend, x2d, lora_A.shape[0])
+    if chosen == "triton":
+        y = _QALoRATriton.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed)
+    elif (chosen == "native" and p == 0.0 and _inference(x2d, lora_A, lora_B, bias)
+          and _native_serves(x2d, weight, lora_A, lora_B, bias)):
         y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(), bias, lora_A.contiguous(),
                                         lora_B.contiguous(), scaling, pool=weight.group_size)
     else:
-        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed)
+        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed,
+                          "auto" if chosen == "native" else "reference")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
