@@ -151,6 +151,29 @@ void cuda_gemv(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dt
     check_cuda(lorakern::cuda::gemv(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype, stream),
                "lorakern NF4 gemv");
 }
+
+// (index, A addresses, B addresses, ranks, scalings, bias or 0, h, r_max): device pointers of
+// lorakern::cuda::MultiLora.
+using CudaMultiArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t>;
+
+void cuda_gemv_multi(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream,
+                     const CudaMultiArgs& args) {
+    const Nf4Weight w = make_weight(wa);
+    lorakern::cuda::MultiLora lora;
+    lora.index = reinterpret_cast<const int64_t*>(std::get<0>(args));
+    lora.A = reinterpret_cast<const uintptr_t*>(std::get<1>(args));
+    lora.B = reinterpret_cast<const uintptr_t*>(std::get<2>(args));
+    lora.ranks = reinterpret_cast<const int64_t*>(std::get<3>(args));
+    lora.scalings = reinterpret_cast<const float*>(std::get<4>(args));
+    lora.bias = reinterpret_cast<const void*>(std::get<5>(args));
+    lora.h = reinterpret_cast<float*>(std::get<6>(args));
+    lora.r_max = std::get<7>(args);
+    if (!lora.index || !lora.A || !lora.B || !lora.ranks || !lora.scalings || !lora.h || lora.r_max < 1)
+        throw std::invalid_argument("several adapters: index, A and B addresses, ranks, scalings, h, r_max >= 1");
+    check_cuda(lorakern::cuda::gemv_multi(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype,
+                                          lora, stream),
+               "lorakern NF4 gemv (several adapters)");
+}
 #endif
 
 }  // namespace
@@ -166,6 +189,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("with_cuda") = true;
     m.def("cuda_dequantize", &cuda_dequantize);
     m.def("cuda_gemv", &cuda_gemv);
+    m.def("cuda_gemv_multi", &cuda_gemv_multi);
 #else
     m.attr("with_cuda") = false;
 #endif

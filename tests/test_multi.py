@@ -364,3 +364,33 @@ def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
                                           [A.double() for A in As], [B.double() for B in Bs], scalings, index)
         y32 = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
         assert_close_like_torch("y", y, y64, y32, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 5, 9, 16])
+def test_nf4_serving_in_the_cuda_gemv(M, dtype, monkeypatch):
+    """The same on CUDA: the NF4 GEMV adds each row's adapter term and the bias (h from one small
+    kernel first), in x's dtype; ranks 1 to 64 mixed (rank 64: two passes of a warp's lanes), -1
+    rows, M over one 8-row tile; against float64, within 2x torch's error in the dtype."""
+    from lorakern.nf4 import native
+
+    if native.unavailable_reason(torch.device("cuda")) is not None:
+        pytest.fail(native.unavailable_reason(torch.device("cuda")))
+    x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, dtype, seed=M)
+    weight = NF4Weight.quantize(w.float(), 64).to("cuda")
+    index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
+    scalings = [0.5, 2.0, 1.0, 0.25]
+    calls = []
+    real = native.cuda_multi_forward
+    monkeypatch.setattr(native, "cuda_multi_forward", lambda *a: calls.append(1) or real(*a))
+    w_ref = weight.dequantize(dtype).cpu()
+    for bias in (b, None):
+        with torch.no_grad():
+            y = multi_lora_linear(x.cuda(), weight, None if bias is None else bias.cuda(), [A.cuda() for A in As],
+                                  [B.cuda() for B in Bs], scalings, index.cuda())
+        assert calls.pop() == 1 and not calls
+        y64 = multi_lora_linear_reference(x.double(), w_ref.double(), None if bias is None else bias.double(),
+                                          [A.double() for A in As], [B.double() for B in Bs], scalings, index)
+        same = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
+        assert_close_like_torch(f"y M={M}", y.cpu(), y64, same, dtype)

@@ -146,3 +146,27 @@ def cuda_gemv(x: torch.Tensor, w) -> torch.Tensor:
     extension().cuda_gemv(weight_args(w, rows, cols), x.data_ptr(), x.shape[0], y.data_ptr(), OUT_DTYPES[x.dtype],
                           stream)
     return y
+
+
+def cuda_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lora_B, scalings,
+                       index: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu_multi_forward` on the GPU for small M: the NF4 (or INT4) GEMV with each row's
+    adapter term and the bias added as it writes the row, after one small kernel for ``h [M, r]``.
+    x, bias and the adapters in one dtype (fp32 / bf16 / fp16), contiguous, on x's device; index
+    int64 [M] in range there (the caller checks). The adapters are read where they lie."""
+    rows, cols = w.shape
+    M, r = x.shape[0], max(A.shape[0] for A in lora_A)
+    device = x.device
+    y = x.new_empty(M, rows)
+    h = torch.empty(M, r, device=device, dtype=torch.float32)
+    # One small host-to-device copy per call: the adapters' addresses and ranks, and the scalings.
+    table = torch.tensor([[A.data_ptr() for A in lora_A], [B.data_ptr() for B in lora_B],
+                          [A.shape[0] for A in lora_A]], dtype=torch.int64).to(device)
+    scales = torch.tensor(scalings, dtype=torch.float32).to(device)
+    index = index.to(torch.int64).contiguous()
+    lora = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr(),
+            _ptr(bias), h.data_ptr(), r)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    extension().cuda_gemv_multi(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), OUT_DTYPES[x.dtype],
+                                stream, lora)
+    return y

@@ -181,7 +181,8 @@ def multi_lora_linear(
         adapters = _kernels().Adapters(ranks, scalings, ps, x.device)
         y = _MultiTriton.apply(x2d, bias, *stacks, base, index.to(torch.int32), adapters, seed)
     elif nf4 and chosen == "native" and _native_serves(x2d, bias, lora_A, lora_B, ps):
-        y = native.cpu_multi_forward(x2d, weight, bias, lora_A, lora_B, scalings, index)
+        serve = native.cuda_multi_forward if x2d.device.type == "cuda" else native.cpu_multi_forward
+        y = serve(x2d, weight, bias, lora_A, lora_B, scalings, index)
     else:
         y = _BaseLinear.apply(x2d, bias, base, chosen)
         y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
@@ -189,17 +190,21 @@ def multi_lora_linear(
 
 
 def _native_serves(x2d, bias, lora_A, lora_B, ps) -> bool:
-    """Serving on the CPU at small M (no grad, no dropout, float32 contiguous): the native NF4 decode
-    kernel adds each row's adapter term as it writes the row, in one call (the adapters are read in
-    place). Otherwise each adapter is a few torch ops after the base, and on 2 cores those ops' threads
-    slow the next native call by ~1 ms (4096 x 4096, M = 8: 4.6 ms for 8 adapters against 2.1 ms
-    for one adapter's fused decode)."""
+    """Serving at small M (no grad, no dropout, contiguous): the native NF4 decode kernel adds each
+    row's adapter term as it writes the row, in one call (the adapters are read in place); on the
+    CPU in float32, on CUDA in x's dtype (the GEMV, after one small kernel for h). Otherwise each
+    adapter is a few torch ops after the base: on 2 cores those ops' threads slow the next native
+    call by ~1 ms (4096 x 4096, M = 8: 4.6 ms for 8 adapters against 2.1 ms for one adapter's
+    fused decode), and on a GPU the loop over adapters syncs with the host (the rows per adapter)."""
     tensors = (x2d, bias, *lora_A, *lora_B)
-    if x2d.device.type != "cpu" or not 0 < x2d.shape[0] <= SMALL_M or any(p > 0.0 for p in ps):
+    if not 0 < x2d.shape[0] <= SMALL_M or any(p > 0.0 for p in ps):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
-    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+    dtype = torch.float32 if x2d.device.type == "cpu" else x2d.dtype
+    if x2d.device.type not in ("cpu", "cuda") or dtype not in FLOAT_DTYPES:
+        return False
+    return all(t is None or (t.dtype == dtype and t.device == x2d.device and t.is_contiguous()) for t in tensors)
 
 
 class _MultiTriton(torch.autograd.Function):
