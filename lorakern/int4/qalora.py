@@ -83,75 +83,51 @@ def _check_weight(weight, device=None) -> None:
 
 
 class _QALoRA(torch.autograd.Function):
-    """The reference and native paths: the base through INT4Base (``base_backend``: "reference",
-    row tiles decoded in torch, or "auto", the native kernels where they serve), the adapter in
-    torch."""
+    """Every path's autograd. ``path``: "triton" (the fused LoRA kernels on W decoded for the call,
+    in forward and again in backward; see the module docstring), or the base through INT4Base with
+    that backend ("reference": row tiles decoded in torch; "auto": the native kernels where they
+    serve) and the adapter term in torch. Saved: the pooled input and h, never x or a mask; dA,
+    dB and dbias are small torch matmuls on every path."""
 
     @staticmethod
-    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed, base_backend):
-        G = weight.group_size
-        p = pool(apply_dropout(x2d, dropout_p, seed), G)
+    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed, path):
+        p = pool(apply_dropout(x2d, dropout_p, seed), weight.group_size)
         h = p @ lora_A.t()
-        y = INT4Base(weight).linear(x2d, bias, base_backend)  # a new tensor: the adapter term is added in place
-        y.add_((h @ lora_B.t()).mul_(scaling))
         ctx.save_for_backward(p, h, lora_A, lora_B, seed)
-        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
-        ctx.base_backend = base_backend
-        return y
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.path = weight, scaling, dropout_p, path
+        ctx.has_bias = bias is not None
+        if path == "triton":
+            from ..triton.launch import lora_matmul
+
+            y = x2d.new_empty(x2d.shape[0], weight.shape[0])
+            lora_matmul(x2d, INT4Base(weight).dequantize(x2d.dtype, "native"), h, lora_B, bias, y, scaling, role="y")
+            return y
+        y = INT4Base(weight).linear(x2d, bias, path)  # a new tensor: the adapter term is added in place
+        return y.add_((h @ lora_B.t()).mul_(scaling))
 
     @staticmethod
     def backward(ctx, dy):
         p, h, lora_A, lora_B, seed = ctx.saved_tensors
-        dh, dA, dB, dbias = _adapter_grads(ctx, dy, p, h, lora_A, lora_B)
+        s, need = ctx.scaling, ctx.needs_input_grad
+        dh = (dy @ lora_B) * s
+        dA = dh.t() @ p if need[1] else None
+        dB = (dy.t() @ h) * s if need[2] else None
+        dbias = dy.sum(0) if ctx.has_bias and need[3] else None
         dx = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             G, groups = ctx.weight.group_size, p.shape[1]
-            dp = (dh @ lora_A) * (groups / G)                  # d(mean * groups) / dx = groups / G
-            dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], groups * G)
-            dx = INT4Base(ctx.weight).grad_input(dy, ctx.base_backend).add_(apply_dropout(dxd, ctx.dropout_p, seed))
+            if ctx.path == "triton":  # dY W + D(dh A_rep) (in / G) / G in one GEMM
+                from ..triton.launch import lora_matmul
+
+                a_rep = lora_A.repeat_interleave(G, dim=1)  # [r, in]: column i is A's column i // G
+                dx = dy.new_empty(dy.shape[0], groups * G)
+                lora_matmul(dy, INT4Base(ctx.weight).dequantize(dy.dtype, "native").t(), dh.float() * (groups / G),
+                            a_rep.t(), None, dx, 1.0, dropout_p=ctx.dropout_p, seed=seed, role="dx")
+            else:
+                dp = (dh @ lora_A) * (groups / G)  # d(mean * groups) / dx = groups / G
+                dxd = dp[:, :, None].expand(-1, -1, G).reshape(dy.shape[0], groups * G)
+                dx = INT4Base(ctx.weight).grad_input(dy, ctx.path).add_(apply_dropout(dxd, ctx.dropout_p, seed))
         return dx, dA, dB, dbias, None, None, None, None, None
-
-
-def _adapter_grads(ctx, dy, p, h, lora_A, lora_B):
-    """``(dh, dA, dB, dbias)`` in torch (each of the last three None unless asked for)."""
-    s = ctx.scaling
-    dh = (dy @ lora_B) * s
-    dA = dh.t() @ p if ctx.needs_input_grad[1] else None
-    dB = (dy.t() @ h) * s if ctx.needs_input_grad[2] else None
-    dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return dh, dA, dB, dbias
-
-
-class _QALoRATriton(torch.autograd.Function):
-    """The Triton path (see the module docstring): W decoded in forward and again in backward."""
-
-    @staticmethod
-    def forward(ctx, x2d, lora_A, lora_B, bias, weight, scaling, dropout_p, seed):
-        from ..triton.launch import lora_matmul
-
-        G = weight.group_size
-        p = pool(apply_dropout(x2d, dropout_p, seed), G)
-        h = p @ lora_A.t()
-        y = x2d.new_empty(x2d.shape[0], weight.shape[0])
-        lora_matmul(x2d, INT4Base(weight).dequantize(x2d.dtype, "native"), h, lora_B, bias, y, scaling, role="y")
-        ctx.save_for_backward(p, h, lora_A, lora_B, seed)
-        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.has_bias = weight, scaling, dropout_p, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from ..triton.launch import lora_matmul
-
-        p, h, lora_A, lora_B, seed = ctx.saved_tensors
-        dh, dA, dB, dbias = _adapter_grads(ctx, dy, p, h, lora_A, lora_B)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            G, groups = ctx.weight.group_size, p.shape[1]
-            a_rep = lora_A.repeat_interleave(G, dim=1)  # [r, in]: column i is A's column i // G
-            dx = dy.new_empty(dy.shape[0], groups * G)
-            lora_matmul(dy, INT4Base(ctx.weight).dequantize(dy.dtype, "native").t(), dh.float() * (groups / G),
-                        a_rep.t(), None, dx, 1.0, dropout_p=ctx.dropout_p, seed=seed, role="dx")
-        return dx, dA, dB, dbias, None, None, None, None
 
 
 def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -178,15 +154,13 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
     seed = torch.zeros((), dtype=torch.int64, device=x.device) if seed is None else seed
     x2d, scaling = rows(x), float(scaling)
     chosen = resolve_qalora(backend, x2d, lora_A.shape[0])
-    if chosen == "triton":
-        y = _QALoRATriton.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed)
-    elif (chosen == "native" and p == 0.0 and _inference(x2d, lora_A, lora_B, bias)
-          and _native_serves(x2d, weight, lora_A, lora_B, bias)):
+    if (chosen == "native" and p == 0.0 and _inference(x2d, lora_A, lora_B, bias)
+            and _native_serves(x2d, weight, lora_A, lora_B, bias)):
         y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(), bias, lora_A.contiguous(),
                                         lora_B.contiguous(), scaling, pool=weight.group_size)
     else:
-        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed,
-                          "auto" if chosen == "native" else "reference")
+        path = {"native": "auto"}.get(chosen, chosen)
+        y = _QALoRA.apply(x2d, lora_A, lora_B, bias, weight, scaling, p, seed, path)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
