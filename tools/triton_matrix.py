@@ -68,8 +68,8 @@ def check(version: str, python: Path, out: Path) -> dict:
         "wgmma": sum(1 for r in ok if r.get("mma") == "wgmma"),
     }
     env = {**env, "TRITON_INTERPRET": "1"}
-    tests = ["tests/test_triton_kernels.py", "tests/test_dora.py", "tests/test_multi.py", "-k",
-             "not (test_dora or test_multi) or triton"]
+    tests = ["tests/test_triton_kernels.py", "tests/test_dora.py", "tests/test_multi.py", "tests/test_int4.py", "-k",
+             "not (test_dora or test_multi or test_int4) or triton"]
     rc, text, secs = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env,
                          out / f"interpreter-{version}.log")
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", text.splitlines()[-1]))
