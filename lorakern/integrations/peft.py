@@ -12,7 +12,9 @@ before ``fuse`` still holds the right Parameters, adapter names, ``set_adapter``
 do not change, and the model pickles, deep-copies and ``torch.save``-s whole.
 
 Fused: exactly PEFT's LoRA ``Linear`` on an ``nn.Linear`` and its bitsandbytes ``Linear4bit`` (NF4)
-layer, whose math the op implements; not their subclasses (AdaLoRA's ``SVDLinear`` is a LoRA
+layer, whose math the op implements, and PEFT's ``GPTQLoraLinear`` with QA-LoRA adapters pooled over
+the base's own groups (:func:`lorakern.qalora_linear` on the layer's INT4 weight, read by
+:mod:`.gptq`); not their subclasses (AdaLoRA's ``SVDLinear`` is a LoRA
 layer with other math), not a layer whose base is another adapter layer (mixed models), not a
 layer whose ``forward`` another library has replaced (X-LoRA). Every call is checked again, since
 adapters can be added and switched after ``fuse``: the op serves one active LoRA or DoRA adapter
@@ -32,11 +34,13 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from ..backend import warn_once
+from ..int4.qalora import qalora_linear
 from ..layers import is_bnb_linear4bit
 from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype, autocast_to
 from ..ops.multi import stack_ranks
+from .gptq import int4_of, is_gptq_linear
 
 _FUSED = "_lorakern_fused"
 
@@ -50,10 +54,14 @@ def _lora_classes() -> tuple[type, ...]:
     try:
         from peft.tuners.lora import bnb
     except ImportError:
-        return tuple(classes)
+        bnb = None
     if hasattr(bnb, "Linear4bit"):
         classes.append(bnb.Linear4bit)
-    return tuple(classes)
+    try:
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+    except ImportError:
+        return tuple(classes)
+    return (*classes, GPTQLoraLinear)
 
 
 def _lora_layers(model: nn.Module):
@@ -66,14 +74,20 @@ def _lora_layers(model: nn.Module):
 
 def _plain_base(layer) -> nn.Module | None:
     """The layer's own base module when it is one the op computes (``nn.Linear``, NF4
-    ``Linear4bit``), else None. ``base_layer``, not ``get_base_layer()``: in a mixed model the
-    base can itself be an adapter layer (LoHa, LoKr) whose term must not be dropped."""
+    ``Linear4bit``, a 4-bit GPTQ layer), else None. ``base_layer``, not ``get_base_layer()``: in a
+    mixed model the base can itself be an adapter layer (LoHa, LoKr) whose term must not be dropped."""
     base = getattr(layer, "base_layer", None)
-    if type(base) is nn.Linear:
+    if type(base) is nn.Linear or is_gptq_linear(base):
         return base
     if is_bnb_linear4bit(base) and getattr(base.weight, "quant_type", "nf4") == "nf4":
         return base
     return None
+
+
+def _gptq_reason(layer) -> str | None:
+    """Why a GPTQ layer's base cannot be read as INT4 (see :mod:`.gptq`); None for other bases."""
+    base = getattr(layer, "base_layer", None)
+    return int4_of(base)[1] if is_gptq_linear(base) else None
 
 
 def unsupported_reason(layer) -> str | None:
@@ -82,9 +96,13 @@ def unsupported_reason(layer) -> str | None:
         return f"layer type {type(layer).__module__}.{type(layer).__qualname__} (only PEFT's LoRA Linear is fused)"
     if _plain_base(layer) is None:
         base = getattr(layer, "base_layer", None)
-        return f"base layer {type(base).__name__} (only nn.Linear and bitsandbytes NF4 Linear4bit are fused)"
+        return (f"base layer {type(base).__name__} (only nn.Linear, bitsandbytes NF4 Linear4bit and 4-bit GPTQ "
+                "layers are fused)")
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
+    reason = _gptq_reason(layer)
+    if reason is not None:
+        return f"GPTQ base: {reason}"
     forward = layer.__dict__.get("forward")
     if forward is not None and not isinstance(forward, FusedForward):
         return "its forward was replaced by another library (X-LoRA, ...)"
@@ -99,7 +117,14 @@ def adapter_reason(layer, adapter: str) -> str | None:
     """Why the op cannot compute ``adapter`` of ``layer`` (checked at fuse and again at every call,
     since adapters are added after fuse), or None."""
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None or layer.use_dora.get(adapter, False):
+    gptq = is_gptq_linear(getattr(layer, "base_layer", None))
+    if gptq:  # PEFT's QA-LoRA, pooled over the base's own groups: the merge-exact case the op computes
+        if not _is_peft_variant(variant, "QALoraLinearVariant"):
+            return f"adapter {adapter!r} on a GPTQ base is not QA-LoRA (use_qalora=True)"
+        if layer.qalora_group_size[adapter] != layer.base_layer.group_size:
+            return (f"adapter {adapter!r} pools groups of {layer.qalora_group_size[adapter]}, the GPTQ base "
+                    f"quantizes groups of {layer.base_layer.group_size}")
+    elif variant is not None or layer.use_dora.get(adapter, False):
         if not _is_dora(variant):
             return f"adapter {adapter!r} is a LoRA variant other than DoRA ({type(variant).__name__})"
         vectors = getattr(layer, "lora_magnitude_vector", None) or {}
@@ -118,12 +143,16 @@ def adapter_reason(layer, adapter: str) -> str | None:
 
 def _is_dora(variant) -> bool:
     """PEFT's DoRA variant of a Linear layer itself (whose math the op implements), not a subclass."""
-    return type(variant).__name__ == "DoraLinearVariant" and type(variant).__module__.startswith("peft.")
+    return _is_peft_variant(variant, "DoraLinearVariant")
+
+
+def _is_peft_variant(variant, name: str) -> bool:
+    return type(variant).__name__ == name and type(variant).__module__.startswith("peft.")
 
 
 def _magnitude(layer, adapter: str) -> nn.Module | None:
     """The DoRA magnitude module of ``adapter`` (its ``weight`` is the magnitude [out]), or None."""
-    if adapter not in getattr(layer, "lora_variant", {}):
+    if not _is_dora(getattr(layer, "lora_variant", {}).get(adapter)):
         return None
     return layer.lora_magnitude_vector[adapter]
 
@@ -156,8 +185,14 @@ def _adapters_reason(layer, x, adapters, several: bool) -> str | None:
     hooks), or None; ``several``: they are summed on every row."""
     base = _plain_base(layer)
     if base is None:
-        return "its base layer is not an nn.Linear or an NF4 Linear4bit"
-    if base.weight.requires_grad:
+        return "its base layer is not an nn.Linear, an NF4 Linear4bit or a 4-bit GPTQ layer"
+    if is_gptq_linear(base):
+        reason = _gptq_reason(layer)
+        if reason is not None:
+            return f"GPTQ base: {reason}"
+        if several:
+            return "several active QA-LoRA adapters on a GPTQ layer"
+    elif base.weight.requires_grad:
         # FSDP1 with use_orig_params=True hands the layer a view of its flat parameter, which
         # requires grad even when this weight is frozen; PEFT's forward computes what it asks.
         return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
@@ -203,6 +238,8 @@ def mixed_batch_reason(layer, x, adapter_names) -> str | None:
     layer._check_forward_args(x, adapter_names=adapter_names)
     if layer.disable_adapters:
         return "adapters disabled"
+    if is_gptq_linear(layer.base_layer):
+        return "a mixed batch on a GPTQ layer"
     base = layer.base_layer
     if is_bnb_linear4bit(base) and getattr(base, "compute_dtype", None) not in (None, x.dtype):
         return "a mixed batch on a Linear4bit whose compute_dtype is not the input's"
@@ -319,6 +356,9 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
     A, B, magnitude = _in_x_dtype(x, A, B, magnitude)
+    if is_gptq_linear(base):  # PEFT's QA-LoRA drops out only while the layer itself trains
+        return qalora_linear(x, int4_of(base)[0], _bias_in_x_dtype(x, base), A, B, scaling, p,
+                             training=training and layer.training)
     if is_bnb_linear4bit(base):
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
