@@ -248,7 +248,9 @@ inline float dot(const V& v, const float* a, const float* b, int64_t n) {
 
 // h = x A^T [M, r] (and scaled_h = scaling * h): one dot product of length K per (m, j), before any
 // output (r x K x M FMAs: 64K at r = 16, M = 1, K = 4096, ~1% of the decode; below 1M FMAs the
-// caller does them alone, a hand-off to the workers would cost more).
+// caller does them alone, a hand-off to the workers would cost more). Several adapters: rows of
+// different adapters read different A's from memory (8 rows of 8 fp32 adapters, r = 16, K = 4096:
+// 2 MiB, where one adapter's 256 KiB stays in cache), so the workers join from 256K FMAs.
 template <class V>
 inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, int threads) {
     if (lora == nullptr) return;
@@ -262,7 +264,8 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
         for (int64_t k = 0; k < G; ++k) s += x[row * G + k];
         pooled[row] = s * (static_cast<float>(groups) / static_cast<float>(G));
     }
-    parallel_for((n + 3) / 4, n * K >= (int64_t{1} << 20) ? threads : 1, [&](int64_t g) {
+    const int64_t alone_below = lora->index != nullptr ? int64_t{1} << 18 : int64_t{1} << 20;
+    parallel_for((n + 3) / 4, n * K >= alone_below ? threads : 1, [&](int64_t g) {
         V v;
         for (int64_t i = 4 * g; i < std::min(n, 4 * g + 4); ++i) {
             const int64_t m = i / lora->r, j = i % lora->r;
