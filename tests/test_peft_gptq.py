@@ -154,3 +154,15 @@ def test_int4_of_reads_the_layer_again_after_an_in_place_change(quant_linear):
     assert reason is None and second is not first
     torch.testing.assert_close(second.scales, first.scales * 2)
     assert torch.equal(unpack_codes(second.codes), unpack_codes(first.codes))
+
+
+def test_a_gptq_layer_whose_forward_fails_on_the_probe_stays_peft_s(quant_linear):
+    model = _model(quant_linear)
+    base = model.base_model.model[0].base_layer
+
+    def broken(self, x):
+        raise RuntimeError("no kernel for this device")
+
+    base.forward = types.MethodType(broken, base)
+    weight, reason = lk_gptq.int4_of(base)
+    assert weight is None and "forward failed on a probe input (RuntimeError: no kernel" in reason

@@ -57,7 +57,10 @@ def _probe(base) -> tuple[INT4Weight | None, str | None]:
     x = torch.randn(4, candidates[0].shape[1], generator=torch.Generator().manual_seed(0))
     x = x.to(base.scales.device, base.scales.dtype)
     with torch.no_grad():
-        y = base(x).float()
+        try:
+            y = base(x).float()
+        except Exception as e:  # a layer on the meta device, a kernel that needs another input: PEFT's path
+            return None, f"its forward failed on a probe input ({type(e).__name__}: {e})"
         if getattr(base, "bias", None) is not None:
             y = y - base.bias.float()
         errors = [float((y - x.float() @ w.dequantize(torch.float32).t()).norm() / y.norm().clamp(min=1e-30))
