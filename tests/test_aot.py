@@ -80,7 +80,7 @@ def test_default_sweep_compiles_for_sm80_sm90(tmp_path):
     names = ["lora_matmul_kernel", "skinny_kernel", "dy_kernel", "multi_matmul_kernel", "multi_skinny_kernel",
              "segment_skinny_kernel"]
     if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
-        names += ["dequantize_kernel", "gemv_kernel"]  # the NF4 .cu kernels, compiled by nvcc
+        names += ["dequantize_kernel", "gemv_kernel", "multi_h_kernel"]  # the NF4 .cu kernels, compiled by nvcc
     assert kernels == {(k, a) for k in names for a in (80, 90)}
     assert {1, 8, 16, 256} <= {rank for r in recs for rank in r["ranks"]}
     assert {"fp16", "bf16", "fp32"} == {r["dtype"] for r in recs}
