@@ -159,16 +159,18 @@ def resolve_qlora(backend: str, x2d: torch.Tensor, r: int, base_dtype: torch.dty
     """"reference", "native" or "triton". "auto": Triton for CUDA inputs with M > SMALL_M when it
     can serve them (the GEMM dominates there), else the native NF4 kernels when built for the
     device, else the reference."""
-    large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
-    prefer = ("triton", "native") if large_cuda else ("native",)
-    return resolve("QLoRA", backend, x2d.device, prefer, qlora_reasons(x2d, r, base_dtype))
+    return _resolve_quantized("QLoRA", backend, x2d, r, base_dtype)
 
 
 def resolve_qalora(backend: str, x2d: torch.Tensor, r: int) -> str:
     """QA-LoRA on an INT4 base: "reference", "native" or "triton", chosen as for QLoRA."""
+    return _resolve_quantized("QA-LoRA", backend, x2d, r, None)
+
+
+def _resolve_quantized(what: str, backend: str, x2d: torch.Tensor, r: int, base_dtype) -> str:
     large_cuda = x2d.device.type == "cuda" and x2d.shape[0] > SMALL_M
     prefer = ("triton", "native") if large_cuda else ("native",)
-    return resolve("QA-LoRA", backend, x2d.device, prefer, qlora_reasons(x2d, r, None))
+    return resolve(what, backend, x2d.device, prefer, qlora_reasons(x2d, r, base_dtype))
 
 
 def resolve_nf4(backend: str, device: torch.device) -> str:

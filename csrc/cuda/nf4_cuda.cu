@@ -67,7 +67,7 @@ __device__ __forceinline__ float decode_one(float code, float scale, float shift
     return add_rn(mul_rn(code, scale), shift);
 }
 
-// The block parameters of flattened element f: its scale and (INT4) shift.
+// The INT4 shift of the block holding flattened element f (0, unread, for NF4).
 template <Decode D>
 __device__ __forceinline__ float shift_of(const Nf4Weight& w, int64_t f) {
     return D == kScaled ? 0.0f : block_shift_value(w, f >> w.block_shift);

@@ -126,15 +126,21 @@ def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lor
     M, r = x.shape[0], max(A.shape[0] for A in lora_A)
     y = x.new_empty(M, rows)
     h = x.new_empty(M, r)
-    addresses = torch.tensor([[A.data_ptr() for A in lora_A], [B.data_ptr() for B in lora_B]], dtype=torch.int64)
-    ranks = torch.tensor([A.shape[0] for A in lora_A], dtype=torch.int64)
-    scales = torch.tensor(scalings, dtype=torch.float32)
+    table, scales = _adapter_table(lora_A, lora_B, scalings, x.device)
     index = index.contiguous()
     lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr(), 0)
-    multi = (index.data_ptr(), addresses[0].data_ptr(), addresses[1].data_ptr(), ranks.data_ptr(), scales.data_ptr())
+    multi = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr())
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
                            torch.get_num_threads(), lora, multi)
     return y
+
+
+def _adapter_table(lora_A, lora_B, scalings, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels read of several adapters: int64 ``[3, n]`` (A addresses, B addresses,
+    ranks) and float32 ``[n]`` scalings, on ``device`` (on CUDA one small host-to-device copy each)."""
+    table = torch.tensor([[A.data_ptr() for A in lora_A], [B.data_ptr() for B in lora_B],
+                          [A.shape[0] for A in lora_A]], dtype=torch.int64)
+    return table.to(device), torch.tensor(scalings, dtype=torch.float32).to(device)
 
 
 def cuda_gemv(x: torch.Tensor, w) -> torch.Tensor:
@@ -159,10 +165,7 @@ def cuda_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lo
     device = x.device
     y = x.new_empty(M, rows)
     h = torch.empty(M, r, device=device, dtype=torch.float32)
-    # One small host-to-device copy per call: the adapters' addresses and ranks, and the scalings.
-    table = torch.tensor([[A.data_ptr() for A in lora_A], [B.data_ptr() for B in lora_B],
-                          [A.shape[0] for A in lora_A]], dtype=torch.int64).to(device)
-    scales = torch.tensor(scalings, dtype=torch.float32).to(device)
+    table, scales = _adapter_table(lora_A, lora_B, scalings, device)
     index = index.to(torch.int64).contiguous()
     lora = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr(),
             _ptr(bias), h.data_ptr(), r)

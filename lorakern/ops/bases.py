@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import SMALL_M
+from ..backend import FLOAT_DTYPES, SMALL_M
 from ..nf4 import native
 from ..nf4.reference import nf4_matmul_reference
 
@@ -244,8 +244,7 @@ class INT4Base:
                                       torch.empty(tuple(self.shape), dtype=dtype, device=self.w.device))
 
     def _native_decodes(self, dtype: torch.dtype) -> bool:
-        return (dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and native.unavailable_reason(self.w.device) is None)
+        return dtype in FLOAT_DTYPES and native.unavailable_reason(self.w.device) is None
 
     def dequantize_rows(self, start: int, out: Tensor) -> Tensor:
         return out.copy_(self.w.dequantize_rows(start, out.shape[0], out.dtype))
@@ -257,7 +256,7 @@ class INT4Base:
         if not (0 < x.shape[0] <= SMALL_M and native.unavailable_reason(x.device) is None):
             return False
         if x.device.type == "cuda":
-            return not transpose and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            return not transpose and x.dtype in FLOAT_DTYPES
         return x.device.type == "cpu" and x.dtype == torch.float32
 
     def matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
@@ -286,8 +285,7 @@ class INT4Base:
         if x.device.type == "cuda" and backend != "reference" and self._native_decodes(x.dtype):
             full = self.dequantize(x.dtype, backend)
             return x @ full if transpose else x @ full.t()
-        if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and native.unavailable_reason(x.device) is None):
+        if not (x.device.type == "cpu" and self._native_decodes(x.dtype)):
             return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
         view, buf = self.w.native_view(), torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype)
         return tiled_matmul(x, transpose, self.shape, lambda r0, n: native.dequantize_into(
