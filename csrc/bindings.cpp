@@ -135,6 +135,38 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
              lora_args ? &lora : nullptr, threads);
 }
 
+// y [M, N] += each row's adapter term (MultiArgs: n adapters, the largest rank r_max), x [M, K]
+// with rows ldx apart (x is only read: 0 for one row broadcast, any overlap), the adapters' row
+// strides in a_strides / b_strides (int64 [n] addresses, 0: contiguous): the several adapters'
+// terms over a base product computed elsewhere (see cpu::LoraTermsFn).
+void cpu_lora_terms(uintptr_t x, int64_t ldx, int64_t M, int64_t K, int64_t N, uintptr_t y, const MultiArgs& multi,
+                    uintptr_t a_strides, uintptr_t b_strides, int64_t n, int64_t r_max, const std::string& isa,
+                    int threads) {
+    const cpu::Kernels k = kernels_for(isa);
+    cpu::LoraTerm lora{};
+    lora.r = r_max;
+    lora.index = reinterpret_cast<const int64_t*>(std::get<0>(multi));
+    lora.adapter_A = reinterpret_cast<const uintptr_t*>(std::get<1>(multi));
+    lora.adapter_B = reinterpret_cast<const uintptr_t*>(std::get<2>(multi));
+    lora.ranks = reinterpret_cast<const int64_t*>(std::get<3>(multi));
+    lora.scalings = reinterpret_cast<const float*>(std::get<4>(multi));
+    lora.a_strides = reinterpret_cast<const int64_t*>(a_strides);
+    lora.b_strides = reinterpret_cast<const int64_t*>(b_strides);
+    if (M < 0 || K < 1 || N < 1 || n < 1 || r_max < 1 || ldx < 0 || (M > 0 && (!x || !y)))
+        throw std::invalid_argument("lora terms: M >= 0, K, N, n, r_max >= 1, ldx >= 0 and x, y required");
+    if (M == 0) return;  // an empty index has no address
+    if (!lora.index || !lora.adapter_A || !lora.adapter_B || !lora.ranks || !lora.scalings)
+        throw std::invalid_argument("lora terms: index, A and B addresses, ranks and scalings required");
+    for (int64_t m = 0; m < M; ++m)
+        if (lora.index[m] < -1 || lora.index[m] >= n) throw std::invalid_argument("lora terms: index out of range");
+    for (int64_t a = 0; a < n; ++a)
+        if (lora.ranks[a] < 0 || lora.ranks[a] > r_max ||
+            (lora.a_strides && lora.a_strides[a] < 0) || (lora.b_strides && lora.b_strides[a] < lora.ranks[a]))
+            throw std::invalid_argument("lora terms: ranks in [0, r_max], A row strides >= 0, B row strides >= rank");
+    py::gil_scoped_release nogil;
+    k.lora_terms(reinterpret_cast<const float*>(x), ldx, M, K, N, lora, n, reinterpret_cast<float*>(y), threads);
+}
+
 #ifdef LORAKERN_WITH_CUDA
 void check_cuda(int code, const char* what) {
     if (code != 0) throw std::runtime_error(std::string(what) + ": " + lorakern::cuda::error_string(code));
@@ -182,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
     m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
     m.def("cpu_dequantize", &cpu_dequantize);
+    m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");
     m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
           py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none());

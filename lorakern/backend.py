@@ -74,10 +74,12 @@ DESCRIBE = {"reference": "the pure-torch reference path", "native": "the native 
             "triton": "the Triton kernels"}
 
 # Every op family's backends, in one table: what a caller may name besides "auto". "reference"
-# (pure torch) serves every call; "native" is lorakern._C (the NF4 kernels, CPU and CUDA);
+# (pure torch) serves every call; "native" is lorakern._C (the NF4 kernels, CPU and CUDA; on a
+# dense base with several adapters, the CPU kernel adding every row's adapter term);
 # "triton" the fused LoRA kernels. Adding a family or a backend is one entry here.
 BACKENDS = {
     "LoRA": ("reference", "triton"),
+    "several-adapter LoRA": ("reference", "native", "triton"),
     "QLoRA": ("reference", "native", "triton"),
     "NF4": ("reference", "native"),
     "QA-LoRA": ("reference", "native", "triton"),
@@ -153,6 +155,15 @@ def qlora_reasons(x2d: torch.Tensor, r: int, base_dtype: torch.dtype | None) -> 
 def resolve_lora(backend: str, x: torch.Tensor, r: int) -> str:
     """"reference" or "triton" (auto: the Triton kernels for CUDA tensors)."""
     return resolve("LoRA", backend, x.device, ("triton",), lora_reasons(x, r, auto=backend == "auto"))
+
+
+def resolve_multi(backend: str, x2d: torch.Tensor, r: int, native_reason) -> str:
+    """Several adapters on a dense base: "reference", "native" or "triton". "auto": the Triton
+    kernels for CUDA tensors, else the native adapter terms when ``native_reason()`` (why they
+    cannot serve the call, or None) allows."""
+    reasons = {**lora_reasons(x2d, r, auto=backend == "auto"), "native": native_reason}
+    prefer = ("triton",) if x2d.device.type == "cuda" else ("native",)
+    return resolve("several-adapter LoRA", backend, x2d.device, prefer, reasons)
 
 
 def resolve_qlora(backend: str, x2d: torch.Tensor, r: int, base_dtype: torch.dtype | None = None) -> str:

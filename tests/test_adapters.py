@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import PeftBlock
+from helpers import PeftBlock, assert_close_like_torch
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -65,8 +65,12 @@ def test_load_adapters_serves_mixed_batches_as_peft(folders, monkeypatch):
             with multi.mixed_batch(fused, torch.tensor([0, 1, -1, 2, 1, 0])):
                 by_index = fused(x)
     assert len(calls) == 6  # three layers, two forwards
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(by_index, want, rtol=0, atol=0)
+    # Inference on the CPU adds the adapter terms natively, in another summation order than PEFT's
+    # torch ops: within 2x PEFT's own fp32 error against PEFT in float64.
+    with torch.no_grad():
+        want64 = copy.deepcopy(ref).double()(x.double(), adapter_names=names)
+    assert_close_like_torch("y", got, want64, want, torch.float32)
+    torch.testing.assert_close(by_index, got, rtol=0, atol=0)
     with torch.no_grad():  # outside the context, the active (first) adapter again
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-6, atol=1e-6)
 

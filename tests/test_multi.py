@@ -231,7 +231,7 @@ def test_bad_inputs_get_clear_errors():
         (dict(lora_A=[As[0], As[1].double()]), TypeError, "adapter 1: lora_A: expected dtype torch.float32"),
         (dict(scaling=[1.0]), ValueError, "scaling: expected a number or a sequence of 2"),
         (dict(dropout_p=[0.1, 1.0]), ValueError, r"adapter 1: dropout_p: expected a probability in \[0, 1\)"),
-        (dict(backend="native"), ValueError, "backend must be one of .'auto', 'reference', 'triton'"),
+        (dict(backend="cuda"), ValueError, "backend must be one of .'auto', 'reference', 'native', 'triton'"),
         (dict(weight=NF4Weight.quantize(w, 64), backend="cuda"), ValueError,
          "backend must be one of .'auto', 'reference', 'native', 'triton'"),
     ]:
@@ -364,6 +364,124 @@ def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
                                           [A.double() for A in As], [B.double() for B in Bs], scalings, index)
         y32 = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
         assert_close_like_torch("y", y, y64, y32, torch.float32)
+
+
+def _native_or_skip():
+    from lorakern.nf4 import native
+
+    if native.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("lorakern._C not built")
+    return native
+
+
+def _isas():
+    from lorakern.nf4 import native
+
+    return native.extension().available_isas() if native.unavailable_reason(torch.device("cpu")) is None else []
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("M,K,N,ranks", [
+    (0, 48, 40, (8,)),
+    (1, 33, 70, (1, 8)),
+    (37, 100, 130, RANKS),        # K and N off every vector and block size, ranks 1 to 64 mixed
+    (70, 128, 128, (16, 3, 64)),  # > 16 rows per adapter (several h pieces), whole 64-column blocks
+    (9, 64, 200, (256, 2)),       # rank 256
+])
+def test_dense_serving_in_the_native_terms(isa, M, K, N, ranks, monkeypatch):
+    """Inference on a dense base on the CPU: the base by torch, every row's adapter term by one
+    native call (each ISA forced), against the float64 definition within 2x fp32 torch's error;
+    -1 rows, adapters without rows, bias or none."""
+    native = _native_or_skip()
+    monkeypatch.setattr(native, "cpu_isa", lambda: isa)
+    x, w, b, As, Bs = inputs((M,), K, N, ranks, torch.float32, seed=M + K)
+    n = len(ranks)
+    index = torch.randint(-1, n, (M,), generator=torch.Generator().manual_seed(M))
+    if M > 1:
+        index[index == n - 1] = 0  # the last adapter has no rows
+    scalings = [0.5 + i for i in range(n)]
+    calls = []
+    real = native.cpu_lora_terms
+    monkeypatch.setattr(native, "cpu_lora_terms", lambda *a: calls.append(1) or real(*a))
+    for bias in (b, None):
+        with torch.no_grad():
+            y = multi_lora_linear(x, w, bias, As, Bs, scalings, index, backend="native")
+        assert calls.pop() == 1 and not calls
+        bias64 = None if bias is None else bias.double()
+        y64 = multi_lora_linear_reference(x.double(), w.double(), bias64, [A.double() for A in As],
+                                          [B.double() for B in Bs], scalings, index)
+        y32 = multi_lora_linear_reference(x, w, bias, As, Bs, scalings, index)
+        assert y.shape == (M, N)
+        if M:
+            assert_close_like_torch("y", y, y64, y32, torch.float32)
+
+
+def test_dense_native_terms_strided_x_3d_and_threads(monkeypatch):
+    """x as rows of a wider tensor, x broadcast over its rows (row stride 0), a 3-D x with a 2-D
+    index, stacked adapters with ranks: the native terms read x in place and equal the reference;
+    1, 2 and 3 threads give the same bits."""
+    native = _native_or_skip()
+    x, w, b, As, Bs = inputs((40,), 96, 72, (16, 8, 4), torch.float32, seed=4)
+    index = torch.randint(-1, 3, (40,), generator=torch.Generator().manual_seed(2))
+    scalings = [1.5, 0.5, 2.0]
+    wide = torch.randn(40, 150)
+    wide[:, 7:103] = x
+    cases = [(wide[:, 7:103], index), (x[3].expand(40, 96), index), (x.view(5, 8, 96), index.view(5, 8))]
+    for xs, idx in cases:
+        with torch.no_grad():
+            y = multi_lora_linear(xs, w, b, As, Bs, scalings, idx, backend="native")
+        x2d = xs.reshape(-1, 96).double()
+        y64 = multi_lora_linear_reference(x2d, w.double(), b.double(), [A.double() for A in As],
+                                          [B.double() for B in Bs], scalings, idx.reshape(-1))
+        y32 = multi_lora_linear_reference(xs.reshape(-1, 96).contiguous(), w, b, As, Bs, scalings, idx.reshape(-1))
+        assert_close_like_torch("y", y.reshape(-1, 72), y64, y32, torch.float32)
+    stacked_A = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, 16 - A.shape[0])) for A in As])
+    stacked_B = torch.stack([torch.nn.functional.pad(B, (0, 16 - B.shape[1])) for B in Bs])
+    with torch.no_grad():
+        y_list = multi_lora_linear(x, w, b, As, Bs, scalings, index, backend="native")
+        y_stacked = multi_lora_linear(x, w, b, stacked_A, stacked_B, scalings, index, backend="native",
+                                      ranks=[16, 8, 4])
+    assert torch.equal(y_list, y_stacked)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                outs.append(native.cpu_lora_terms(torch.zeros(40, 72), x, As, Bs, scalings, index))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_dense_native_terms_serve_inference_only(monkeypatch):
+    """"auto" takes the native terms for inference on the CPU and torch autograd for training
+    (saying why once); an explicit "native" that cannot serve the call raises with the reason."""
+    _native_or_skip()
+    x, w, b, As, Bs = inputs((6,), 16, 12, (4, 8), torch.float32)
+    index = torch.tensor([0, 1, -1, 0, 1, 1])
+    with torch.no_grad():
+        y_auto = multi_lora_linear(x, w, b, As, Bs, 1.0, index)
+        y_native = multi_lora_linear(x, w, b, As, Bs, 1.0, index, backend="native")
+    assert torch.equal(y_auto, y_native)
+    leaves = [A.clone().requires_grad_() for A in As]
+    for kwargs, match in [
+        (dict(lora_A=leaves), "a tensor requires grad"),
+        (dict(dropout_p=0.1), "dropout in training"),
+        (dict(x=x.bfloat16(), weight=w.bfloat16(), bias=b.bfloat16(), lora_A=[A.bfloat16() for A in As],
+              lora_B=[B.bfloat16() for B in Bs]), "x is torch.bfloat16"),
+        (dict(lora_B=[Bs[0], Bs[1].t().contiguous().t()]), r"lora_B\[1\]'s columns are strided"),
+        (dict(x=torch.randn(16, 6).t()), "x's columns are strided"),
+    ]:
+        args = dict(x=x, weight=w, bias=b, lora_A=As, lora_B=Bs, scaling=1.0, adapter_index=index)
+        args.update(kwargs)
+        with pytest.raises(RuntimeError, match="backend='native' cannot serve cpu tensors: " + match):
+            multi_lora_linear(**args, backend="native")
+    monkeypatch.setattr(lorakern.backend, "_warned", set())
+    with pytest.warns(UserWarning, match="uses the pure-torch reference path .a tensor requires grad"):
+        y = multi_lora_linear(x, w, b, leaves, Bs, 1.0, index)
+    y.sum().backward()
+    assert torch.allclose(y.detach(), y_native, atol=1e-5) and all(A.grad is not None for A in leaves)
 
 
 @pytest.mark.gpu

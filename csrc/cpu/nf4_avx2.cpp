@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "nf4_cpu_impl.h"
+#include "panel_avx2.h"
 
 namespace lorakern {
 namespace cpu {
@@ -37,6 +38,10 @@ struct Avx2Vec {
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         return _mm_cvtss_f32(s);
+    }
+    // out[j * ld + c] = B[c * ldb + j] (c < cols, j < r): the LoRA terms' B panel.
+    void panel(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) const {
+        transpose_panel_avx2(B, ldb, cols, r, out, ld);
     }
     struct Table {
         __m256 lo, hi;

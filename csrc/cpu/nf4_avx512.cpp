@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "nf4_cpu_impl.h"
+#include "panel_avx2.h"
 
 namespace lorakern {
 namespace cpu {
@@ -29,6 +30,10 @@ struct Avx512Vec {
     vec add(vec a, vec b) const { return _mm512_add_ps(a, b); }
     vec fmadd(vec a, vec b, vec c) const { return _mm512_fmadd_ps(a, b, c); }
     float hsum(vec a) const { return _mm512_reduce_add_ps(a); }
+    // out[j * ld + c] = B[c * ldb + j] (c < cols, j < r): the LoRA terms' B panel.
+    void panel(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) const {
+        transpose_panel_avx2(B, ldb, cols, r, out, ld);
+    }
     // out[0] = weights 0, 2, ..., 30 (high nibbles), out[1] = weights 1, 3, ..., 31 (low nibbles):
     // vpermps reads only the low 4 bits of each index, so the low nibble needs no mask.
     using Table = __m512;

@@ -33,6 +33,10 @@ struct LoraTerm {
     const uintptr_t* adapter_B = nullptr;
     const int64_t* ranks = nullptr;
     const float* scalings = nullptr;
+    // The adapters' row strides (elements; null: contiguous), read by the terms kernel alone
+    // (LoraTermsFn): stacked adapters' views B[a, :, :r_a] have rows r_max apart.
+    const int64_t* a_strides = nullptr;
+    const int64_t* b_strides = nullptr;
     // QA-LoRA: A is [r, cols / pool] and sees x averaged over each group of pool columns times
     // cols / pool (PEFT's use_qalora), so h[m, j] = sum_g A[j, g] (cols / pool) mean_g(x[m]). 0: plain.
     int64_t pool = 0;
@@ -60,9 +64,16 @@ inline RowAdapter row_adapter(const LoraTerm& t, int64_t m) {
 using MatmulFn = void (*)(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transpose,
                           const LoraTerm* lora, int threads);
 
+// y [M, N] += each row's LoRA term alone (lora.index, n adapters, their ranks up to lora.r; lora.A,
+// B, h and bias unused): x [M, K] float32 with rows ldx apart, y float32 row-major and contiguous.
+// For a base product computed elsewhere.
+using LoraTermsFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t N, const LoraTerm& lora,
+                             int64_t n, float* y, int threads);
+
 struct Kernels {
     DequantizeFn dequantize;
     MatmulFn matmul;
+    LoraTermsFn lora_terms;
 };
 
 Kernels scalar_kernels();

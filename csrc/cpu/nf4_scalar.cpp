@@ -20,6 +20,11 @@ struct ScalarVec {
     vec add(vec a, vec b) const { return a + b; }
     vec fmadd(vec a, vec b, vec c) const { return a * b + c; }
     float hsum(vec a) const { return a; }
+    // out[j * ld + c] = B[c * ldb + j] (c < cols, j < r): the LoRA terms' B panel.
+    void panel(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) const {
+        for (int64_t c = 0; c < cols; ++c)
+            for (int64_t j = 0; j < r; ++j) out[j * ld + c] = B[c * ldb + j];
+    }
     struct Table {
         float v[16];
     };

@@ -135,6 +135,27 @@ def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lor
     return y
 
 
+def cpu_lora_terms(y: torch.Tensor, x: torch.Tensor, lora_A, lora_B, scalings, index: torch.Tensor) -> torch.Tensor:
+    """``y [M, out] += s_a (x_m A_a^T) B_a^T`` on each row m of an adapter (``a = index[m]``, -1:
+    none), in place, in one call on the CPU: several adapters' terms over a base product computed
+    elsewhere (a dense W). All float32; x, A_a and B_a with unit column stride, their rows any
+    distance apart (stacked adapters' views are read in place), y contiguous; index int64 [M] in
+    range (the caller checks)."""
+    M, K = x.shape
+    for name, t in (("x", x), *((f"lora_A[{a}]", A) for a, A in enumerate(lora_A)),
+                    *((f"lora_B[{a}]", B) for a, B in enumerate(lora_B))):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    table, scales = _adapter_table(lora_A, lora_B, scalings, x.device)
+    strides = torch.tensor([[A.stride(0) for A in lora_A], [B.stride(0) for B in lora_B]], dtype=torch.int64)
+    index = index.contiguous()
+    multi = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr())
+    extension().cpu_lora_terms(x.data_ptr(), x.stride(0), M, K, y.shape[1], y.data_ptr(), multi,
+                               strides[0].data_ptr(), strides[1].data_ptr(), len(lora_A),
+                               max(A.shape[0] for A in lora_A), cpu_isa(), torch.get_num_threads())
+    return y
+
+
 def _adapter_table(lora_A, lora_B, scalings, device) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernels read of several adapters: int64 ``[3, n]`` (A addresses, B addresses,
     ranks) and float32 ``[n]`` scalings, on ``device`` (on CUDA one small host-to-device copy each)."""
