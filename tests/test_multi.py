@@ -338,34 +338,6 @@ def test_peft_mixed_batch_errors_are_peft_s():
         model(x, adapter_names=["default", "d", "b"])
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
-    """Inference on an NF4 base at M <= 16 on the CPU: each row's adapter term is added inside the
-    native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters not stacked), against the
-    float64 definition on the dequantized weight, within 2x fp32 torch's error."""
-    from lorakern.nf4 import native
-
-    if native.unavailable_reason(torch.device("cpu")) is not None:
-        pytest.skip("lorakern._C not built")
-    x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, torch.float32, seed=M)
-    weight = NF4Weight.quantize(w, 64, double_quant=double_quant)
-    index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
-    scalings = [0.5, 2.0, 1.0, 0.25]
-    calls = []
-    real = native.cpu_multi_forward
-    monkeypatch.setattr(native, "cpu_multi_forward", lambda *a: calls.append(1) or real(*a))
-    for bias in (b, None):
-        with torch.no_grad():
-            y = multi_lora_linear(x, weight, bias, As, Bs, scalings, index, backend="native")
-        assert calls.pop() == 1 and not calls
-        w_ref = weight.dequantize(torch.float32)
-        y64 = multi_lora_linear_reference(x.double(), w_ref.double(), None if bias is None else bias.double(),
-                                          [A.double() for A in As], [B.double() for B in Bs], scalings, index)
-        y32 = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
-        assert_close_like_torch("y", y, y64, y32, torch.float32)
-
-
 def _native_or_skip():
     from lorakern.nf4 import native
 
@@ -378,6 +350,37 @@ def _isas():
     from lorakern.nf4 import native
 
     return native.extension().available_isas() if native.unavailable_reason(torch.device("cpu")) is None else []
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """A list that gets an entry per call of ``module.name`` (which still runs)."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
+    """Inference on an NF4 base at M <= 16 on the CPU: each row's adapter term is added inside the
+    native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters not stacked), against the
+    float64 definition on the dequantized weight, within 2x fp32 torch's error."""
+    native = _native_or_skip()
+    x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, torch.float32, seed=M)
+    weight = NF4Weight.quantize(w, 64, double_quant=double_quant)
+    index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
+    scalings = [0.5, 2.0, 1.0, 0.25]
+    calls = _count_calls(monkeypatch, native, "cpu_multi_forward")
+    for bias in (b, None):
+        with torch.no_grad():
+            y = multi_lora_linear(x, weight, bias, As, Bs, scalings, index, backend="native")
+        assert calls.pop() == 1 and not calls
+        w_ref = weight.dequantize(torch.float32)
+        y64 = multi_lora_linear_reference(x.double(), w_ref.double(), None if bias is None else bias.double(),
+                                          [A.double() for A in As], [B.double() for B in Bs], scalings, index)
+        y32 = multi_lora_linear_reference(x, w_ref, bias, As, Bs, scalings, index)
+        assert_close_like_torch("y", y, y64, y32, torch.float32)
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -400,9 +403,7 @@ def test_dense_serving_in_the_native_terms(isa, M, K, N, ranks, monkeypatch):
     if M > 1:
         index[index == n - 1] = 0  # the last adapter has no rows
     scalings = [0.5 + i for i in range(n)]
-    calls = []
-    real = native.cpu_lora_terms
-    monkeypatch.setattr(native, "cpu_lora_terms", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, native, "cpu_lora_terms")
     for bias in (b, None):
         with torch.no_grad():
             y = multi_lora_linear(x, w, bias, As, Bs, scalings, index, backend="native")
@@ -499,9 +500,7 @@ def test_nf4_serving_in_the_cuda_gemv(M, dtype, monkeypatch):
     weight = NF4Weight.quantize(w.float(), 64).to("cuda")
     index = torch.tensor([3, -1, 0, 2, 1] * 4)[:M]
     scalings = [0.5, 2.0, 1.0, 0.25]
-    calls = []
-    real = native.cuda_multi_forward
-    monkeypatch.setattr(native, "cuda_multi_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _count_calls(monkeypatch, native, "cuda_multi_forward")
     w_ref = weight.dequantize(dtype).cpu()
     for bias in (b, None):
         with torch.no_grad():
