@@ -432,6 +432,22 @@ void lora_terms(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t N, co
     });
 }
 
+// The B rows n0 .. n0 + rows of every row's adapter, asked for before the block's decode (~10 us at
+// M = 8) needs them: with one adapter per row (8 adapters of r = 16 at M = 8, 2 MiB of B) they
+// come from memory as 8 scattered 1 KiB pieces per block, which the hardware prefetchers do not
+// follow. 4096 x 4096, M = 8, 8 adapters, 2 Zen 4 threads, three interleaved timings each: 1.14x to
+// 1.16x one adapter's call without it, 1.12x to 1.13x with it.
+inline void prefetch_b_rows(const LoraTerm* lora, int64_t M, int64_t n0, int64_t rows) {
+    if (lora == nullptr || lora->index == nullptr) return;
+    for (int64_t m = 0; m < M; ++m) {
+        const RowAdapter a = row_adapter(*lora, m);
+        if (a.B == nullptr) continue;
+        const char* p = reinterpret_cast<const char*>(a.B + n0 * a.r);
+        const int64_t bytes = rows * a.r * static_cast<int64_t>(sizeof(float));
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+    }
+}
+
 // Output (m, n)'s LoRA term and bias: scaled_h[m] . B[n] added into the accumulator vector s
 // (whole vectors; a horizontal sum per output for the term alone cost ~0.15 ms at M = 16 on 4096
 // outputs), the rest (r % W elements, and the bias) returned as a scalar. 0 without a LoRA term.
@@ -707,6 +723,7 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     parallel_for(blocks, threads, [&](int64_t b) {
         V v(w.code);
         const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);
+        prefetch_b_rows(lora, M, n0, rows);
         if (!flat) {
             S sc(w), sc1(w);  // the walk's block scales for a row and (pairs) the next one
             rows_block(v, sc, sc1, w, n0, rows, xs, M, lora, y);
