@@ -383,6 +383,27 @@ def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
         assert_close_like_torch("y", y, y64, y32, torch.float32)
 
 
+@pytest.mark.parametrize("M", [17, 40])
+def test_nf4_serving_above_16_rows_adds_the_native_terms(M, monkeypatch):
+    """Inference on an NF4 base above 16 rows on the CPU: the tiled decode for the base, then one
+    native call for every row's adapter term (not the torch loop), against the float64 definition
+    on the dequantized weight."""
+    native = _native_or_skip()
+    x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, torch.float32, seed=M)
+    weight = NF4Weight.quantize(w, 64, double_quant=True)
+    index = torch.randint(-1, 4, (M,), generator=torch.Generator().manual_seed(M))
+    scalings = [0.5, 2.0, 1.0, 0.25]
+    calls = _count_calls(monkeypatch, native, "cpu_lora_terms")
+    with torch.no_grad():
+        y = multi_lora_linear(x, weight, b, As, Bs, scalings, index)
+    assert calls == [1]
+    w_ref = weight.dequantize(torch.float32)
+    y64 = multi_lora_linear_reference(x.double(), w_ref.double(), b.double(), [A.double() for A in As],
+                                      [B.double() for B in Bs], scalings, index)
+    y32 = multi_lora_linear_reference(x, w_ref, b, As, Bs, scalings, index)
+    assert_close_like_torch("y", y, y64, y32, torch.float32)
+
+
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("M,K,N,ranks", [
     (0, 48, 40, (8,)),

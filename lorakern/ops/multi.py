@@ -15,10 +15,10 @@ rows only (zeros, not None, for an adapter without rows). "native" (lorakern._C;
 grad, no dropout, float32): on a dense base, torch's product for the base and one CPU call adding
 every row's adapter term (rows grouped by adapter, each adapter's A and B read in place, once per
 block); on an NF4 base, its native decode kernels (at M <= 16 with each row's term inside the
-decode). Each adapter keeps its own rank, scaling and dropout. Dropout draws one seed per call;
-the mask of element (m, k) is the one the single-adapter op draws for that seed and element index
-``m * in + k``, with adapter a(m)'s probability: a batch whose rows are all one adapter's gets
-exactly the single-adapter op's masks.
+decode; above it, on the CPU, the dense base's call after the decode). Each adapter keeps its own
+rank, scaling and dropout. Dropout draws one seed per call; the mask of element (m, k) is the one
+the single-adapter op draws for that seed and element index ``m * in + k``, with adapter a(m)'s
+probability: a batch whose rows are all one adapter's gets exactly the single-adapter op's masks.
 
 Cost against one adapter on the same rows: the base product is shared, each adapter with rows adds
 ``2 * rows_a * r_a * (in + out)`` FLOPs and a gather of its rows of x (rows_a * in elements, as
@@ -189,14 +189,17 @@ def multi_lora_linear(
             stacks = (stack_ranks(lora_A, 0, r_max), stack_ranks(lora_B, 1, r_max))
         adapters = _kernels().Adapters(ranks, scalings, ps, x.device)
         y = _MultiTriton.apply(x2d, bias, *stacks, base, index.to(torch.int32), adapters, seed)
-    elif not nf4 and chosen == "native":
-        y = native.cpu_lora_terms(base.linear(x2d, bias, "reference"), x2d, lora_A, lora_B, scalings, index)
     elif nf4 and chosen == "native" and _native_serves(x2d, bias, lora_A, lora_B, ps):
         serve = native.cuda_multi_forward if x2d.device.type == "cuda" else native.cpu_multi_forward
         y = serve(x2d, weight, bias, lora_A, lora_B, scalings, index)
     else:
         y = _BaseLinear.apply(x2d, bias, base, chosen)
-        y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
+        # "native" on a dense base means these terms (resolve checked they serve the call); on an
+        # NF4 base above SMALL_M rows they follow its tiled decode when they can serve the call.
+        if chosen == "native" and _native_terms_reason(x2d, bias, lora_A, lora_B, ps, x2d.dtype) is None:
+            y = native.cpu_lora_terms(y, x2d, lora_A, lora_B, scalings, index)
+        else:
+            y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
