@@ -10,6 +10,7 @@ Environment:
     LORAKERN_CUDA_ARCHS        e.g. "80;90a" (default), semicolon-separated compute capabilities
     LORAKERN_REQUIRE_NATIVE=1  fail the install if the extension does not build (default: warn and
                                install the pure-Python package, which falls back to torch)
+    LORAKERN_SANITIZE=1        build the CPU code with AddressSanitizer and UBSan (for testing)
     MAX_JOBS                   ninja's parallelism
     CXX, CUDA_HOME             the compilers
 """
@@ -139,6 +140,9 @@ class NinjaBuildExt(build_ext):
         if X86:
             cflags.append("-DLORAKERN_X86")
         ldflags = ["-shared", "-pthread"]
+        if os.environ.get("LORAKERN_SANITIZE") == "1":  # tests/test_sanitizers.py: ASan + UBSan builds
+            cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+            ldflags.append("-fsanitize=address,undefined")
 
         cuda = find_cuda() if with_cuda else None
         if os.environ.get("LORAKERN_CUDA") == "1" and cuda is None:
