@@ -142,10 +142,9 @@ def cpu_lora_terms(y: torch.Tensor, x: torch.Tensor, lora_A, lora_B, scalings, i
     distance apart (stacked adapters' views are read in place), y contiguous; index int64 [M] in
     range (the caller checks)."""
     M, K = x.shape
-    for name, t in (("x", x), *((f"lora_A[{a}]", A) for a, A in enumerate(lora_A)),
-                    *((f"lora_B[{a}]", B) for a, B in enumerate(lora_B))):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    strided = strided_columns(x, lora_A, lora_B)
+    if strided is not None:
+        raise ValueError(f"{strided}: expected unit column stride")
     table, scales = _adapter_table(lora_A, lora_B, scalings, x.device)
     strides = torch.tensor([[A.stride(0) for A in lora_A], [B.stride(0) for B in lora_B]], dtype=torch.int64)
     index = index.contiguous()
@@ -154,6 +153,16 @@ def cpu_lora_terms(y: torch.Tensor, x: torch.Tensor, lora_A, lora_B, scalings, i
                                strides[0].data_ptr(), strides[1].data_ptr(), len(lora_A),
                                max(A.shape[0] for A in lora_A), cpu_isa(), torch.get_num_threads())
     return y
+
+
+def strided_columns(x: torch.Tensor, lora_A, lora_B) -> str | None:
+    """The name of the first of x, lora_A[a], lora_B[a] whose columns are not adjacent (what
+    :func:`cpu_lora_terms` cannot read in place), or None."""
+    for name, t in (("x", x), *((f"lora_A[{a}]", A) for a, A in enumerate(lora_A)),
+                    *((f"lora_B[{a}]", B) for a, B in enumerate(lora_B))):
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            return name
+    return None
 
 
 def _adapter_table(lora_A, lora_B, scalings, device) -> tuple[torch.Tensor, torch.Tensor]:

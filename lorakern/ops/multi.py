@@ -196,7 +196,7 @@ def multi_lora_linear(
         y = _BaseLinear.apply(x2d, bias, base, chosen)
         # "native" on a dense base means these terms (resolve checked they serve the call); on an
         # NF4 base above SMALL_M rows they follow its tiled decode when they can serve the call.
-        if chosen == "native" and _native_terms_reason(x2d, bias, lora_A, lora_B, ps, x2d.dtype) is None:
+        if chosen == "native" and (not nf4 or _native_terms_reason(x2d, bias, lora_A, lora_B, ps, x2d.dtype) is None):
             y = native.cpu_lora_terms(y, x2d, lora_A, lora_B, scalings, index)
         else:
             y = _add_adapters(y, x2d, lora_A, lora_B, scalings, ps, seed, index)
@@ -209,22 +209,25 @@ def _native_terms_reason(x2d, bias, lora_A, lora_B, ps, dtype) -> str | None:
     adapters with unit column stride (their rows any distance apart: stacked views). One call
     for all adapters, where the torch path runs ~6 ops per adapter (4096 x 4096, r = 16, 8 adapters
     on 2 Zen 4 cores: ~0.5 ms for the terms against ~1.5 ms at M = 64)."""
-    reason = native.unavailable_reason(x2d.device)
+    reason = native.unavailable_reason(x2d.device) or _inference_reason((x2d, bias, *lora_A, *lora_B), ps)
     if reason is not None:
         return reason
     if x2d.device.type != "cpu":
         return f"x is on {x2d.device.type} (the native adapter terms of a dense base run on the CPU)"
-    if any(p > 0.0 for p in ps):
-        return "dropout in training (the native adapter terms serve inference)"
-    tensors = (x2d, bias, *lora_A, *lora_B)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "a tensor requires grad (the native adapter terms have no backward)"
     if dtype != torch.float32:
         return f"x is {dtype} (the native adapter terms compute in float32)"
-    for name, t in (("x", x2d), *((f"lora_A[{a}]", A) for a, A in enumerate(lora_A)),
-                    *((f"lora_B[{a}]", B) for a, B in enumerate(lora_B))):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            return f"{name}'s columns are strided (the native adapter terms read rows in place)"
+    strided = native.strided_columns(x2d, lora_A, lora_B)
+    if strided is not None:
+        return f"{strided}'s columns are strided (the native adapter terms read rows in place)"
+    return None
+
+
+def _inference_reason(tensors, ps) -> str | None:
+    """Why a native serving path (no backward, no dropout) cannot take this call, or None."""
+    if any(p > 0.0 for p in ps):
+        return "dropout in training (the native adapter terms serve inference)"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "a tensor requires grad (the native adapter terms have no backward)"
     return None
 
 
@@ -236,9 +239,7 @@ def _native_serves(x2d, bias, lora_A, lora_B, ps) -> bool:
     call by ~1 ms (4096 x 4096, M = 8: 4.6 ms for 8 adapters against 2.1 ms for one adapter's
     fused decode), and on a GPU the loop over adapters syncs with the host (the rows per adapter)."""
     tensors = (x2d, bias, *lora_A, *lora_B)
-    if not 0 < x2d.shape[0] <= SMALL_M or any(p > 0.0 for p in ps):
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if not 0 < x2d.shape[0] <= SMALL_M or _inference_reason(tensors, ps) is not None:
         return False
     dtype = torch.float32 if x2d.device.type == "cpu" else x2d.dtype
     if x2d.device.type not in ("cpu", "cuda") or dtype not in FLOAT_DTYPES:
