@@ -16,6 +16,7 @@ namespace {
 struct Avx2Vec {
     using vec = __m256;
     static constexpr int W = 8;
+    static constexpr int kRegs = 16;  // ymm0-15
     __m256 lut_lo, lut_hi;
     explicit Avx2Vec(const float* code = nullptr) {
         alignas(32) static const float table[16] = {LK_NF4_VALUES};

@@ -12,6 +12,7 @@ namespace {
 struct Avx512Vec {
     using vec = __m512;
     static constexpr int W = 16;
+    static constexpr int kRegs = 32;  // zmm0-31
     __m512 lut;
     __m128i low_nibble;
     explicit Avx512Vec(const float* code = nullptr) {

@@ -162,8 +162,16 @@ struct NestedScales {
 // Accumulators per row of x: one per vector of a step (J) for small tiles, where the FMA latency
 // (4 cycles) would otherwise bind; one for MT >= 8, where a step's 2 x MT FMAs take longer than a
 // chain of J dependent FMAs, so two weight rows' accumulators fit the register file.
+// With 16 vector registers (AVX2) J accumulators per row spill: a pair of weight rows at M = 1
+// holds 2 x 4 of them beside 2 x 2 table halves and the shift constant, and the compiler kept
+// accumulators on the stack in every step. There: two per row at M = 1 (a chain of 2 FMAs per
+// step, 8 cycles of latency against a step's ~16 cycles of lookups), one above. 4096 x 4096 on
+// Zen 4 (AVX2 path), two builds interleaved, 1 and 2 threads: M = 1 0.87-0.92x the time (one run
+// 1.0x), M = 2 0.85-0.92x, M = 4 0.76-0.79x; M = 8 and 16 (already one per row) unchanged.
 template <class V, int MT>
-constexpr int acc_per_row() { return MT >= 8 ? 1 : 32 / V::W; }
+constexpr int acc_per_row() {
+    return V::kRegs < 32 ? (MT == 1 ? 2 : 1) : (MT >= 8 ? 1 : 32 / V::W);
+}
 
 // One step: 32 weights at p (16 bytes) decoded with table t, FMA'd against MT rows of the x
 // panel at xp ([MT][32] floats, split lane order) into acc [MT][acc_per_row].
@@ -176,7 +184,7 @@ __attribute__((always_inline)) inline void step(const V& v, const uint8_t* p, co
     v.decode32_split(p, t, wv);
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < J; ++j) {
-            typename V::vec& a = acc[m * AJ + (AJ == 1 ? 0 : j)];
+            typename V::vec& a = acc[m * AJ + j % AJ];
             a = v.fmadd(wv[j], v.load(xp + m * 32 + j * V::W), a);
         }
 }
@@ -480,7 +488,7 @@ __attribute__((always_inline)) inline void fma_pair(const V& v, const typename V
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < J; ++j) {
             const typename V::vec xv = v.in_register(v.load(xp + m * 32 + j * V::W));
-            const int a = m * AJ + (AJ == 1 ? 0 : j);
+            const int a = m * AJ + j % AJ;
             acc0[a] = v.fmadd(w0[j], xv, acc0[a]);
             acc1[a] = v.fmadd(w1[j], xv, acc1[a]);
         }
