@@ -22,10 +22,11 @@ namespace cpu = lorakern::cpu;
 
 namespace {
 
-// (packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, code, shift); 0 for
-// "none" (code: the 16 values before scaling, none: NF4's; shift: float32 per block, added).
+// (packed, absmax, nested_absmax, nested_code, offset, blocksize, rows, cols, code, shift,
+// scale_stride, half_params); 0 for "none" (code: the 16 values before scaling, none: NF4's; shift:
+// float32 per block, added; half_params: Nf4Weight's compact INT4 parameters, CPU only).
 using WeightArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t, int64_t,
-                              uintptr_t, uintptr_t, int64_t>;  // ..., scale_stride
+                              uintptr_t, uintptr_t, int64_t, uintptr_t>;
 
 Nf4Weight make_weight(const WeightArgs& a) {
     Nf4Weight w;
@@ -40,6 +41,9 @@ Nf4Weight make_weight(const WeightArgs& a) {
     w.code = reinterpret_cast<const float*>(std::get<8>(a));
     w.shift = reinterpret_cast<const float*>(std::get<9>(a));
     w.scale_stride = std::get<10>(a);
+    w.half_params = reinterpret_cast<const uint8_t*>(std::get<11>(a));
+    if (w.half_params != nullptr && (w.shift == nullptr || w.nested_absmax != nullptr))
+        throw std::invalid_argument("half_params need a shift (the INT4 base) and no double quantization");
     if (w.scale_stride < 1 || (w.scale_stride != 1 && w.nested_absmax != nullptr))
         throw std::invalid_argument("scale_stride must be >= 1, and 1 with double quantization");
     if (w.shift != nullptr && w.nested_absmax != nullptr)
@@ -172,14 +176,21 @@ void check_cuda(int code, const char* what) {
     if (code != 0) throw std::runtime_error(std::string(what) + ": " + lorakern::cuda::error_string(code));
 }
 
+// The CUDA kernels read float32 (scale, shift) pairs, never the CPU's compact INT4 parameters.
+Nf4Weight make_cuda_weight(const WeightArgs& a) {
+    const Nf4Weight w = make_weight(a);
+    if (w.half_params != nullptr) throw std::invalid_argument("half_params are read by the CPU kernels only");
+    return w;
+}
+
 void cuda_dequantize(const WeightArgs& wa, int64_t numel, uintptr_t out, int out_dtype, uintptr_t stream) {
-    const Nf4Weight w = make_weight(wa);
+    const Nf4Weight w = make_cuda_weight(wa);
     check_cuda(lorakern::cuda::dequantize(w, numel, reinterpret_cast<void*>(out), out_dtype, stream),
                "lorakern NF4 dequantize");
 }
 
 void cuda_gemv(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream) {
-    const Nf4Weight w = make_weight(wa);
+    const Nf4Weight w = make_cuda_weight(wa);
     check_cuda(lorakern::cuda::gemv(w, reinterpret_cast<const void*>(x), M, reinterpret_cast<void*>(y), dtype, stream),
                "lorakern NF4 gemv");
 }
@@ -190,7 +201,7 @@ using CudaMultiArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uin
 
 void cuda_gemv_multi(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, int dtype, uintptr_t stream,
                      const CudaMultiArgs& args) {
-    const Nf4Weight w = make_weight(wa);
+    const Nf4Weight w = make_cuda_weight(wa);
     lorakern::cuda::MultiLora lora;
     lora.index = reinterpret_cast<const int64_t*>(std::get<0>(args));
     lora.A = reinterpret_cast<const uintptr_t*>(std::get<1>(args));

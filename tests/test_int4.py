@@ -547,6 +547,78 @@ def test_native_int4_matmul_on_every_isa(isa, out_features, in_features, G, M):
     torch.testing.assert_close(base.matmul(x, False), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("out_features,in_features,G", NATIVE_SHAPES)
+def test_native_int4_compact_parameters_give_the_pairs_bits(isa, out_features, in_features, G):
+    """The CPU kernels read half scales + float32 shifts (6 bytes a group) where every scale is a
+    normal half, else float32 (scale, shift) pairs: the same values, so the same bits, for the
+    dequantize, both products and the one-call QLoRA forward with its LoRA term and bias, on
+    every CPU path; a merged weight (float zeros) included."""
+    from lorakern.int4.format import _NativeView
+
+    w = INT4Weight.quantize(torch.randn(out_features, in_features) * 0.05, G)
+    w = w.merged(torch.randn(out_features, in_features // G) * 1e-3)
+    compact, pairs = _NativeView(w), _NativeView(w, compact=False)
+    assert w.native_view().native_half_params is not None and compact.native_half_params is not None
+    assert compact.native_half_params.numel() == 6 * w.scales.numel() and pairs.native_half_params is None
+    assert w.kernel_nbytes() == w.codes.numel() + 6 * w.scales.numel()
+    outs = []
+    for view in (compact, pairs):
+        got = [native.dequantize_into(view, torch.empty(out_features, in_features))]
+        for M in (1, 5, 16):
+            got.append(native.cpu_matmul(torch.randn(M, in_features, generator=torch.Generator().manual_seed(M)),
+                                         view, False))
+            got.append(native.cpu_matmul(torch.randn(M, out_features, generator=torch.Generator().manual_seed(M)),
+                                         view, True))
+        g = torch.Generator().manual_seed(1)
+        x, A = torch.randn(3, in_features, generator=g), torch.randn(4, in_features, generator=g)
+        B, bias = torch.randn(out_features, 4, generator=g), torch.randn(out_features, generator=g)
+        got.extend(native.cpu_qlora_forward(x, view, bias, A, B, 0.5))
+        outs.append(got)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(outs[0][0].double(), w.dequantize(torch.float64), rtol=0,
+                               atol=4 * 2**-24 * w.dequantize(torch.float64).abs().max().item())
+
+
+def test_int4_scales_are_halfs_where_a_half_holds_them():
+    """quantize rounds each scale in a normal half's range to half (the compact native layout);
+    a group whose scale is below it keeps its float32 scale, and that weight (like one built with
+    any float32 scales) is read through float32 pairs, still matching its formula."""
+    from lorakern.int4.format import HALF_MIN_NORMAL, _NativeView, half_exact
+
+    W = torch.randn(6, 128) * 0.05
+    W[2, :64] *= 1e-5  # a group of range ~1e-5: scale ~1e-6, a subnormal half
+    w = INT4Weight.quantize(W, 64)
+    normal = w.scales.abs() >= HALF_MIN_NORMAL
+    assert not bool(normal[2, 0]) and bool(normal.sum() == normal.numel() - 1)
+    assert torch.equal(w.scales[normal].half().float(), w.scales[normal])
+    assert w.scales[2, 0] != w.scales[2, 0].half().float()
+    assert not half_exact(w.scales) and w.native_view().native_half_params is None
+    with pytest.raises(ValueError, match="compact: the scales are not all normal halfs"):
+        _NativeView(w, compact=True)
+    from lorakern.ops.bases import INT4Base
+
+    x = torch.randn(3, 128)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    torch.testing.assert_close(INT4Base(w).matmul(x, False, "native").double(), ref, rtol=1e-5,
+                               atol=1e-5 * ref.abs().max().item())
+    odd = INT4Weight(w.codes, w.scales * (1 + 2**-20), w.zeros, 64, (6, 128))
+    assert odd.native_view().native_half_params is None
+    assert odd.kernel_nbytes() == odd.codes.numel() + 8 * odd.scales.numel()
+
+
+def test_native_half_params_need_the_int4_shift():
+    """The extension refuses compact INT4 parameters without the shift they carry (a caller bug,
+    named), rather than reading them as NF4 scales."""
+    w = INT4Weight.quantize(torch.randn(4, 64), 32)
+    view = w.native_view()
+    args = list(native.weight_args(view, 4, 64))
+    args[9] = 0  # no shift
+    x, y = torch.randn(1, 64), torch.empty(1, 4)
+    with pytest.raises(ValueError, match="half_params need a shift"):
+        native.extension().cpu_matmul(tuple(args), x.data_ptr(), 1, y.data_ptr(), False, "scalar", 1)
+
+
 def test_native_int4_backend_refuses_what_it_cannot_serve():
     from lorakern.ops.bases import INT4Base
 

@@ -123,17 +123,19 @@ struct PlainScales {
     static constexpr bool kNested = false;
     const float* absmax;  // scale of block b at absmax[(b - first) * stride]
     const float* shift = nullptr;  // the INT4 base's per-block shift (same indexing), or null
+    const uint8_t* half = nullptr;  // the compact INT4 parameters (Nf4Weight::half_params), or null
     int64_t first = 0;
     int64_t stride = 1;
     explicit PlainScales(const Nf4Weight& w)
-        : absmax(static_cast<const float*>(w.absmax)), shift(w.shift), stride(w.scale_stride) {}
+        : absmax(static_cast<const float*>(w.absmax)), shift(w.shift), half(w.half_params), stride(w.scale_stride) {}
     PlainScales(const float* scales, int64_t first_block) : absmax(scales), first(first_block) {}
     void enter(int64_t) {}
     int64_t group_end(int64_t) const { return INT64_MAX; }
-    float scale(int64_t b) const { return absmax[(b - first) * stride]; }
+    float scale(int64_t b) const { return half ? half_params_scale(half + 6 * b) : absmax[(b - first) * stride]; }
     // Block b's 16-entry table: code * scale (NF4), or code * scale + shift (INT4: scale * (q - zero)).
     template <class V>
     typename V::Table table(const V& v, int64_t b) const {
+        if (half) return v.affine(half_params_scale(half + 6 * b), half_params_shift(half + 6 * b));
         const int64_t i = (b - first) * stride;
         return shift ? v.affine(absmax[i], shift[i]) : v.scaled(absmax[i]);
     }

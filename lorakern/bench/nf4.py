@@ -127,7 +127,7 @@ def weight_bytes(provider: str, module: nn.Module) -> int:
     if provider in ("nf4", "nf4-dq"):
         return module.weight_nf4.nbytes()
     if provider == "int4":  # codes, scales, and the zero points' shift the kernel reads
-        return module.weight_int4.nbytes()
+        return module.weight_int4.kernel_nbytes()
     qs = module.weight.quant_state  # bnb
     return module.weight.numel() + qs.absmax.numel() * qs.absmax.element_size()
 

@@ -25,6 +25,7 @@ import torch
 
 GROUP_SIZES = (32, 64, 128)
 FORMATS = ("gptq", "gptq_v2")
+HALF_MIN_NORMAL, HALF_MAX = 2.0 ** -14, 65504.0
 
 
 def _check_float(name: str, t, shape: tuple[int, ...]) -> None:
@@ -106,7 +107,14 @@ class INT4Weight:
                           tuple(self.shape))
 
     def nbytes(self) -> int:
+        """Bytes of the stored tensors (codes, float32 scales and zeros)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+    def kernel_nbytes(self) -> int:
+        """Bytes the native kernels read in one pass over W: the codes and the block parameters of
+        :meth:`native_view` (6 a group on the CPU with half scales, else 8)."""
+        params = self.native_view()._pairs
+        return self.codes.numel() + params.numel() * params.element_size()
 
     STATE_KEYS = ("codes", "scales", "zeros")
 
@@ -135,7 +143,9 @@ class INT4Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 64, symmetric: bool = False) -> INT4Weight:
         """Round-to-nearest INT4 of ``weight [out, in]`` per group: asymmetric (``scale = (max - min)
-        / 15``, ``zero = -min / scale``, a float) or symmetric (``zero = 8``, ``scale = absmax / 7``)."""
+        / 15``, ``zero = -min / scale``, a float) or symmetric (``zero = 8``, ``scale = absmax / 7``).
+        Each scale that a normal half can hold is rounded to half first (GPTQ's scale dtype; the
+        CPU kernels then read 6 bytes of parameters a group, not 8), the zero from the rounded one."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"weight: expected a 2-D floating-point tensor, got "
                              f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -152,6 +162,13 @@ class INT4Weight:
             scale = (hi - lo) / 15.0
             zero = -lo / torch.where(scale == 0, torch.ones_like(scale), scale)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: q = zero
+        # Scales in a normal half's range are rounded to half (as GPTQ stores them; 2^-11 of the
+        # scale, ~1/1000 of a quantization step): the CPU kernels then read 6 bytes of parameters a
+        # group instead of 8 (see _NativeView). The zero point is computed with the rounded scale.
+        a = scale.abs()
+        scale = torch.where((a >= HALF_MIN_NORMAL) & (a <= HALF_MAX), scale.half().float(), scale)
+        if not symmetric:
+            zero = -lo / scale
         q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 15)
         return cls(pack_codes(q.reshape(out_features, in_features)), scale, zero, group_size,
                    (out_features, in_features))
@@ -277,17 +294,42 @@ class INT4Weight:
         return state, float((hqq.double() - own).norm() / own.norm().clamp(min=1e-300))
 
 
+def half_exact(scales: torch.Tensor) -> bool:
+    """Whether every scale is a normal IEEE half (what the compact native layout holds exactly)."""
+    a = scales.abs()
+    return bool(((a >= HALF_MIN_NORMAL) & (a <= HALF_MAX) & (scales.half().float() == scales)).all())
+
+
 class _NativeView:
-    """An INT4 weight in the NF4 kernels' terms (see :meth:`INT4Weight.native_view`)."""
+    """An INT4 weight in the NF4 kernels' terms (see :meth:`INT4Weight.native_view`).
+
+    One stream of block parameters. On the CPU, where every scale is a normal half (GPTQ's fp16
+    scales, :meth:`INT4Weight.quantize`'s): 6 bytes a block, the shift in float32 and the scale as
+    a half (``half_params``; 4096 x 4096 at G = 64: 9.96 MB read at M = 1 against 10.5 MB with
+    float32 pairs and NF4's 9.44 MB). Elsewhere (CUDA, other scales): float32 (scale, shift)
+    pairs. The shift ``-scale * zero`` is float32 either way, so a merged weight decodes exactly."""
 
     __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "numel",
-                 "native_code", "native_shift", "native_scale_stride", "_pairs")
+                 "native_code", "native_shift", "native_scale_stride", "native_half_params", "_pairs")
 
-    def __init__(self, w: INT4Weight):
-        # (scale, shift) per block, interleaved: one stream of block parameters for the kernels.
-        self._pairs = torch.stack((w.scales, -(w.scales * w.zeros)), dim=-1).reshape(-1, 2).contiguous()
-        self.packed, self.absmax, self.blocksize = w.codes, self._pairs[:, 0], w.group_size
-        self.native_shift, self.native_scale_stride = self._pairs[:, 1], 2
+    def __init__(self, w: INT4Weight, compact: bool | None = None):
+        """``compact``: None chooses as above; False forces the float32 pairs (tests compare the two)."""
+        shift = -(w.scales * w.zeros)
+        self.native_half_params = None
+        if compact is None:
+            compact = w.device.type == "cpu" and half_exact(w.scales)
+        elif compact and not half_exact(w.scales):
+            raise ValueError("compact: the scales are not all normal halfs")
+        if compact:
+            rec = torch.cat((shift.reshape(-1, 1).view(torch.uint8), w.scales.half().reshape(-1, 1).view(torch.uint8)),
+                            dim=1)
+            self._pairs = self.native_half_params = rec.reshape(-1).contiguous()
+            self.absmax = self.native_shift = self._pairs  # the kernels read half_params in their place
+            self.native_scale_stride = 1
+        else:
+            self._pairs = torch.stack((w.scales, shift), dim=-1).reshape(-1, 2).contiguous()
+            self.absmax, self.native_shift, self.native_scale_stride = self._pairs[:, 0], self._pairs[:, 1], 2
+        self.packed, self.blocksize = w.codes, w.group_size
         self.nested_absmax = self.nested_code = self.offset = None
         self.shape, self.numel = w.shape, w.shape.numel()
         self.native_code = torch.arange(16, dtype=torch.float32, device=w.device)

@@ -67,7 +67,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 def weight_args(w, rows: int, cols: int) -> tuple:
     return (_ptr(w.packed), _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code), _ptr(w.offset),
             w.blocksize, rows, cols, _ptr(getattr(w, "native_code", None)), _ptr(getattr(w, "native_shift", None)),
-            getattr(w, "native_scale_stride", 1))
+            getattr(w, "native_scale_stride", 1), _ptr(getattr(w, "native_half_params", None)))
 
 
 def _shape2d(w) -> tuple[int, int]:

@@ -227,7 +227,7 @@ class INT4Base:
 
     @property
     def nbytes(self) -> int:
-        return self.w.nbytes()
+        return self.w.kernel_nbytes()
 
     def row_norms(self) -> Tensor:
         dtype = torch.float32
