@@ -4,8 +4,9 @@
 
 For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
 the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
-another process (as a data loader or tokenizer would). Prints a table; with ``--out`` appends one
-JSON line per measurement (processor and ISA path included).
+another process (as a data loader or tokenizer would); beside it, fp32 ``F.linear`` on 8 dense
+copies with 2 threads under the same load. Prints a table; with ``--out`` appends one JSON line per
+measurement (processor and ISA path included).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     weights = [lorakern.NF4Weight.quantize(torch.randn(4096, 4096) / 64, 64) for _ in range(8)]
+    dense = [torch.randn(4096, 4096) / 64 for _ in range(8)]
     env = environment(torch.device("cpu"))
     previous, recs = torch.get_num_threads(), []
     try:
@@ -62,6 +64,12 @@ def main(argv=None) -> int:
                                      "threads": threads, "load": load, "median_ms": ms,
                                      "device_name": env["device_name"], "date": env["date"],
                                      "commit": env["commit"], "torch": env["torch"]})
+                    torch.set_num_threads(2)
+                    ms = median_ms(lambda i, x=x: torch.nn.functional.linear(x, dense[i % 8]), 20 if M == 1 else 8)
+                    recs.append({"op": "fp32_linear", "M": M, "in_features": 4096, "out_features": 4096,
+                                 "threads": 2, "load": load, "median_ms": ms, "device_name": env["device_name"],
+                                 "date": env["date"], "commit": env["commit"], "torch": env["torch"]})
+                    time.sleep(0.1)  # torch's OpenMP workers spin after a call: let them sleep first
             finally:
                 if spinner is not None:
                     spinner.kill()
@@ -69,12 +77,14 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(previous)
     print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
-    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8}")
+    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8} {'fp32 2t ms':>11} "
+          f"{'fp32 / nf4':>11}")
     for load in ("quiet", "one busy process"):
         for M in (1, 16):
-            one, two = (next(r["median_ms"] for r in recs if r["load"] == load and r["M"] == M and r["threads"] == t)
-                        for t in (1, 2))
-            print(f"{load:>17} {M:>3} {one:>12.3f} {two:>13.3f} {one / two:>8.2f}")
+            one, two, fp32 = (next(r["median_ms"] for r in recs
+                                   if r["load"] == load and r["M"] == M and r["threads"] == t and r["op"] == op)
+                              for t, op in ((1, "nf4_matmul"), (2, "nf4_matmul"), (2, "fp32_linear")))
+            print(f"{load:>17} {M:>3} {one:>12.3f} {two:>13.3f} {one / two:>8.2f} {fp32:>11.3f} {fp32 / two:>11.2f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:
