@@ -607,6 +607,27 @@ def test_int4_scales_are_halfs_where_a_half_holds_them():
     assert odd.kernel_nbytes() == odd.codes.numel() + 8 * odd.scales.numel()
 
 
+def test_native_view_follows_in_place_edits_and_new_tensors():
+    """The kernels' view of the block parameters is derived from scales and zeros: an in-place
+    edit (a hand-made merge under no_grad) or a reassigned tensor is seen by the next native call,
+    never a stale copy."""
+    from lorakern.ops.bases import INT4Base
+
+    w = INT4Weight.quantize(torch.randn(8, 128) * 0.05, 64)
+    x = torch.randn(2, 128)
+    before = INT4Base(w).matmul(x, False, "native")
+    with torch.no_grad():
+        w.zeros.sub_(0.5)  # every weight moves by +0.5 scale
+    after = INT4Base(w).matmul(x, False, "native")
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    torch.testing.assert_close(after.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert not torch.allclose(before, after)
+    w.scales = w.scales * 2  # a new tensor (halfs stay halfs)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    torch.testing.assert_close(INT4Base(w).matmul(x, False, "native").double(), ref, rtol=1e-5,
+                               atol=1e-5 * ref.abs().max().item())
+
+
 def test_native_half_params_need_the_int4_shift():
     """The extension refuses compact INT4 parameters without the shift they carry (a caller bug,
     named), rather than reading them as NF4 scales."""

@@ -86,7 +86,7 @@ class INT4Weight:
         self.zeros = zeros.float().contiguous()
         self.group_size = int(group_size)
         self.shape = torch.Size((out_features, in_features))
-        self._native = None
+        self._native = self._native_key = None
 
     @property
     def device(self) -> torch.device:
@@ -97,8 +97,12 @@ class INT4Weight:
         as block scales (a group is a block: its G weights are contiguous in the row), the table
         0..15 in place of NF4's values, and ``-scale * zero`` as each block's shift: the kernels
         build a block's table as ``k * scale + shift``, one fma an entry."""
-        if self._native is None:
-            self._native = _NativeView(self)
+        tensors = (self.codes, self.scales, self.zeros)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self._native_key
+        # Rebuilt after an in-place edit (the version counter) or for a new tensor (identity).
+        if cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], tensors)):
+            self._native, self._native_key = _NativeView(self), (tensors, key)
         return self._native
 
     def to(self, device) -> INT4Weight:
