@@ -117,7 +117,7 @@ class INT4Weight:
     def kernel_nbytes(self) -> int:
         """Bytes the native kernels read in one pass over W: the codes and the block parameters of
         :meth:`native_view` (6 a group on the CPU with half scales, else 8)."""
-        params = self.native_view()._pairs
+        params = self.native_view()._params
         return self.codes.numel() + params.numel() * params.element_size()
 
     STATE_KEYS = ("codes", "scales", "zeros")
@@ -160,19 +160,16 @@ class INT4Weight:
         w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
         if symmetric:
             scale = w.abs().amax(-1) / 7.0
-            zero = torch.full_like(scale, 8.0)
         else:
             lo, hi = w.amin(-1).clamp(max=0.0), w.amax(-1).clamp(min=0.0)
             scale = (hi - lo) / 15.0
-            zero = -lo / torch.where(scale == 0, torch.ones_like(scale), scale)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: q = zero
         # Scales in a normal half's range are rounded to half (as GPTQ stores them; 2^-11 of the
         # scale, ~1/1000 of a quantization step): the CPU kernels then read 6 bytes of parameters a
         # group instead of 8 (see _NativeView). The zero point is computed with the rounded scale.
         a = scale.abs()
         scale = torch.where((a >= HALF_MIN_NORMAL) & (a <= HALF_MAX), scale.half().float(), scale)
-        if not symmetric:
-            zero = -lo / scale
+        zero = torch.full_like(scale, 8.0) if symmetric else -lo / scale
         q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 15)
         return cls(pack_codes(q.reshape(out_features, in_features)), scale, zero, group_size,
                    (out_features, in_features))
@@ -314,7 +311,7 @@ class _NativeView:
     pairs. The shift ``-scale * zero`` is float32 either way, so a merged weight decodes exactly."""
 
     __slots__ = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "blocksize", "shape", "numel",
-                 "native_code", "native_shift", "native_scale_stride", "native_half_params", "_pairs")
+                 "native_code", "native_shift", "native_scale_stride", "native_half_params", "_params")
 
     def __init__(self, w: INT4Weight, compact: bool | None = None):
         """``compact``: None chooses as above; False forces the float32 pairs (tests compare the two)."""
@@ -327,12 +324,12 @@ class _NativeView:
         if compact:
             rec = torch.cat((shift.reshape(-1, 1).view(torch.uint8), w.scales.half().reshape(-1, 1).view(torch.uint8)),
                             dim=1)
-            self._pairs = self.native_half_params = rec.reshape(-1).contiguous()
-            self.absmax = self.native_shift = self._pairs  # the kernels read half_params in their place
+            self._params = self.native_half_params = rec.reshape(-1).contiguous()
+            self.absmax = self.native_shift = self._params  # the kernels read half_params in their place
             self.native_scale_stride = 1
         else:
-            self._pairs = torch.stack((w.scales, shift), dim=-1).reshape(-1, 2).contiguous()
-            self.absmax, self.native_shift, self.native_scale_stride = self._pairs[:, 0], self._pairs[:, 1], 2
+            self._params = torch.stack((w.scales, shift), dim=-1).reshape(-1, 2).contiguous()
+            self.absmax, self.native_shift, self.native_scale_stride = self._params[:, 0], self._params[:, 1], 2
         self.packed, self.blocksize = w.codes, w.group_size
         self.nested_absmax = self.nested_code = self.offset = None
         self.shape, self.numel = w.shape, w.shape.numel()
