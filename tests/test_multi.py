@@ -506,6 +506,80 @@ def test_dense_native_terms_serve_inference_only(monkeypatch):
     assert torch.allclose(y.detach(), y_native, atol=1e-5) and all(A.grad is not None for A in leaves)
 
 
+def test_native_adapter_tables_follow_scalings_ranks_and_addresses():
+    """The native calls' adapter tables (addresses, ranks, scalings) are kept between calls: a new
+    scaling, a new rank at the same address (stacked views), another
+    adapter's tensor reusing a freed address, each gives the definition's output."""
+    native = _native_or_skip()
+    x, w, b, As, Bs = inputs((9,), 64, 40, (4, 8), torch.float32, seed=4)
+    index = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, 0])
+    weight = NF4Weight.quantize(w, 64)
+    w_nf4 = weight.dequantize(torch.float32)
+
+    def expect(y, base, As, Bs, scalings):
+        y64 = multi_lora_linear_reference(x.double(), base.double(), b.double(), [A.double() for A in As],
+                                          [B.double() for B in Bs], scalings, index)
+        assert_close_like_torch("y", y, y64, multi_lora_linear_reference(x, base, b, As, Bs, scalings, index),
+                                torch.float32)
+
+    with torch.no_grad():
+        for scalings in ([0.5, 2.0], [0.5, -1.0], [0.0, 2.0], [-0.0, 2.0], [0.5, 2.0]):
+            for base in (w, weight):  # the dense base's terms, the NF4 decode kernel's (M <= 16)
+                y = multi_lora_linear(x, base, b, As, Bs, scalings, index, backend="native")
+                expect(y, w_nf4 if base is weight else w, As, Bs, scalings)
+        stacked_A = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, 8 - A.shape[0])) for A in As])
+        stacked_B = torch.stack([torch.nn.functional.pad(B, (0, 8 - B.shape[1])) for B in Bs])
+        stacked_A[0, 4:] = torch.randn(4, 64)  # rows past rank 4: used once adapter 0's rank is 8
+        stacked_B[0, :, 4:] = torch.randn(40, 4)
+        for ranks in ([4, 8], [8, 8], [4, 8], [8, 2]):
+            y = multi_lora_linear(x, w, b, stacked_A, stacked_B, 1.5, index, ranks=ranks, backend="native")
+            expect(y, w, [stacked_A[a, :r] for a, r in enumerate(ranks)],
+                   [stacked_B[a, :, :r] for a, r in enumerate(ranks)], [1.5, 1.5])
+        for seed in range(3):  # fresh adapters each time: the allocator may hand back the last ones' addresses
+            fresh = inputs((9,), 64, 40, (4, 8), torch.float32, seed=10 + seed)
+            y = multi_lora_linear(x, weight, b, fresh[3], fresh[4], 1.0, index, backend="native")
+            expect(y, w_nf4, fresh[3], fresh[4], [1.0, 1.0])
+    assert len(native._TABLES) <= native._TABLES_MAX
+
+
+def test_every_adapter_is_checked():
+    """Each adapter after the first gets the checks the first gets (a quick test passes the
+    common case; a failing one gets the whole check's message, naming the adapter), on a dense
+    and an NF4 base; an index of many rows out of range is caught as a short one is."""
+    x, w, b, As, Bs = inputs((6,), 16, 12, (4, 8, 2), torch.float32)
+    idx = torch.tensor([0, 1, -1, 0, 2, 1])
+    cases = [
+        (dict(lora_A=[As[0], As[1], As[2].to("meta")]), ValueError, "adapter 2: lora_A: expected device cpu"),
+        (dict(lora_B=[Bs[0], Bs[1], Bs[2].tolist()]), TypeError, "adapter 2: lora_B: expected a torch.Tensor"),
+        (dict(lora_A=[As[0], torch.randn(8, 15), As[2]]), ValueError, r"adapter 1: lora_A: expected shape \[r, 16\]"),
+        (dict(lora_A=[As[0], torch.randn(16), As[2]]), ValueError, "adapter 1: lora_A: expected 2-D"),
+        (dict(lora_A=[As[0], torch.randn(0, 16), As[2]], lora_B=[Bs[0], torch.randn(12, 0), Bs[2]]), ValueError,
+         "adapter 1: lora_A: expected 2-D .* with r >= 1"),
+        (dict(lora_B=[Bs[0], Bs[1], torch.randn(12, 3)]), ValueError, r"adapter 2: lora_B: expected shape \[12, 2\]"),
+        (dict(lora_B=[Bs[0], Bs[1], Bs[2].half()]), TypeError, "adapter 2: lora_B: expected dtype torch.float32"),
+        (dict(scaling=[1.0, 2.0, float("inf")]), ValueError, "adapter 2: scaling: expected a finite number"),
+        (dict(scaling=[1.0, float("nan"), 1.0]), ValueError, "adapter 1: scaling: expected a finite number"),
+        (dict(dropout_p=[0.0, 0.0, -0.1]), ValueError, r"adapter 2: dropout_p: expected a probability in \[0, 1\)"),
+    ]
+    for weight in (w, NF4Weight.quantize(w, 32)):
+        for kwargs, exc, match in cases:
+            args = dict(x=x, weight=weight, bias=b, lora_A=As, lora_B=Bs, scaling=1.0, adapter_index=idx)
+            args.update(kwargs)
+            with pytest.raises(exc, match=match):
+                multi_lora_linear(**args)
+    # an NF4 base takes fp16, bf16 and fp32 only (the dense base any floating dtype)
+    with pytest.raises(TypeError, match="adapter 0: x: expected float16, bfloat16 or float32"):
+        multi_lora_linear(x.double(), NF4Weight.quantize(w, 32), None, [A.double() for A in As],
+                          [B.double() for B in Bs], 1.0, idx)
+    for M in (6, 300):  # a short index is checked from a list, a long one by one reduction
+        xs = torch.randn(M, 16)
+        for bad, shown in ((3, r"\[0, 3\]"), (-2, r"\[-2, 2\]")):
+            index = torch.arange(M) % 3
+            index[M // 2] = bad
+            with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 2\] .* got " + shown):
+                multi_lora_linear(xs, w, b, As, Bs, 1.0, index)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M", [1, 5, 9, 16])

@@ -68,10 +68,33 @@ class _BaseLinear(torch.autograd.Function):
 
 def _per_adapter(name: str, value, n: int) -> list[float]:
     """A float for every adapter, from one value or a sequence of n."""
+    if type(value) is float or type(value) is int:  # the common case, first: this runs on every call
+        return [float(value)] * n
     values = [value] * n if is_real(value) else list(value) if isinstance(value, Sequence) else None
     if values is None or len(values) != n or not all(is_real(v) for v in values):
         raise ValueError(f"{name}: expected a number or a sequence of {n} numbers (one per adapter), got {value!r}")
     return [float(v) for v in values]
+
+
+def _check_adapters(x, weight, bias, lora_A, lora_B, scalings, ps, autocasting: bool, nf4: bool) -> None:
+    """Every adapter through :func:`check_adapter_args`, each error naming its adapter. Adapter 0
+    takes the whole check (x, bias and the base with it); another takes a quick test of what can
+    differ between adapters (shapes, dtypes as adapter 0's, device, scaling, dropout_p), enough for
+    the whole check to pass, and the whole check only when that fails, for its message: the whole
+    check costs ~9 us an adapter, 72 us a call at 8 adapters, against ~60 us for a small native call."""
+    out_features, in_features = weight.shape
+    device = x.device
+    for a, (A, B) in enumerate(zip(lora_A, lora_B)):
+        if a > 0 and isinstance(A, Tensor) and isinstance(B, Tensor) and A.dim() == 2 and A.shape[1] == in_features \
+                and B.shape == (out_features, A.shape[0]) and A.shape[0] >= 1 and A.dtype == lora_A[0].dtype \
+                and B.dtype == lora_B[0].dtype and A.device == device and B.device == device \
+                and 0.0 <= ps[a] < 1.0 and math.isfinite(scalings[a]):
+            continue
+        try:
+            check_adapter_args(x, out_features, in_features, bias, A, B, scalings[a], ps[a], autocasting,
+                               base=None if nf4 else {"weight": weight}, dtypes=FLOAT_DTYPES if nf4 else None)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"adapter {a}: {e}") from None
 
 
 def check_index(adapter_index, x: Tensor, n: int) -> Tensor:
@@ -86,9 +109,14 @@ def check_index(adapter_index, x: Tensor, n: int) -> Tensor:
         raise ValueError(f"adapter_index: expected shape {list(lead)} (x's leading dims) or [{math.prod(lead)}], "
                          f"got {tuple(adapter_index.shape)}")
     index = adapter_index.reshape(-1).to(torch.int64)
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n):
-        raise ValueError(f"adapter_index: expected values in [-1, {n - 1}] (-1: no adapter), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
+    if index.numel():
+        if index.device.type == "cpu" and index.numel() <= 256:  # serving: a few rows (~2 us against ~8)
+            values = index.tolist()
+            low, high = min(values), max(values)
+        else:
+            low, high = (int(v) for v in torch.aminmax(index))
+        if low < -1 or high >= n:
+            raise ValueError(f"adapter_index: expected values in [-1, {n - 1}] (-1: no adapter), got [{low}, {high}]")
     return index
 
 
@@ -160,13 +188,7 @@ def multi_lora_linear(
     out_features, in_features = weight.shape
     scalings, ps = _per_adapter("scaling", scaling, n), _per_adapter("dropout_p", dropout_p, n)
     cast = autocast_dtype(x.device.type)
-    for a in range(n):
-        try:
-            check_adapter_args(x, out_features, in_features, bias, lora_A[a], lora_B[a], scalings[a], ps[a],
-                               cast is not None, base=None if nf4 else {"weight": weight},
-                               dtypes=FLOAT_DTYPES if nf4 else None)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"adapter {a}: {e}") from None
+    _check_adapters(x, weight, bias, lora_A, lora_B, scalings, ps, cast is not None, nf4)
     index = check_index(adapter_index, x, n)
     ranks = [A.shape[0] for A in lora_A] if ranks is None else ranks
     ps = [p if training else 0.0 for p in ps]
@@ -241,10 +263,11 @@ def _native_serves(x2d, bias, lora_A, lora_B, ps) -> bool:
     tensors = (x2d, bias, *lora_A, *lora_B)
     if not 0 < x2d.shape[0] <= SMALL_M or _inference_reason(tensors, ps) is not None:
         return False
+    # Every tensor here has x's dtype and device (checked beside each adapter, or cast by autocast).
     dtype = torch.float32 if x2d.device.type == "cpu" else x2d.dtype
-    if x2d.device.type not in ("cpu", "cuda") or dtype not in FLOAT_DTYPES:
+    if x2d.device.type not in ("cpu", "cuda") or x2d.dtype != dtype or dtype not in FLOAT_DTYPES:
         return False
-    return all(t is None or (t.dtype == dtype and t.device == x2d.device and t.is_contiguous()) for t in tensors)
+    return all(t is None or t.is_contiguous() for t in tensors)
 
 
 class _MultiTriton(torch.autograd.Function):
