@@ -40,12 +40,6 @@ struct LoraTerm {
     // QA-LoRA: A is [r, cols / pool] and sees x averaged over each group of pool columns times
     // cols / pool (PEFT's use_qalora), so h[m, j] = sum_g A[j, g] (cols / pool) mean_g(x[m]). 0: plain.
     int64_t pool = 0;
-    // Each row's B and rank (the matmul's own, M entries, from index/adapter_B/ranks or from B
-    // and r): the term of every output reads these two, not the adapter tables. Looking up the
-    // adapter per output (index, then its address and rank) made the decode 7% slower with 8 rows
-    // of one adapter than the single-adapter call (4096 x 4096, M = 8, one Zen 4 thread).
-    const float* const* row_B = nullptr;
-    const int64_t* row_r = nullptr;
 };
 
 // Row m's adapter: its A, B, rank and scaling (rank 0 and null pointers for a row of no adapter).
