@@ -128,7 +128,7 @@ def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lor
     y = x.new_empty(M, rows)
     h = x.new_empty(M, r)
     table, scales = _adapter_table(lora_A, lora_B, scalings, x.device)
-    index = index.contiguous()
+    index = index if index.is_contiguous() else index.contiguous()
     lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr(), 0)
     multi = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr())
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
