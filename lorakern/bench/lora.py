@@ -10,7 +10,7 @@ import torch
 from . import records, report
 from .providers import flops, make_module, make_step, saved_activation_bytes
 from .shapes import DTYPE_NAMES
-from .timing import interleaved, peak_memory
+from .timing import interleaved, peak_memory, round_ratio
 
 
 def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress=True) -> list[dict]:
@@ -22,7 +22,8 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
         for mode in modes:
             modules = [make_module(provider, s, dtype, device, dropout).train() for provider in providers]
             steps = [make_step(module, mode, s, dtype, device) for module in modules]
-            timed = interleaved(dict(zip(providers, steps)), device, min_run_time)
+            rounds: dict = {}
+            timed = interleaved(dict(zip(providers, steps)), device, min_run_time, rounds)
             timings = [timed[p] for p in providers]
             group = []
             for provider, module, step, (med, q20, q80) in zip(providers, modules, steps, timings):
@@ -38,10 +39,9 @@ def run(shapes, providers, modes, dtype, device, dropout, min_run_time, progress
                 })
                 bar.update(1)
             del modules, steps
-            times = {r["provider"]: r["median_ms"] for r in group}
             for r in group:
                 for key, name in RATIOS:
-                    r[key] = r["median_ms"] / times[name] if name in times else None
+                    r[key] = round_ratio(rounds, r["provider"], name)
             out.extend(group)
     bar.close()
     return out

@@ -33,7 +33,7 @@ from torch import nn
 from . import records, report
 from .providers import saved_activation_bytes
 from .shapes import DTYPE_NAMES
-from .timing import interleaved, peak_memory
+from .timing import interleaved, peak_memory, round_ratio
 
 MODEL_PROVIDERS = ("peft", "fused", "peft+bnb", "fused-nf4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -165,7 +165,8 @@ def run(shape_list, providers, modes, dtype, device, min_run_time, progress=True
         models = {p: make_model(p, s, dtype, device, dropout) for p in providers}  # once for every mode
         for mode in modes:
             steps = {p: make_step(m, mode, s, dtype, device) for p, m in models.items()}
-            timed = interleaved({p: st for p, (st, _) in steps.items()}, device, min_run_time)
+            rounds: dict = {}
+            timed = interleaved({p: st for p, (st, _) in steps.items()}, device, min_run_time, rounds)
             group = []
             for p in providers:
                 med, q20, q80 = timed[p]
@@ -182,10 +183,9 @@ def run(shape_list, providers, modes, dtype, device, min_run_time, progress=True
                     "peak_mem_bytes": peak_memory(steps[p][0], device), "saved_bytes": saved, **env,
                 })
                 bar.update(1)
-            times = {r["provider"]: r["median_ms"] for r in group}
             for r in group:
                 ref = "peft+bnb" if r["provider"] in ("peft+bnb", "fused-nf4") else "peft"
-                r["ratio_to_peft"] = r["median_ms"] / times[ref] if ref in times else None
+                r["ratio_to_peft"] = round_ratio(rounds, r["provider"], ref)
             out.extend(group)
             del steps
         del models

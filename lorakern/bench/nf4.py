@@ -29,7 +29,7 @@ import lorakern
 
 from . import records, report
 from .shapes import DTYPE_NAMES, DTYPES, LLAMA3_8B, Shape
-from .timing import interleaved, measure, peak_memory
+from .timing import interleaved, measure, peak_memory, round_ratio
 
 NF4_PROVIDERS = ("fp32", "bf16", "nf4", "nf4-dq", "int4", "bnb")
 INT4_GROUP = 64
@@ -167,7 +167,7 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
     bar = report.progress(len(shapes) * len(providers), "lorakern-bench nf4", progress)
     out = []
     for (k, n), group_shapes in by_weight.items():
-        group = []
+        group, rounds_of = [], {}
         built = {}  # provider -> (modules, common record fields)
         for provider in providers:
             torch.manual_seed(0)
@@ -194,7 +194,8 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
             for provider, (modules, common) in built.items():
                 xp = x.to(DTYPES[common["dtype"]])
                 steps[provider] = rotating([forward(m, xp) for m in modules])
-            for provider, (med, q20, q80) in interleaved(steps, device, min_run_time).items():
+            rounds = rounds_of.setdefault(("nf4_linear", s.M), {})
+            for provider, (med, q20, q80) in interleaved(steps, device, min_run_time, rounds).items():
                 common = built[provider][1]
                 wbytes = common["weight_bytes"]
                 group.append({**common, "op": "nf4_linear", "mode": "fwd", "M": s.M,
@@ -209,7 +210,8 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
             parts = [dequantize_step(provider, m, compute_dtype) for m in modules]
             if parts[0] is not None:
                 deqs[provider] = rotating(parts)
-        for provider, (med, q20, q80) in interleaved(deqs, device, min_run_time).items():
+        rounds = rounds_of.setdefault(("nf4_dequantize", 0), {})
+        for provider, (med, q20, q80) in interleaved(deqs, device, min_run_time, rounds).items():
             common = built[provider][1]
             moved = common["weight_bytes"] + n * k * torch.tensor([], dtype=compute_dtype).element_size()
             group.append({**common, "op": "nf4_dequantize", "mode": "fwd", "M": 0, "r": 0,
@@ -218,9 +220,9 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
                           "peak_mem_bytes": peak_memory(deqs[provider], device)})
         del built, deqs
         for rec in group:
-            peers = {r["provider"]: r["median_ms"] for r in group if r["op"] == rec["op"] and r["M"] == rec["M"]}
-            rec["ratio_to_base"] = rec["median_ms"] / peers[base_name] if base_name in peers else None
-            rec["ratio_to_bnb"] = rec["median_ms"] / peers["bnb"] if "bnb" in peers else None
+            rounds = rounds_of[(rec["op"], rec["M"])]
+            rec["ratio_to_base"] = round_ratio(rounds, rec["provider"], base_name)
+            rec["ratio_to_bnb"] = round_ratio(rounds, rec["provider"], "bnb")
         out.extend(group)
     bar.close()
     return out

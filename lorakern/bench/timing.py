@@ -43,13 +43,27 @@ def peak_memory(step, device: torch.device) -> int | None:
 ROUNDS = 5
 
 
-def interleaved(steps: dict, device: torch.device, min_run_time: float) -> dict:
+def interleaved(steps: dict, device: torch.device, min_run_time: float, rounds: dict | None = None) -> dict:
     """``{name: (median, q20, q80)}`` in ms for each step of ``steps``, timed in ``ROUNDS`` rounds
     that take every step in turn (``min_run_time / ROUNDS`` each), so slow drifts of the machine
     (clock, other load; ~10% on a shared 2-core VM) fall on all providers alike; per name, the
-    median of its rounds' figures."""
+    median of its rounds' figures. ``rounds``, when given, gets each name's per-round medians (for
+    :func:`round_ratio`)."""
     runs: dict = {name: [] for name in steps}
     for _ in range(ROUNDS):
         for name, step in steps.items():
             runs[name].append(measure(step, device, min_run_time / ROUNDS))
+    if rounds is not None:
+        rounds.update({name: [r[0] for r in rs] for name, rs in runs.items()})
     return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
+
+
+def round_ratio(rounds: dict, name, ref) -> float | None:
+    """The median over rounds of ``name``'s time over ``ref``'s in the same round (None when
+    either is missing). Two providers of one round ran within a fraction of a second of each
+    other, so a slow spell of a shared machine (seen: one provider 2x slower for a second or two)
+    moves both; the ratio of the two overall medians can take its numerator and denominator from
+    different spells (seen: 1.21 against 1.08 per round in one run)."""
+    if name not in rounds or ref not in rounds:
+        return None
+    return statistics.median(a / b for a, b in zip(rounds[name], rounds[ref]))
