@@ -5,7 +5,8 @@
 For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
 the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
 another process (as a data loader or tokenizer would); beside it, fp32 ``F.linear`` on 8 dense
-copies with 2 threads under the same load. Prints a table; with ``--out`` appends one JSON line per
+copies with 2 threads under the same load. The three are timed in turn, round after round, and the
+speedups are medians of the rounds' ratios. Prints a table; with ``--out`` appends one JSON line per
 measurement (processor and ISA path included).
 """
 
@@ -24,14 +25,14 @@ import torch
 SPIN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
 
 
-def median_ms(fn, calls: int, rounds: int = 7) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        times.append((time.perf_counter() - t) / calls * 1e3)
-    return statistics.median(times)
+def mean_ms(fn, calls: int) -> float:
+    t = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+ROUNDS = 7
 
 
 def main(argv=None) -> int:
@@ -55,21 +56,30 @@ def main(argv=None) -> int:
             try:
                 time.sleep(0.2)
                 for M in (1, 16):
+                    # The three timings of a round back to back, ROUNDS rounds: a slow spell of the
+                    # machine falls on all three, and each ratio is the median of the rounds' ratios.
                     x = torch.randn(M, 4096)
-                    for threads in (1, 2):
-                        torch.set_num_threads(threads)
-                        lorakern.nf4_matmul(x, weights[0])
-                        ms = median_ms(lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]), 60 if M == 1 else 15)
-                        recs.append({"op": "nf4_matmul", "M": M, "in_features": 4096, "out_features": 4096,
-                                     "threads": threads, "load": load, "median_ms": ms,
-                                     "device_name": env["device_name"], "date": env["date"],
-                                     "commit": env["commit"], "torch": env["torch"]})
-                    torch.set_num_threads(2)
-                    ms = median_ms(lambda i, x=x: torch.nn.functional.linear(x, dense[i % 8]), 20 if M == 1 else 8)
-                    recs.append({"op": "fp32_linear", "M": M, "in_features": 4096, "out_features": 4096,
-                                 "threads": 2, "load": load, "median_ms": ms, "device_name": env["device_name"],
-                                 "date": env["date"], "commit": env["commit"], "torch": env["torch"]})
-                    time.sleep(0.1)  # torch's OpenMP workers spin after a call: let them sleep first
+                    steps = {(1, "nf4_matmul"): lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]),
+                             (2, "nf4_matmul"): lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]),
+                             (2, "fp32_linear"): lambda i, x=x: torch.nn.functional.linear(x, dense[i % 8])}
+                    calls = {"nf4_matmul": 60 if M == 1 else 15, "fp32_linear": 20 if M == 1 else 8}
+                    times: dict = {key: [] for key in steps}
+                    for _ in range(ROUNDS):
+                        for (threads, op), step in steps.items():
+                            torch.set_num_threads(threads)
+                            step(0)
+                            times[(threads, op)].append(mean_ms(step, calls[op]))
+                            if op == "fp32_linear":
+                                time.sleep(0.1)  # torch's OpenMP workers spin after a call: let them sleep
+                    one, two, fp32 = times[(1, "nf4_matmul")], times[(2, "nf4_matmul")], times[(2, "fp32_linear")]
+                    for (threads, op), ts in times.items():
+                        rec = {"op": op, "M": M, "in_features": 4096, "out_features": 4096, "threads": threads,
+                               "load": load, "median_ms": statistics.median(ts), "device_name": env["device_name"],
+                               "date": env["date"], "commit": env["commit"], "torch": env["torch"]}
+                        if (threads, op) == (2, "nf4_matmul"):
+                            rec["speedup_vs_1_thread"] = statistics.median(a / b for a, b in zip(one, two))
+                            rec["fp32_over_nf4"] = statistics.median(a / b for a, b in zip(fp32, two))
+                        recs.append(rec)
             finally:
                 if spinner is not None:
                     spinner.kill()
@@ -78,13 +88,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(previous)
     print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
     print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8} {'fp32 2t ms':>11} "
-          f"{'fp32 / nf4':>11}")
+          f"{'fp32 / nf4':>11}   (ratios: the median over rounds)")
     for load in ("quiet", "one busy process"):
         for M in (1, 16):
-            one, two, fp32 = (next(r["median_ms"] for r in recs
+            one, two, fp32 = (next(r for r in recs
                                    if r["load"] == load and r["M"] == M and r["threads"] == t and r["op"] == op)
                               for t, op in ((1, "nf4_matmul"), (2, "nf4_matmul"), (2, "fp32_linear")))
-            print(f"{load:>17} {M:>3} {one:>12.3f} {two:>13.3f} {one / two:>8.2f} {fp32:>11.3f} {fp32 / two:>11.2f}")
+            print(f"{load:>17} {M:>3} {one['median_ms']:>12.3f} {two['median_ms']:>13.3f} "
+                  f"{two['speedup_vs_1_thread']:>8.2f} {fp32['median_ms']:>11.3f} {two['fp32_over_nf4']:>11.2f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:
