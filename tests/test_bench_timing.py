@@ -28,3 +28,19 @@ def test_round_ratio_follows_the_rounds_not_the_overall_medians(monkeypatch):
     a2 = [3.3, 1.1, 1.1, 1.1, 1.1]
     b2 = [1.0, 1.0, 1.0, 1.0, 5.0]
     assert abs(timing.round_ratio({"a": a2, "b": b2}, "a", "b") - 1.1) < 1e-12
+
+
+def test_rounds_option_sets_the_rounds_and_keeps_the_time_per_round(monkeypatch, tmp_path):
+    """--rounds N times every comparison in N rounds of the default round's length."""
+    from lorakern.bench import cli
+
+    seen = []
+    monkeypatch.setattr(timing, "measure", lambda step, device, min_run_time: seen.append(min_run_time) or (1.0,) * 3)
+    try:
+        for rounds in (3, 9):
+            seen.clear()
+            assert cli.main(["--device", "cpu", "--suite", "lora", "--providers", "fused,unfused", "--modes", "eval",
+                             "--shapes", "3,8,8,2", "--rounds", str(rounds), "--out", str(tmp_path), "--no-progress"]) == 0
+            assert len(seen) == 2 * rounds and all(abs(t - 0.2 / timing.DEFAULT_ROUNDS) < 1e-12 for t in seen)
+    finally:
+        timing.ROUNDS = timing.DEFAULT_ROUNDS

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from . import lora, model, nf4, records, report
+from . import lora, model, nf4, records, report, timing
 from .providers import DORA_PROVIDERS, MODES, MULTI_PROVIDERS, available_providers
 from .shapes import DTYPES, Shape, parse_shapes
 
@@ -78,8 +78,14 @@ def main(argv=None) -> int:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--quick", action="store_true", help="the 'tiny' shapes, short timing runs")
     scope.add_argument("--full", action="store_true", help="the full grids instead of the headline points")
+    parser.add_argument("--rounds", type=int, default=timing.DEFAULT_ROUNDS,
+                        help="interleaved rounds per comparison (default %(default)s); each round times every "
+                             "provider for the same while, so more rounds take longer and give steadier ratios")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: expected a positive count")
+    timing.ROUNDS = args.rounds
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     modes = args.modes.split(",") if args.modes else None
     if modes is not None and any(m not in MODES for m in modes):
         parser.error(f"--modes: expected a comma-separated subset of {MODES}")
-    min_run_time = 0.05 if args.quick else 0.2
+    min_run_time = (0.05 if args.quick else 0.2) * args.rounds / timing.DEFAULT_ROUNDS  # the same time per round
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.jsonl")
     show = not args.no_progress

@@ -40,7 +40,8 @@ def peak_memory(step, device: torch.device) -> int | None:
 
 
 
-ROUNDS = 5
+DEFAULT_ROUNDS = 5
+ROUNDS = DEFAULT_ROUNDS  # set by the CLI's --rounds
 
 
 def interleaved(steps: dict, device: torch.device, min_run_time: float, rounds: dict | None = None) -> dict:
