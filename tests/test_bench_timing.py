@@ -39,8 +39,9 @@ def test_rounds_option_sets_the_rounds_and_keeps_the_time_per_round(monkeypatch,
     try:
         for rounds in (3, 9):
             seen.clear()
-            assert cli.main(["--device", "cpu", "--suite", "lora", "--providers", "fused,unfused", "--modes", "eval",
-                             "--shapes", "3,8,8,2", "--rounds", str(rounds), "--out", str(tmp_path), "--no-progress"]) == 0
+            argv = ["--device", "cpu", "--suite", "lora", "--providers", "fused,unfused", "--modes", "eval",
+                    "--shapes", "3,8,8,2", "--rounds", str(rounds), "--out", str(tmp_path), "--no-progress"]
+            assert cli.main(argv) == 0
             assert len(seen) == 2 * rounds and all(abs(t - 0.2 / timing.DEFAULT_ROUNDS) < 1e-12 for t in seen)
     finally:
         timing.ROUNDS = timing.DEFAULT_ROUNDS

@@ -542,6 +542,26 @@ def test_native_adapter_tables_follow_scalings_ranks_and_addresses():
     assert len(native._TABLES) <= native._TABLES_MAX
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_index_strided_narrow_or_expanded(nf4):
+    """The index as a strided view, as int8, and expanded from one entry (stride 0): every path
+    that serves the call on the CPU reads it as the contiguous int64 index it equals."""
+    _native_or_skip()
+    x, w, b, As, Bs = inputs((6,), 64, 40, (4, 8), torch.float32, seed=7)
+    weight = NF4Weight.quantize(w, 64) if nf4 else w
+    w_ref = weight.dequantize(torch.float32) if nf4 else w
+    wide = torch.tensor([0, 9, 1, 9, -1, 9, 1, 9, 0, 9, 1, 9])
+    for index in (wide[::2], wide[::2].to(torch.int8), torch.tensor([1]).expand(6)):
+        flat = index.long().contiguous()
+        y64 = multi_lora_linear_reference(x.double(), w_ref.double(), b.double(), [A.double() for A in As],
+                                          [B.double() for B in Bs], [0.5, 2.0], flat)
+        y32 = multi_lora_linear_reference(x, w_ref, b, As, Bs, [0.5, 2.0], flat)
+        for backend in ("native", "reference"):
+            with torch.no_grad():
+                y = multi_lora_linear(x, weight, b, As, Bs, [0.5, 2.0], index, backend=backend)
+            assert_close_like_torch("y", y, y64, y32, torch.float32)
+
+
 def test_every_adapter_is_checked():
     """Each adapter after the first gets the checks the first gets (a quick test passes the
     common case; a failing one gets the whole check's message, naming the adapter), on a dense
