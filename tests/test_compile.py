@@ -51,6 +51,23 @@ def test_compile_traces_the_op():
     assert len(graphs) == 1 and "lorakern.lora_fwd" in graphs[0]
 
 
+def test_compile_traces_nf4_matmul_as_the_op():
+    """Eager nf4_matmul runs the op's body directly; under torch.compile it is the
+    lorakern::nf4_matmul op in the graph (no graph break), with the same output."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch.manual_seed(0)
+    w = lorakern.NF4Weight.quantize(torch.randn(24, 64), 64)
+    x = torch.randn(2, 3, 64)
+    y = torch.compile(lambda x: lorakern.nf4_matmul(x, w), backend=record, fullgraph=True)(x)
+    assert torch.equal(y, lorakern.nf4_matmul(x, w)) and y.shape == (2, 3, 24)
+    assert len(graphs) == 1 and "lorakern.nf4_matmul" in graphs[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("base_quant", [None, "nf4"])
 def test_compile_fullgraph_on_cuda(base_quant):
