@@ -14,6 +14,8 @@ addresses and version counters.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -25,7 +27,14 @@ MATCH = 1e-2  # the layer's fp16 kernel against the exact import: ~1e-3 on rando
 
 def is_gptq_linear(module) -> bool:
     """gptqmodel's ``BaseQuantLinear`` (by name: gptqmodel may not import here)."""
-    return any(c.__name__ == "BaseQuantLinear" and c.__module__.startswith("gptqmodel") for c in type(module).__mro__)
+    return _is_gptq_class(type(module))
+
+
+@functools.lru_cache(maxsize=256)
+def _is_gptq_class(cls: type) -> bool:
+    # Per class, once: a fused layer asks about its base ~4 times a call, each a walk over the
+    # MRO's names.
+    return any(c.__name__ == "BaseQuantLinear" and c.__module__.startswith("gptqmodel") for c in cls.__mro__)
 
 
 def _key(base) -> tuple:

@@ -198,11 +198,11 @@ def _adapters_reason(layer, x, adapters, several: bool) -> str | None:
         return "the base weight requires grad (not frozen, or a view of an FSDP flat parameter)"
     modules = [base]
     for adapter in adapters:
-        reason = _active_adapter_reason(layer, adapter, x, several)
+        magnitude = _magnitude(layer, adapter)
+        reason = _active_adapter_reason(layer, adapter, x, several, magnitude)
         if reason is not None:
             return reason
         modules += [layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]]
-        magnitude = _magnitude(layer, adapter)
         if magnitude is not None:
             modules.append(magnitude)
     if _hooked(*modules):
@@ -210,24 +210,25 @@ def _adapters_reason(layer, x, adapters, several: bool) -> str | None:
     return None
 
 
-def _active_adapter_reason(layer, adapter: str, x, several: bool) -> str | None:
+def _active_adapter_reason(layer, adapter: str, x, several: bool, magnitude) -> str | None:
+    """``magnitude``: the adapter's DoRA magnitude module (``_magnitude``), or None."""
     reason = adapter_reason(layer, adapter)
     if reason is not None:
         return reason
-    A, B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    A, B, dropout = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.lora_dropout[adapter]
     active_dropout = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0.0
     if active_dropout and dropout.p >= 1.0:
         return f"adapter {adapter!r} has dropout p={dropout.p} in training (the op takes p < 1)"
-    if not getattr(layer, "cast_input_dtype_enabled", True) and A.weight.dtype != x.dtype:
+    if not getattr(layer, "cast_input_dtype_enabled", True) and A.dtype != x.dtype:
         return "input dtype casting is disabled and the adapter's dtype is not x's"
-    magnitude = _magnitude(layer, adapter)
     if several and (magnitude is not None or active_dropout):
         # Summed adapters are one adapter of rank sum(r_a) only without DoRA and without dropout
         # (each adapter draws its own mask in PEFT).
         return "several active adapters with DoRA or with dropout in training"
-    if magnitude is not None and magnitude.weight.dtype != A.weight.dtype:
+    if magnitude is not None and magnitude.weight.dtype != A.dtype:
         return "the DoRA magnitude's dtype is not the adapter's"
-    if any(t.device != x.device for t in (A.weight, B.weight, *(() if magnitude is None else (magnitude.weight,)))):
+    device = x.device
+    if A.device != device or B.device != device or (magnitude is not None and magnitude.weight.device != device):
         return "the adapter is on another device than x (ephemeral_gpu_offload, ...)"
     return None
 
