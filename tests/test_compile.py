@@ -53,7 +53,8 @@ def test_compile_traces_the_op():
 
 def test_compile_traces_nf4_matmul_as_the_op():
     """Eager nf4_matmul runs the op's body directly; under torch.compile it is the
-    lorakern::nf4_matmul op in the graph (no graph break), with the same output."""
+    lorakern::nf4_matmul op in the graph (no graph break), with the same output; with x needing a
+    grad it is the op too, so backward says it has no formula, on every backend."""
     graphs = []
 
     def record(gm, example_inputs):
@@ -66,6 +67,10 @@ def test_compile_traces_nf4_matmul_as_the_op():
     y = torch.compile(lambda x: lorakern.nf4_matmul(x, w), backend=record, fullgraph=True)(x)
     assert torch.equal(y, lorakern.nf4_matmul(x, w)) and y.shape == (2, 3, 24)
     assert len(graphs) == 1 and "lorakern.nf4_matmul" in graphs[0]
+    for backend in ("native", "reference"):  # not differentiable on any backend, said at backward
+        y = lorakern.nf4_matmul(x.clone().requires_grad_(), w, backend=backend)
+        with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+            y.sum().backward()
 
 
 @pytest.mark.gpu

@@ -99,7 +99,9 @@ def nf4_matmul(x: Tensor, w: NF4Weight, transpose: bool = False, backend: str = 
     check_matmul_x(x, w, transpose)
     out_features, in_features = w.shape
     chosen = resolve_nf4(backend, x.device)
-    if torch.compiler.is_compiling():  # the op, which torch.compile traces as one node
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        # The op: torch.compile traces it as one node, and autograd through it raises (no formula
+        # is registered: the QLoRA layers have their own), the same on every backend.
         y = torch.ops.lorakern.nf4_matmul(rows(x), w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset,
                                           w.blocksize, out_features, in_features, transpose, chosen)
     else:
