@@ -628,6 +628,27 @@ def test_native_view_follows_in_place_edits_and_new_tensors():
                                atol=1e-5 * ref.abs().max().item())
 
 
+def test_native_view_of_inference_mode_tensors():
+    """Tensors made under torch.inference_mode() have no version counter: the view is built for
+    every call there (an in-place edit inside inference_mode is seen), never cached, never an error."""
+    from lorakern.ops.bases import INT4Base
+
+    with torch.inference_mode():
+        w = INT4Weight.quantize(torch.randn(8, 128) * 0.05, 64)
+        x = torch.randn(2, 128)
+        y = INT4Base(w).matmul(x, False, "native")
+        ref = x.double() @ w.dequantize(torch.float64).t()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        w.zeros.sub_(0.5)
+        ref = x.double() @ w.dequantize(torch.float64).t()
+        after = INT4Base(w).matmul(x, False, "native")
+        torch.testing.assert_close(after.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert not torch.allclose(y, after)
+        A, B = torch.randn(4, 2), torch.randn(8, 4)
+        out = qalora_linear(x, w, None, A, B, 1.0, training=False)
+        assert out.shape == (2, 8) and torch.isfinite(out).all()
+
+
 def test_native_half_params_need_the_int4_shift():
     """The extension refuses compact INT4 parameters without the shift they carry (a caller bug,
     named), rather than reading them as NF4 scales."""

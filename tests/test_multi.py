@@ -562,6 +562,26 @@ def test_index_strided_narrow_or_expanded(nf4):
             assert_close_like_torch("y", y, y64, y32, torch.float32)
 
 
+def test_stacked_adapters_of_inference_mode_tensors_are_never_kept():
+    """Adapters made under torch.inference_mode() have no version counter: fuse's stacks for the
+    Triton kernels are rebuilt on every call, so an in-place edit there is seen."""
+    from lorakern.integrations.peft import stacked_adapters
+
+    class Layer:  # what stacked_adapters reads of a PEFT layer
+        pass
+
+    with torch.inference_mode():
+        layer = Layer()
+        layer.lora_A = {n: torch.nn.Linear(16, r, bias=False) for n, r in (("a", 2), ("b", 4))}
+        layer.lora_B = {n: torch.nn.Linear(r, 12, bias=False) for n, r in (("a", 2), ("b", 4))}
+        x = torch.randn(3, 16)
+        A, B, ranks = stacked_adapters(layer, ["a", "b"], x)
+        assert ranks == [2, 4] and torch.equal(A[0, :2], layer.lora_A["a"].weight)
+        layer.lora_A["a"].weight.mul_(2)
+        A2, _, _ = stacked_adapters(layer, ["a", "b"], x)
+        assert torch.equal(A2[0, :2], layer.lora_A["a"].weight) and not torch.equal(A2[0, :2], A[0, :2])
+
+
 def test_every_adapter_is_checked():
     """Each adapter after the first gets the checks the first gets (a quick test passes the
     common case; a failing one gets the whole check's message, naming the adapter), on a dense

@@ -156,6 +156,19 @@ def test_int4_of_reads_the_layer_again_after_an_in_place_change(quant_linear):
     assert torch.equal(unpack_codes(second.codes), unpack_codes(first.codes))
 
 
+def test_int4_of_a_layer_made_under_inference_mode(quant_linear):
+    """A GPTQ layer whose tensors were made under torch.inference_mode() (no version counter) is
+    probed on every call instead of cached, and an in-place change there is seen."""
+    with torch.inference_mode():
+        model = _model(quant_linear)
+        base = model.base_model.model[0].base_layer
+        first, reason = lk_gptq.int4_of(base)
+        assert reason is None and torch.equal(first.dequantize(torch.float32), base.dense(torch.float32))
+        base.scales.mul_(2)
+        second, reason = lk_gptq.int4_of(base)
+        assert reason is None and torch.equal(second.dequantize(torch.float32), base.dense(torch.float32))
+
+
 def test_a_gptq_layer_whose_forward_fails_on_the_probe_stays_peft_s(quant_linear):
     model = _model(quant_linear)
     base = model.base_model.model[0].base_layer

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..stamp import stamp
+
 GROUP_SIZES = (32, 64, 128)
 FORMATS = ("gptq", "gptq_v2")
 HALF_MIN_NORMAL, HALF_MAX = 2.0 ** -14, 65504.0
@@ -98,11 +100,13 @@ class INT4Weight:
         0..15 in place of NF4's values, and ``-scale * zero`` as each block's shift: the kernels
         build a block's table as ``k * scale + shift``, one fma an entry."""
         tensors = (self.codes, self.scales, self.zeros)
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = stamp(*tensors)
         cached = self._native_key
-        # Rebuilt after an in-place edit (the version counter) or for a new tensor (identity).
-        if cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], tensors)):
-            self._native, self._native_key = _NativeView(self), (tensors, key)
+        # Rebuilt after an in-place edit (the version counter) or for a new tensor (identity), and
+        # on every call for tensors without a version counter (made under inference_mode).
+        if key is None or cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], tensors)):
+            self._native = _NativeView(self)
+            self._native_key = None if key is None else (tensors, key)
         return self._native
 
     def to(self, device) -> INT4Weight:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..int4.format import FORMATS, INT4Weight
+from ..stamp import stamp
 
 _CACHE = "_lorakern_int4"
 MATCH = 1e-2  # the layer's fp16 kernel against the exact import: ~1e-3 on random rows
@@ -37,18 +38,18 @@ def _is_gptq_class(cls: type) -> bool:
     return any(c.__name__ == "BaseQuantLinear" and c.__module__.startswith("gptqmodel") for c in cls.__mro__)
 
 
-def _key(base) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (base.qweight, base.qzeros, base.scales))
-
-
 def int4_of(base: nn.Module) -> tuple[INT4Weight | None, str | None]:
     """``(weight, None)``: the INT4 weight that computes what the GPTQ layer ``base`` computes, or
-    ``(None, reason)``."""
+    ``(None, reason)``. Kept while the layer's tensors are the same and unchanged (probed on every
+    call for tensors without a version counter, made under inference_mode)."""
+    tensors = (base.qweight, base.qzeros, base.scales)
+    key = stamp(*tensors)
     cached = base.__dict__.get(_CACHE)
-    if cached is not None and cached[0] == _key(base):
-        return cached[1], cached[2]
+    if key is not None and cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], tensors)):
+        return cached[2], cached[3]
     weight, reason = _probe(base)
-    base.__dict__[_CACHE] = (_key(base), weight, reason)
+    if key is not None:
+        base.__dict__[_CACHE] = (key, tensors, weight, reason)
     return weight, reason
 
 

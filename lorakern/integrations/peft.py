@@ -40,6 +40,7 @@ from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype, autocast_to
 from ..ops.multi import stack_ranks
+from ..stamp import stamp
 from .gptq import int4_of, is_gptq_linear
 
 _FUSED = "_lorakern_fused"
@@ -270,7 +271,7 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
                              ranks=ranks)
 
 
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stacked A, stacked B, ranks)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, weights, stacked A, B, ranks)
 
 
 def stacked_adapters(layer, names, x: torch.Tensor):
@@ -284,7 +285,8 @@ def stacked_adapters(layer, names, x: torch.Tensor):
     other tensor can take one's identity while it is cached), their storage and version counters,
     which every in-place write bumps (optimizer steps, ``load_state_dict``, ``nn.init`` under
     ``no_grad``; a write through ``tensor.data``, which has a counter of its own, is not seen, as
-    for the DoRA norm cache). Training stacks per call, so that the grads flow back to each adapter."""
+    for the DoRA norm cache). Training stacks per call, so that the grads flow back to each adapter,
+    and so do adapters made under ``torch.inference_mode()`` (no version counter to check)."""
     weights = [t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
     dtype = autocast_dtype(x.device.type) or x.dtype
     ranks = [layer.lora_A[n].weight.shape[0] for n in names]
@@ -292,20 +294,17 @@ def stacked_adapters(layer, names, x: torch.Tensor):
     def stack(part: int) -> torch.Tensor:
         return stack_ranks([t.to(dtype) for t in weights[part::2]], part, max(ranks))
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
-        return stack(0), stack(1), ranks
-    key = (dtype, x.device, tuple((t, t.data_ptr(), t._version) for t in weights))
+    stamps = stamp(*weights)
+    if stamps is None or (torch.is_grad_enabled() and any(t.requires_grad for t in weights)):
+        return stack(0), stack(1), ranks  # training, or tensors made under inference_mode: per call
+    key = (dtype, x.device, stamps)
     cached = _STACKS.get(layer)
-    if cached is None or not _same_key(cached[0], key):
+    if cached is None or cached[0] != key or len(cached[1]) != len(weights) \
+            or any(a is not b for a, b in zip(cached[1], weights)):
         with torch.no_grad():
-            cached = (key, stack(0), stack(1), ranks)
+            cached = (key, weights, stack(0), stack(1), ranks)
         _STACKS[layer] = cached
-    return cached[1:]
-
-
-def _same_key(a, b) -> bool:
-    return (a[:2] == b[:2] and len(a[2]) == len(b[2])
-            and all(t is u and p == q and v == w for (t, p, v), (u, q, w) in zip(a[2], b[2])))
+    return cached[2:]
 
 
 class FusedForward:

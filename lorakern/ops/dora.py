@@ -48,22 +48,13 @@ from torch.utils.weak import TensorWeakRef, WeakTensorKeyDictionary
 
 from ..dropout import apply_dropout
 from ..reference import lora_backward_reference
+from ..stamp import stamp as tensor_stamp
 from .common import Adapter, triton_ops
 
 # The norms cached so far: base weight tensor -> (stamp, ||W_j|| [out] fp32), and lora_A ->
 # (stamp of W, A, B, s, n [out] fp32). Weak keys: an entry goes with its tensor.
 _ROW_NORMS = WeakTensorKeyDictionary()
 _NORMS = WeakTensorKeyDictionary()
-
-
-def _stamp(*tensors):
-    """What identifies the values of ``tensors`` now: each one's identity (a weak reference is
-    compared, not an id that a later tensor can reuse) and version counter, bumped by every
-    in-place op. None where a tensor has no version counter (inference-mode tensors)."""
-    try:
-        return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()) for t in tensors)
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return None
 
 
 def _lookup(cache, key: Tensor, stamp, others: tuple):
@@ -83,7 +74,7 @@ def _store(cache, key: Tensor, stamp, others: tuple, value: Tensor) -> None:
 def row_norms(base) -> Tensor:
     """``||W_j||`` [out] fp32 of a base weight, cached while its tensors are unchanged."""
     tensors = base.tensors()
-    stamp = _stamp(*tensors)
+    stamp = tensor_stamp(*tensors)
     cached = _lookup(_ROW_NORMS, tensors[0], stamp, tensors[1:])
     if cached is None:
         cached = base.row_norms()
@@ -104,7 +95,7 @@ def cached_norm(base, adapter: Adapter) -> tuple[Tensor | None, tuple]:
     """``(n or None, key)``: the norm cached for this base and adapter, and the key to store one."""
     A, B = adapter.lora_A, adapter.lora_B
     tensors = base.tensors()
-    stamp = _stamp(*tensors, A, B)
+    stamp = tensor_stamp(*tensors, A, B)
     key = (None if stamp is None else (*stamp, float(adapter.scaling)), (*tensors, B))
     return _lookup(_NORMS, A, *key), key
 
