@@ -171,8 +171,7 @@ class INT4Weight:
         # Scales in a normal half's range are rounded to half (as GPTQ stores them; 2^-11 of the
         # scale, ~1/1000 of a quantization step): the CPU kernels then read 6 bytes of parameters a
         # group instead of 8 (see _NativeView). The zero point is computed with the rounded scale.
-        a = scale.abs()
-        scale = torch.where((a >= HALF_MIN_NORMAL) & (a <= HALF_MAX), scale.half().float(), scale)
+        scale = torch.where(_half_normal(scale), scale.half().float(), scale)
         zero = torch.full_like(scale, 8.0) if symmetric else -lo / scale
         q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 15)
         return cls(pack_codes(q.reshape(out_features, in_features)), scale, zero, group_size,
@@ -299,10 +298,15 @@ class INT4Weight:
         return state, float((hqq.double() - own).norm() / own.norm().clamp(min=1e-300))
 
 
+def _half_normal(scales: torch.Tensor) -> torch.Tensor:
+    """Where a scale lies in a normal IEEE half's range (quantize rounds those to half)."""
+    a = scales.abs()
+    return (a >= HALF_MIN_NORMAL) & (a <= HALF_MAX)
+
+
 def half_exact(scales: torch.Tensor) -> bool:
     """Whether every scale is a normal IEEE half (what the compact native layout holds exactly)."""
-    a = scales.abs()
-    return bool(((a >= HALF_MIN_NORMAL) & (a <= HALF_MAX) & (scales.half().float() == scales)).all())
+    return bool((_half_normal(scales) & (scales.half().float() == scales)).all())
 
 
 class _NativeView:
