@@ -1,6 +1,6 @@
 """Thread scaling of the native CPU NF4 matmul, on a quiet machine and beside one busy process.
 
-    python benchmarks/cpu_threads.py [--isa avx2|avx512|scalar] [--out results.jsonl]
+    python benchmarks/cpu_threads.py [--isa avx2|avx2-vpshufb|avx2-vpermps|avx512|scalar] [--out results.jsonl]
 
 For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
 the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in

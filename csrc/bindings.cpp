@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/dropout_cpu.h"
@@ -56,24 +57,43 @@ Nf4Weight make_weight(const WeightArgs& a) {
     return w;
 }
 
-std::vector<std::string> available_isas() {
-    std::vector<std::string> isas{"scalar"};
+// The CPU paths this machine runs, slowest first: the last is the default. AVX2 has two lookups
+// of the 16 code values (nf4_avx2.cpp): vpshufb over byte planes (in-lane shuffles, which AMD cores
+// issue on two pipes) and vpermps halves plus a blend (lane-crossing permutes: one a cycle on Zen 4,
+// slower on Zen 2 and 3; Intel cores issue every shuffle on one port, where the permutes are fewer).
+// The one listed later is the one "avx2" names: vpshufb on AMD, vpermps elsewhere.
+const std::vector<std::pair<std::string, cpu::Kernels>>& cpu_paths() {
+    static const std::vector<std::pair<std::string, cpu::Kernels>> paths = [] {
+        std::vector<std::pair<std::string, cpu::Kernels>> p{{"scalar", cpu::scalar_kernels()}};
 #ifdef LORAKERN_X86
-    if (cpu::cpu_has_avx2()) isas.push_back("avx2");
-    if (cpu::cpu_has_avx512()) isas.push_back("avx512");
+        if (cpu::cpu_has_avx2()) {
+            std::pair<std::string, cpu::Kernels> other{"avx2-vpshufb", cpu::avx2_kernels()};
+            std::pair<std::string, cpu::Kernels> preferred{"avx2-vpermps", cpu::avx2_permute_kernels()};
+            if (cpu::cpu_is_amd()) std::swap(other, preferred);
+            p.push_back(other);
+            p.push_back(preferred);
+        }
+        if (cpu::cpu_has_avx512()) p.push_back({"avx512", cpu::avx512_kernels()});
 #endif
-    return isas;
+        return p;
+    }();
+    return paths;
+}
+
+std::vector<std::string> available_isas() {
+    std::vector<std::string> names;
+    for (const auto& p : cpu_paths()) names.push_back(p.first);
+    return names;
 }
 
 cpu::Kernels kernels_for(const std::string& isa) {
-    for (const auto& have : available_isas()) {
-        if (have != isa) continue;
-#ifdef LORAKERN_X86
-        if (isa == "avx512") return cpu::avx512_kernels();
-        if (isa == "avx2") return cpu::avx2_kernels();
-#endif
-        return cpu::scalar_kernels();
+    const auto& paths = cpu_paths();
+    if (isa == "avx2") {  // this CPU's AVX2 lookup: the later of the two
+        for (auto it = paths.rbegin(); it != paths.rend(); ++it)
+            if (it->first.rfind("avx2-", 0) == 0) return it->second;
     }
+    for (const auto& p : paths)
+        if (p.first == isa) return p.second;
     throw std::invalid_argument("isa '" + isa + "' is not available on this CPU");
 }
 
@@ -223,7 +243,8 @@ void cuda_gemv_multi(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, 
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
-    m.def("available_isas", &available_isas, "CPU paths this machine can run, slowest first");
+    m.def("available_isas", &available_isas,
+          "CPU paths this machine can run, slowest first (the last is the default; \"avx2\" names the later avx2-*)");
     m.def("cpu_dequantize", &cpu_dequantize);
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");

@@ -35,7 +35,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2-vpermps", "avx2-vpshufb", "avx512"])
 def isa(request, monkeypatch):
     """Each CPU path of the native kernels in turn ($LORAKERN_CPU_ISA), skipped where this CPU or
     build lacks it."""

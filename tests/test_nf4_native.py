@@ -225,9 +225,64 @@ def test_every_thread_count_gives_the_same_bits(isa, double_quant):
         torch.set_num_threads(previous)
 
 
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def test_avx2_names_this_cpus_lookup(monkeypatch):
+    """Two AVX2 lookups: "avx2" (and the default where AVX-512 is absent) is vpshufb on AMD and
+    vpermps elsewhere; the C++ side resolves the name as the Python side does (same bits)."""
+    have = isas()
+    if "avx2-vpermps" not in have:
+        pytest.skip("no AVX2 on this CPU / build")
+    assert "avx2-vpshufb" in have and "avx2" not in have
+    want = "avx2-vpshufb" if _cpu_vendor() == "AuthenticAMD" else "avx2-vpermps"
+    assert [n for n in have if n.startswith("avx2-")][-1] == want
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    assert native.cpu_isa() == want
+    w = NF4Weight.quantize(torch.randn(34, 256), 64)
+    x = torch.randn(1, 256)
+    args = native.weight_args(w, 34, 256)
+    y_alias, y_named = torch.empty(1, 34), torch.empty(1, 34)
+    native.extension().cpu_matmul(args, x.data_ptr(), 1, y_alias.data_ptr(), False, "avx2", 1)
+    native.extension().cpu_matmul(args, x.data_ptr(), 1, y_named.data_ptr(), False, want, 1)
+    assert torch.equal(y_alias, y_named)
+    monkeypatch.setenv(native.ISA_ENV, "avx3")
+    with pytest.raises(RuntimeError, match="LORAKERN_CPU_ISA='avx3'.*or 'avx2'"):
+        native.cpu_isa()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_avx2_lookups_agree(monkeypatch, double_quant):
+    """vpshufb sums a block's code-value products and scales the sum (M <= 2), vpermps scales each
+    weight: not the same bits, both within float32 rounding of each other and of float64, at every
+    blocksize (1 to 8 steps a block), with an unpaired last row (odd out) and M = 1, 2, 3."""
+    if "avx2-vpermps" not in isas():
+        pytest.skip("no AVX2 on this CPU / build")
+    for out_f, in_f, bs in ((33, 512, 32), (33, 512, 64), (21, 1024, 128), (9, 2048, 256)):
+        w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
+        w64 = w.dequantize_reference(torch.float64)
+        for M in (1, 2, 3):
+            x = torch.randn(M, in_f)
+            ref = x.double() @ w64.t()
+            got = {}
+            for name in ("avx2-vpermps", "avx2-vpshufb"):
+                monkeypatch.setenv(native.ISA_ENV, name)
+                got[name] = nf4_matmul(x, w, backend="native")
+                assert (got[name].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (name, out_f, in_f, bs, M)
+            assert torch.allclose(got["avx2-vpermps"], got["avx2-vpshufb"], rtol=1e-5, atol=1e-6)
+
+
 def test_decode_paths_give_the_same_bits(monkeypatch):
-    """The vector decodes (AVX2's two permutes and a blend, AVX-512's one permute) and the scalar
-    one give the same bits, at every start and count (heads, whole 32-chunks, tails)."""
+    """The vector decodes (AVX2's two permutes and a blend, which both AVX2 paths dequantize with;
+    AVX-512's one permute) and the scalar one give the same bits, at every start and count (heads,
+    whole 32-chunks, tails)."""
     w = NF4Weight.quantize(torch.randn(61, 333), 64, double_quant=True)
     outs = {}
     for name in isas():

@@ -1,8 +1,20 @@
-// AVX2 + FMA NF4 kernels. The 16-entry table does not fit one 8-lane permute, so a lookup is two
-// permutes (codes 0-7 and 8-15) and a blend on bit 3 of the index. Per 32 weights: 4 broadcast
-// loads, 4 variable shifts, 8 permutes, 4 shifts, 4 blends. Widening the bytes with vpmovzxbd
-// (2 more shuffles and 2 more shifts) took 1.4-1.7 ms at M = 1, 4096 x 4096, against 0.97-1.01 ms
-// this way (AMD EPYC Zen 4, 2 threads, 8 cold copies, interleaved).
+// AVX2 + FMA NF4 kernels, two lookups of the 16 code values (bindings.cpp picks one per vendor):
+// - vpermps ("avx2-vpermps"): the table does not fit one 8-lane permute, so a lookup is two
+//   permutes (codes 0-7 and 8-15) and a blend on bit 3 of the index. Per 32 weights: 4 broadcast
+//   loads, 4 variable shifts, 8 permutes, 4 shifts, 4 blends. Widening the bytes with vpmovzxbd
+//   (2 more shuffles and 2 more shifts) took 1.4-1.7 ms at M = 1, 4096 x 4096, against 0.97-1.01
+//   ms this way (AMD EPYC Zen 4, 2 threads, 8 cold copies, interleaved). Intel cores issue every
+//   shuffle on one port, so the fewest shuffles win there.
+// - vpshufb ("avx2-vpshufb"): a 16-entry byte table per 128-bit lane is exactly a 4-bit lookup;
+//   one vpshufb per byte plane of the float32 values (4) and two rounds of unpacks (8) give 32
+//   weights, all in-lane shuffles, which AMD cores issue on two pipes, against lane-crossing
+//   permutes at one a cycle on Zen 4. llvm-mca 14 on the loop of lookup, scale and FMA, cycles
+//   per 32 weights, vpermps against vpshufb: Zen 3 model 16 against 10 (a vpermps is 2 uops
+//   there), Skylake and Alder Lake models 10 against 12 (one shuffle port); its Zen 2 model
+//   leaves vpermps unmodelled. The scale is then a multiply per vector, which the M <= 2 walk
+//   takes out of the loop (segment_pair_codes in nf4_cpu_impl.h). Zen 4, M = 1, 4096 x 4096, 2
+//   threads, cold, against vpermps in one process: 0.77x-0.80x the time (the layer 0.81x), M = 2
+//   0.82x, M = 4 to 16 0.95x-1.08x (noise), INT4 0.93x, double quantization 0.89x.
 #include <immintrin.h>
 #include <string.h>
 
@@ -13,16 +25,29 @@ namespace lorakern {
 namespace cpu {
 namespace {
 
+template <bool kBytes>
 struct Avx2Vec {
     using vec = __m256;
     static constexpr int W = 8;
     static constexpr int kRegs = 16;  // ymm0-15
+    static constexpr bool kScaleAfter = kBytes;
     __m256 lut_lo, lut_hi;
+    __m256i plane[4];  // byte k of each of the 16 code values, in both 128-bit lanes (kBytes)
     explicit Avx2Vec(const float* code = nullptr) {
         alignas(32) static const float table[16] = {LK_NF4_VALUES};
         const float* t = code ? code : table;
         lut_lo = _mm256_loadu_ps(t);
         lut_hi = _mm256_loadu_ps(t + 8);
+        if (kBytes) {
+            alignas(16) uint8_t bytes[4][16];
+            for (int i = 0; i < 16; ++i) {
+                uint32_t u;
+                memcpy(&u, t + i, 4);
+                for (int k = 0; k < 4; ++k) bytes[k][i] = static_cast<uint8_t>(u >> (8 * k));
+            }
+            for (int k = 0; k < 4; ++k)
+                plane[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[k])));
+        }
     }
     vec zero() const { return _mm256_setzero_ps(); }
     vec in_register(vec a) const {
@@ -44,15 +69,20 @@ struct Avx2Vec {
     void panel(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) const {
         transpose_panel_avx2(B, ldb, cols, r, out, ld);
     }
+    // Permutes: the block's 16 values (code * scale + shift). Bytes: scale and shift themselves,
+    // applied after the lookup (an fma, one rounding as the table's; shift -0.0 for a plain scale,
+    // so that code * scale + -0.0 keeps the product's bits, its zeros' signs included).
     struct Table {
         __m256 lo, hi;
     };
     Table scaled(float scale) const {
         const __m256 s = _mm256_set1_ps(scale);
+        if (kBytes) return {s, _mm256_set1_ps(-0.0f)};
         return {_mm256_mul_ps(lut_lo, s), _mm256_mul_ps(lut_hi, s)};
     }
     Table affine(float scale, float shift) const {
         const __m256 s = _mm256_set1_ps(scale), c = _mm256_set1_ps(shift);
+        if (kBytes) return {s, c};
         return {_mm256_fmadd_ps(lut_lo, s, c), _mm256_fmadd_ps(lut_hi, s, c)};
     }
     // Index in the low 4 bits of each lane (higher bits ignored): permutes read bits 0-2, the blend
@@ -73,10 +103,38 @@ struct Avx2Vec {
         memcpy(&word, p, 4);
         return _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24));
     }
-    // Weights in order, so x needs no permuting.
-    static int lane_source(int pos) { return pos; }
-    void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
-        for (int g = 0; g < 4; ++g) out[g] = lookup32(indices8(p + 4 * g), t);
+    // Permutes: weights in order, so x needs no permuting. Bytes: the 16 bytes in both lanes, the
+    // low nibbles (odd weights) in lane 0 and the high ones (even weights) in lane 1; a vpshufb
+    // per byte plane looks 32 codes up, and two rounds of unpacks put each float's 4 bytes
+    // together: position 8g + l of the output comes from lane position 4g + l (l < 4) or
+    // 16 + 4g + l - 4 (l >= 4).
+    static int lane_source(int pos) {
+        if (!kBytes) return pos;
+        const int g = pos / 8, l = pos % 8;
+        const int lane_pos = l < 4 ? 4 * g + l : 16 + 4 * g + (l - 4);
+        return lane_pos < 16 ? 2 * lane_pos + 1 : 2 * (lane_pos - 16);
+    }
+    __attribute__((always_inline)) void decode32_split(const uint8_t* p, const Table& t, vec* out) const {
+        if (!kBytes) {
+            for (int g = 0; g < 4; ++g) out[g] = lookup32(indices8(p + 4 * g), t);
+            return;
+        }
+        decode32_codes(p, out);
+        for (int g = 0; g < 4; ++g) out[g] = _mm256_fmadd_ps(out[g], t.lo, t.hi);
+    }
+    // The 32 code values alone (bytes lookup), in decode32_split's order.
+    __attribute__((always_inline)) void decode32_codes(const uint8_t* p, vec* out) const {
+        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                             _mm256_set1_epi8(0x0F));
+        const __m256i q0 = _mm256_shuffle_epi8(plane[0], idx), q1 = _mm256_shuffle_epi8(plane[1], idx);
+        const __m256i q2 = _mm256_shuffle_epi8(plane[2], idx), q3 = _mm256_shuffle_epi8(plane[3], idx);
+        const __m256i l01 = _mm256_unpacklo_epi8(q0, q1), h01 = _mm256_unpackhi_epi8(q0, q1);
+        const __m256i l23 = _mm256_unpacklo_epi8(q2, q3), h23 = _mm256_unpackhi_epi8(q2, q3);
+        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
     }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         for (int g = 0; g < 4; ++g) out[g] = _mm256_mul_ps(lookup32(indices8(p + 4 * g), {lut_lo, lut_hi}), scale);
@@ -85,7 +143,8 @@ struct Avx2Vec {
 
 }  // namespace
 
-Kernels avx2_kernels() { return impl::kernels<Avx2Vec>(); }
+Kernels avx2_kernels() { return impl::kernels<Avx2Vec<true>>(); }
+Kernels avx2_permute_kernels() { return impl::kernels<Avx2Vec<false>>(); }
 
 }  // namespace cpu
 }  // namespace lorakern

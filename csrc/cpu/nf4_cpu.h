@@ -77,11 +77,13 @@ struct Kernels {
 };
 
 Kernels scalar_kernels();
-Kernels avx2_kernels();
+Kernels avx2_kernels();          // vpshufb lookup ("avx2-vpshufb")
+Kernels avx2_permute_kernels();  // vpermps lookup ("avx2-vpermps")
 Kernels avx512_kernels();
 
 bool cpu_has_avx2();
 bool cpu_has_avx512();
+bool cpu_is_amd();
 
 }  // namespace cpu
 }  // namespace lorakern

@@ -7,9 +7,11 @@ namespace cpu {
 #if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+bool cpu_is_amd() { return __builtin_cpu_is("amd"); }
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
+bool cpu_is_amd() { return false; }
 #endif
 
 }  // namespace cpu

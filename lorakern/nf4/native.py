@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" or "avx512" (tests cover each path this way)
+ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" (-vpshufb, -vpermps) or "avx512" (tests cover each path)
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -50,13 +50,16 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def cpu_isa() -> str:
-    """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available), else the widest one."""
+    """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available; "avx2" names this CPU's
+    AVX2 lookup, ``avx2-vpshufb`` on AMD and ``avx2-vpermps`` elsewhere), else the widest one."""
     C = extension()
     have = C.available_isas()
     forced = os.environ.get(ISA_ENV)
     if forced:
+        if forced == "avx2":
+            forced = next((name for name in reversed(have) if name.startswith("avx2-")), forced)
         if forced not in have:
-            raise RuntimeError(f"{ISA_ENV}={forced!r}: this CPU/build offers {have}")
+            raise RuntimeError(f"{ISA_ENV}={os.environ.get(ISA_ENV)!r}: this CPU/build offers {have} (or 'avx2')")
         return forced
     return have[-1]
 
