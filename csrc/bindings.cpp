@@ -58,10 +58,11 @@ Nf4Weight make_weight(const WeightArgs& a) {
 }
 
 // The CPU paths this machine runs, slowest first: the last is the default. AVX2 has two lookups
-// of the 16 code values (nf4_avx2.cpp): vpshufb over byte planes (in-lane shuffles, which AMD cores
-// issue on two pipes) and vpermps halves plus a blend (lane-crossing permutes: one a cycle on Zen 4,
-// slower on Zen 2 and 3; Intel cores issue every shuffle on one port, where the permutes are fewer).
-// The one listed later is the one "avx2" names: vpshufb on AMD, vpermps elsewhere.
+// of the 16 code values (nf4_avx2.cpp): vpshufb over byte planes (12 in-lane shuffles per 32
+// weights, which AMD cores issue on two pipes) and vpermps halves plus a blend (8 lane-crossing
+// permutes: one a cycle on Zen 4, 2 uops each in llvm-mca's Zen 3 model; Intel cores issue every
+// shuffle on one port, so the fewer shuffles win there). The one listed later is the one "avx2"
+// names: vpshufb on AMD, vpermps elsewhere.
 const std::vector<std::pair<std::string, cpu::Kernels>>& cpu_paths() {
     static const std::vector<std::pair<std::string, cpu::Kernels>> paths = [] {
         std::vector<std::pair<std::string, cpu::Kernels>> p{{"scalar", cpu::scalar_kernels()}};

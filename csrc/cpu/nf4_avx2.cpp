@@ -73,7 +73,7 @@ struct Avx2Vec {
     // applied after the lookup (an fma, one rounding as the table's; shift -0.0 for a plain scale,
     // so that code * scale + -0.0 keeps the product's bits, its zeros' signs included).
     struct Table {
-        __m256 lo, hi;
+        __m256 lo, hi;  // permutes: the values of codes 0-7 and 8-15; bytes: scale and shift
     };
     Table scaled(float scale) const {
         const __m256 s = _mm256_set1_ps(scale);

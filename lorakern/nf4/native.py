@@ -56,11 +56,12 @@ def cpu_isa() -> str:
     have = C.available_isas()
     forced = os.environ.get(ISA_ENV)
     if forced:
-        if forced == "avx2":
-            forced = next((name for name in reversed(have) if name.startswith("avx2-")), forced)
-        if forced not in have:
-            raise RuntimeError(f"{ISA_ENV}={os.environ.get(ISA_ENV)!r}: this CPU/build offers {have} (or 'avx2')")
-        return forced
+        avx2 = [name for name in have if name.startswith("avx2-")]
+        name = avx2[-1] if forced == "avx2" and avx2 else forced
+        if name not in have:
+            offers = have + ["avx2"] if avx2 else have
+            raise RuntimeError(f"{ISA_ENV}={forced!r}: this CPU/build offers {offers}")
+        return name
     return have[-1]
 
 
