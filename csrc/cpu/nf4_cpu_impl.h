@@ -550,20 +550,7 @@ __attribute__((always_inline)) inline void walk_pair(const V& v, S& sc0, S& sc1,
     }
 }
 
-// segment() for weight rows n and n + 1 together (see walk_pair).
-template <class V, int MT, class S>
-__attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
-                                                        int64_t len, const float* xp, typename V::vec* acc0,
-                                                        typename V::vec* acc1) {
-    const int64_t row_bytes = w.cols / 2;
-    walk_pair(v, sc0, sc1, w, f, len, MT <= 2 ? 2 : kPrefetchRows,
-              [&](const uint8_t* p, const typename V::Table& t0, const typename V::Table& t1) {
-                  step_pair<V, MT>(v, p, p + row_bytes, t0, t1, xp, acc0, acc1);
-                  xp += MT * 32;
-              });
-}
-
-// segment_pair() for a V whose lookup leaves the scale to a multiply per vector (AVX2's byte-plane
+// segment_pair()'s walk for a V whose lookup leaves the scale to a multiply per vector (AVX2's byte-plane
 // lookup: an fma per 8 weights, 4 of its ~22 vector instructions per 32 weights, on the two pipes
 // its FMAs use), at M <= 2 with a plain scale per block (NF4): each block's products of code values
 // and x are summed in fresh accumulators and the sum is scaled once, acc += scale * sum. The
@@ -618,6 +605,23 @@ __attribute__((always_inline)) inline void segment_pair_codes(const V& v, S& sc0
     }
 }
 
+// segment() for weight rows n and n + 1 together (see walk_pair; segment_pair_codes where V and
+// the scales allow).
+template <class V, int MT, class S>
+__attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
+                                                        int64_t len, const float* xp, typename V::vec* acc0,
+                                                        typename V::vec* acc1) {
+    if constexpr (V::kScaleAfter && MT <= 2) {
+        if (sc0.plain()) return segment_pair_codes<V, MT>(v, sc0, sc1, w, f, len, xp, acc0, acc1);
+    }
+    const int64_t row_bytes = w.cols / 2;
+    walk_pair(v, sc0, sc1, w, f, len, MT <= 2 ? 2 : kPrefetchRows,
+              [&](const uint8_t* p, const typename V::Table& t0, const typename V::Table& t1) {
+                  step_pair<V, MT>(v, p, p + row_bytes, t0, t1, xp, acc0, acc1);
+                  xp += MT * 32;
+              });
+}
+
 // A row's accumulators at the end of a slice ([MT][AJ] vectors): kept for the next slice, or (last
 // slice) summed into y[m * N + n] (y at the tile's first row, m0 its index in x) with the LoRA term.
 template <class V, int MT, int AJ>
@@ -664,14 +668,7 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                 acc0[a] = first ? v.zero() : keep[i][a];
                 acc1[a] = first ? v.zero() : keep[i + 1][a];
             }
-            bool done = false;
-            if constexpr (V::kScaleAfter && MT <= 2) {
-                if (sc.plain()) {
-                    segment_pair_codes<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
-                    done = true;
-                }
-            }
-            if (!done) segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
+            segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
             finish_row<V, MT, AJ>(v, acc0, last, keep[i], lora, m0, n0 + i, N, y);
             finish_row<V, MT, AJ>(v, acc1, last, keep[i + 1], lora, m0, n0 + i + 1, N, y);
         }
