@@ -33,21 +33,31 @@ struct Avx2Vec {
     static constexpr bool kScaleAfter = kBytes;
     __m256 lut_lo, lut_hi;
     __m256i plane[4];  // byte k of each of the 16 code values, in both 128-bit lanes (kBytes)
+    // One V is made per piece of every loop; the NF4 table's planes are built once, a custom
+    // table's (INT4) per V.
     explicit Avx2Vec(const float* code = nullptr) {
         alignas(32) static const float table[16] = {LK_NF4_VALUES};
         const float* t = code ? code : table;
         lut_lo = _mm256_loadu_ps(t);
         lut_hi = _mm256_loadu_ps(t + 8);
-        if (kBytes) {
-            alignas(16) uint8_t bytes[4][16];
+        if constexpr (kBytes) {
+            static const BytePlanes nf4(table);
+            set_planes(code ? BytePlanes(code) : nf4);
+        }
+    }
+    struct BytePlanes {
+        alignas(16) uint8_t bytes[4][16];  // bytes[k][i]: byte k of value i
+        explicit BytePlanes(const float* t) {
             for (int i = 0; i < 16; ++i) {
                 uint32_t u;
                 memcpy(&u, t + i, 4);
                 for (int k = 0; k < 4; ++k) bytes[k][i] = static_cast<uint8_t>(u >> (8 * k));
             }
-            for (int k = 0; k < 4; ++k)
-                plane[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[k])));
         }
+        __m128i load(int k) const { return _mm_load_si128(reinterpret_cast<const __m128i*>(bytes[k])); }
+    };
+    void set_planes(const BytePlanes& b) {
+        for (int k = 0; k < 4; ++k) plane[k] = _mm256_broadcastsi128_si256(b.load(k));
     }
     vec zero() const { return _mm256_setzero_ps(); }
     vec in_register(vec a) const {
