@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .nf4 import plan
 from .nf4.format import NF4Weight
 from .ops import dora, lora_linear, qlora_linear
 from .ops.bases import DenseBase, NF4Base
@@ -74,6 +75,7 @@ class FusedLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         self.merged = False
+        self._decode_plan = None  # lorakern.nf4.plan: the CPU decode call's arguments, once served
         self._merged_norm = None  # DoRA: the weight norm merge() used, which unmerge() needs
         self.reset_lora_parameters(init_lora_weights)
 
@@ -223,11 +225,16 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_nf4 is not None:
-            return qlora_linear(
+            y = plan.decode(self, x)  # the CPU decode call, when this layer's plan serves x
+            if y is not None:
+                return y
+            y = qlora_linear(
                 x, self.weight_nf4, self.bias, self.lora_A, self.lora_B, self.scaling,
                 dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
                 magnitude=self.lora_magnitude_vector,
             )
+            plan.remember(self, x)
+            return y
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return lora_linear(

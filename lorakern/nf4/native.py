@@ -49,11 +49,19 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+_isa_names: list = []  # the extension's CPU paths, fixed for the process (the CPU and the build)
+
+
+def _isas() -> list[str]:
+    if not _isa_names:
+        _isa_names.extend(extension().available_isas())
+    return _isa_names
+
+
 def cpu_isa() -> str:
     """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available; "avx2" names this CPU's
     AVX2 lookup, ``avx2-vpshufb`` on AMD and ``avx2-vpermps`` elsewhere), else the widest one."""
-    C = extension()
-    have = C.available_isas()
+    have = _isas()
     forced = os.environ.get(ISA_ENV)
     if forced:
         avx2 = [name for name in have if name.startswith("avx2-")]

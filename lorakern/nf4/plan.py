@@ -1,0 +1,95 @@
+"""A QLoRA layer's CPU decode call without the per-call checks: the kernel call of
+:meth:`~lorakern.ops.bases.NF4Base.fused_forward`, remembered after the checked path has served a
+call with the same tensors.
+
+Why: at M = 1 the checks, the backend choice and the autograd dispatch of :func:`lorakern.qlora_linear`
+cost ~40 us of Python a call (a 64 x 64 layer: 52 us against 13 us for the kernel's own wrapper,
+hot, AMD EPYC Zen 4), and more in a decode loop, where each layer's weights stream through the
+caches and push the interpreter's data out: 8 rotating 4096 x 4096 layers took 1.08 ms a call
+against 0.96 ms for the kernel's wrapper on the same weights (2 threads, AVX2 path).
+
+What a plan holds is a function of its key: every tensor the kernel reads (address, dtype, shape,
+strides, device) and the layer's scaling and backend, read again on every call, so an adapter
+swapped, a parameter's ``.data`` replaced, a weight moved or re-quantized, or a changed scaling
+takes the checked path (which raises what it raises) and a new plan. Values changed in place need
+nothing: the kernel reads them where they are. x is checked on every call (plain tensor, CPU,
+float32, contiguous, ``[..., in]`` with 1 to SMALL_M rows); grads, dropout in training, DoRA,
+autocast and torch.compile take the checked path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import SMALL_M
+from . import native
+
+
+def _meta(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
+
+
+def _key(layer) -> tuple:
+    w = layer.weight_nf4
+    return (layer.scaling, layer.backend, w.shape, w.dtype, w.blocksize, _meta(layer.lora_A), _meta(layer.lora_B),
+            _meta(layer.bias), _meta(w.packed), _meta(w.absmax), _meta(w.nested_absmax), _meta(w.nested_code),
+            _meta(w.offset))
+
+
+class DecodePlan:
+    """The arguments of one layer's native CPU QLoRA call (see the module docstring)."""
+
+    __slots__ = ("key", "weight", "lora", "r", "out_features", "in_features")
+
+    def __init__(self, key: tuple, layer):
+        w = layer.weight_nf4
+        self.key = key
+        self.out_features, self.in_features = w.shape
+        self.r = layer.lora_A.shape[0]
+        self.weight = native.weight_args(w, self.out_features, self.in_features)
+        bias = 0 if layer.bias is None else layer.bias.data_ptr()
+        self.lora = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr(), bias, float(layer.scaling), self.r)
+
+
+def _call_allows(layer, x) -> bool:
+    """What the plan needs of this call and the layer's mode (the rest is in the key)."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
+        return False
+    if layer.lora_magnitude_vector is not None or (layer.training and layer.lora_dropout > 0.0):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or layer.lora_A.requires_grad or layer.lora_B.requires_grad
+                                    or (layer.bias is not None and layer.bias.requires_grad)):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    return x.is_contiguous() and 0 < x.numel() // max(1, x.shape[-1]) <= SMALL_M
+
+
+def decode(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` through the layer's plan, or None when the plan cannot serve the call."""
+    plan = getattr(layer, "_decode_plan", None)  # None: a layer made without __init__
+    if plan is None or not _call_allows(layer, x) or x.shape[-1] != plan.in_features or plan.key != _key(layer):
+        return None
+    M = x.numel() // plan.in_features
+    y = x.new_empty(*x.shape[:-1], plan.out_features)
+    h = x.new_empty(M, plan.r)  # x A^T, which the kernel writes (the checked path returns it for backward)
+    native.extension().cpu_matmul(plan.weight, x.data_ptr(), M, y.data_ptr(), False, native.cpu_isa(),
+                                  torch.get_num_threads(), (*plan.lora, h.data_ptr(), 0))
+    return y
+
+
+def remember(layer, x: torch.Tensor) -> None:
+    """After the checked path served ``layer(x)``: keep a plan when that path was the native
+    kernel call (fused_forward's conditions) and the plan can serve such calls."""
+    if not _call_allows(layer, x) or layer.backend not in ("auto", "native"):
+        return
+    w = layer.weight_nf4
+    if w.device.type != "cpu" or native.unavailable_reason(w.device) is not None:
+        return
+    if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
+               for t in (layer.lora_A, layer.lora_B, layer.bias)):
+        return
+    key = _key(layer)
+    old = getattr(layer, "_decode_plan", None)
+    if old is None or old.key != key:
+        layer._decode_plan = DecodePlan(key, layer)
