@@ -19,7 +19,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # 256 blocks change mid-row, and in > 512 with a short last slice (the M > 2 walk's column slices);
 # (23, 384, 128) and (10, 1024, 256): weight rows in pairs with 4 and 8 steps per block, odd out.
 SHAPES = [(48, 256, 64), (33, 320, 128), (17, 53, 64), (9, 96, 64), (31, 40, 128), (1, 4096, 4096), (70, 64, 32),
-          (40, 1088, 64), (23, 384, 128), (10, 1024, 256)]
+          (40, 1088, 64), (23, 384, 128), (10, 1024, 256),
+          (1001, 192, 64)]  # 63 row blocks, the last one short: pieces of several blocks, the last one short
 
 
 def isas():
@@ -213,7 +214,7 @@ def test_every_thread_count_gives_the_same_bits(isa, double_quant):
     machine may have cores) give the same bits, on shapes with many pieces of every loop."""
     previous = torch.get_num_threads()
     try:
-        for out_f, in_f, bs in ((300, 1088, 64), (37, 4160, 64), (45, 77, 32)):  # 77: the any-K path
+        for out_f, in_f, bs in ((300, 1088, 64), (37, 4160, 64), (45, 77, 32), (1001, 256, 64)):  # 77: the any-K path
             w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
             torch.set_num_threads(1)
             want = _native_results(w)

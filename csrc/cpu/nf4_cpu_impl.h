@@ -38,12 +38,23 @@ namespace impl {
 
 // Threads: every loop hands out its work in small pieces (parallel_for, thread_pool.h), so that a
 // thread sharing its core with another process takes fewer pieces instead of holding up the call
-// with a fixed share. A piece is 16 weight rows (kRowBlock: ~5 us at M = 1, 4096 columns), 256
-// columns of the transposed product, or kDequantizeGrab * 32 weights of the dequantize.
+// with a fixed share. A piece of the product is up to kPieceBlocks row blocks of 16 weight rows
+// (kRowBlock: ~5 us at M = 1, 4096 columns), a piece of the transposed product 256 columns, one
+// of the dequantize kDequantizeGrab * 32 weights.
 constexpr int64_t kDequantizeGrab = 512;  // 16K weights: 64 KB of fp32 output
 
 constexpr int kMTile = 8;      // rows of x sharing one decode: 2 weight rows x 8 accumulators + 4 weights + 2 tables
-constexpr int64_t kRowBlock = 16;  // weight rows per task, sharing one L1-resident x tile
+constexpr int64_t kRowBlock = 16;  // weight rows sharing one L1-resident x tile
+// Consecutive row blocks per piece: the weight bytes are row-major, so a piece reads one run of
+// kPieceBlocks x 16 rows (128 KB at 4096 columns) instead of 32 KB runs that alternate between the
+// threads, each a new stream for the hardware prefetchers. 4096 x 4096, 2 threads, cold, on Zen 4,
+// against one block a piece, interleaved: AVX2 M = 1 0.95x-1.0x the time, M = 4 0.94x, M = 16
+// 0.98x; AVX-512 M = 1 0.88x; 4096 -> 14336 M = 1 0.90x; with a busy process beside it the same.
+// Fewer when a weight has too few blocks to give each thread 8 pieces.
+constexpr int64_t kPieceBlocks = 4;
+inline int64_t piece_blocks(int64_t blocks, int threads) {
+    return std::max<int64_t>(1, std::min<int64_t>(kPieceBlocks, blocks / (8 * std::max(1, threads))));
+}
 // Columns of x per slice when MT > 2: the panel slice, MT x kb x 4 B, stays near 16 KB (L1 is
 // 48 KB); a multiple of 256 so blocks up to 256 never straddle a slice.
 constexpr int64_t slice_columns(int MT) { return 4096 / MT / 256 * 256 > 256 ? 4096 / MT / 256 * 256 : 256; }
@@ -801,8 +812,7 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     // tables at the plain walk's speed (its 32 vector registers hold them).
     const bool flat = S::kNested && (M > 2 || V::W < 16);
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
-    parallel_for(blocks, threads, [&](int64_t b) {
-        V v(w.code);
+    const auto block = [&](const V& v, int64_t b) {
         const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);
         prefetch_b_rows(lora, M, n0, rows);
         if (!flat) {
@@ -816,6 +826,11 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
         for (int64_t i = b0; i <= b1; ++i) flat_scales[i - b0] = block_scale(w, i);
         PlainScales p0(flat_scales.data(), b0), p1(flat_scales.data(), b0);
         rows_block(v, p0, p1, w, n0, rows, xs, M, lora, y);
+    };
+    const int64_t per = piece_blocks(blocks, threads);
+    parallel_for((blocks + per - 1) / per, threads, [&](int64_t piece) {
+        V v(w.code);
+        for (int64_t b = piece * per; b < std::min(blocks, piece * per + per); ++b) block(v, b);
     });
 }
 
