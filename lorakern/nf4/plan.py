@@ -53,6 +53,8 @@ class DecodePlan:
 
 def _call_allows(layer, x) -> bool:
     """What the plan needs of this call and the layer's mode (the rest is in the key)."""
+    if torch.compiler.is_compiling():  # traced: the checked path's custom op
+        return False
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
         return False
     if layer.lora_magnitude_vector is not None or (layer.training and layer.lora_dropout > 0.0):
@@ -60,7 +62,7 @@ def _call_allows(layer, x) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or layer.lora_A.requires_grad or layer.lora_B.requires_grad
                                     or (layer.bias is not None and layer.bias.requires_grad)):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu"):
         return False
     return x.is_contiguous() and 0 < x.numel() // max(1, x.shape[-1]) <= SMALL_M
 
