@@ -102,6 +102,58 @@ def test_from_bnb_params4bit_and_linear4bit(double_quant):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 320)])
+def test_from_bnb_after_its_cpu_repacking(double_quant, shape):
+    """bitsandbytes on AVX512-BF16 CPUs rewrites a Linear4bit at its first eval forward (codes
+    regrouped, absmax transposed and rounded to bfloat16, double quantization undone): read as the
+    NF4 weight it now computes with, the bytes re-laid out and the bfloat16 scales."""
+    bnb = pytest.importorskip("bitsandbytes")
+    F = pytest.importorskip("bitsandbytes.functional")
+    if not hasattr(F, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU repacking")
+    out_f, in_f = shape
+    q = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=torch.float32, compress_statistics=double_quant,
+                          quant_type="nf4")
+    q.load_state_dict(torch.nn.Linear(in_f, out_f).state_dict())
+    q = q.to("cpu")
+    before = NF4Weight.from_bnb(q)
+    want = NF4Weight(before.packed.clone(), before.absmax_float().bfloat16().float(), before.shape, before.dtype,
+                     before.blocksize)
+    q.weight.data, q.weight.quant_state = F._convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    assert q.weight.quant_state.packing_format_for_cpu
+    w = NF4Weight.from_bnb(q)
+    assert torch.equal(w.packed, want.packed) and torch.equal(w.absmax, want.absmax)
+    assert w.dtype == torch.float32 and not w.double_quant
+    assert NF4Weight.from_bnb(q.weight) is w  # kept while the module's tensors are unchanged
+    q.weight.data = q.weight.data.clone()
+    assert NF4Weight.from_bnb(q) is not w
+
+
+def test_fused_layer_after_bitsandbytes_cpu_inference():
+    """The user's order on such a CPU: an eval forward through bitsandbytes, then lorakern reads the
+    layer; its output is bitsandbytes' (which computes in bfloat16) within bfloat16 rounding."""
+    bnb = pytest.importorskip("bitsandbytes")
+    F = pytest.importorskip("bitsandbytes.functional")
+    if not getattr(F, "has_avx512bf16", lambda: False)():
+        pytest.skip("bitsandbytes repacks for its CPU GEMV only on CPUs with AVX512-BF16")
+    import lorakern
+
+    q = bnb.nn.Linear4bit(256, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(torch.nn.Linear(256, 64, bias=False).state_dict())
+    q = q.to("cpu").eval()
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        y_bnb = q(x)
+    assert q.weight.quant_state.packing_format_for_cpu
+    layer = lorakern.FusedLoRALinear.from_linear(q, r=4, lora_alpha=4).eval()  # B = 0: the base alone
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, y_bnb, rtol=2e-2, atol=2e-2)
+    w = NF4Weight.from_bnb(q)
+    torch.testing.assert_close(y, x @ w.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
 def test_state_dict_round_trip_and_bnb_keys(double_quant):
     w = NF4Weight.quantize(torch.randn(33, 70), blocksize=64, double_quant=double_quant)
     sd = w.state_dict(prefix="layer.")

@@ -135,6 +135,8 @@ class NF4Weight:
                              "(move it to a device or call .quantize first); it has no quant_state")
         if qs.quant_type != "nf4":
             raise ValueError(f"from_bnb: only quant_type 'nf4' is supported, got {qs.quant_type!r}")
+        if getattr(qs, "packing_format_for_cpu", False):
+            return _from_bnb_cpu_packing(cls, weight, qs)
         packed = weight.data.reshape(-1)
         if packed.dtype != torch.uint8:  # quant_storage other than uint8: the bytes are the same
             packed = packed.view(torch.uint8)
@@ -292,3 +294,35 @@ class NF4Weight:
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, device={self.device}, bytes={self.nbytes()})")
 
+
+# bitsandbytes (0.50) on a CPU with AVX512-BF16 rewrites a Linear4bit in place at its first eval
+# forward without grad: the codes regrouped for its GEMV (32 rows x 2 columns per 64 nibbles, a
+# group's 32 low nibbles then its 32 high ones), the absmax [out, in / blocksize] transposed and
+# rounded to bfloat16, double quantization undone, quant_state.packing_format_for_cpu = True. What
+# it computes from then on is that weight, so it is read as plain NF4 with those scales (bfloat16
+# values, exact in float32). The rewrite is a copy of the bytes, kept on the Params4bit while its
+# tensors are the same and unchanged.
+_CPU_PACKING_CACHE = "_lorakern_nf4_from_cpu_packing"
+
+
+def _from_bnb_cpu_packing(cls, weight, qs) -> NF4Weight:
+    from ..stamp import stamp
+
+    key = stamp(weight, qs.absmax)
+    cached = weight.__dict__.get(_CPU_PACKING_CACHE)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    out_f, in_f = qs.shape
+    if len(qs.shape) != 2 or out_f % 32 or in_f % qs.blocksize or qs.nested:
+        raise ValueError(f"from_bnb: a bitsandbytes CPU-packed weight of shape {tuple(qs.shape)} "
+                         f"(blocksize {qs.blocksize}, nested={qs.nested}) is not a layout this reads")
+    nibbles = weight.data.reshape(-1).view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=1)  # [groups, 64]: low nibbles, then high
+    codes = codes.reshape(out_f // 32, in_f // 2, 32, 2).transpose(1, 2).reshape(-1)  # row-major codes
+    packed = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes' byte: the earlier weight in the high nibble
+    absmax = qs.absmax.t().reshape(-1).float()  # [out, in / blocksize] row-major: block order
+    w = cls(packed.contiguous(), absmax.contiguous(), qs.shape, getattr(qs, "original_dtype", qs.dtype),
+            qs.blocksize)
+    if key is not None:
+        weight.__dict__[_CPU_PACKING_CACHE] = (key, w)
+    return w
