@@ -54,7 +54,7 @@ _isa_names: list = []  # the extension's CPU paths, fixed for the process (the C
 
 def _isas() -> list[str]:
     if not _isa_names:
-        _isa_names.extend(extension().available_isas())
+        _isa_names[:] = extension().available_isas()  # one assignment: callers on two threads agree
     return _isa_names
 
 
