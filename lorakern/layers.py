@@ -225,7 +225,9 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_nf4 is not None:
-            y = plan.decode(self, x)  # the CPU decode call, when this layer's plan serves x
+            call = (x, self.weight_nf4, self.bias, self.lora_A, self.lora_B, self.scaling, self.backend,
+                    self.training and self.lora_dropout > 0.0, self.lora_magnitude_vector)
+            y = plan.decode(self, *call)  # the CPU decode call, when this layer's plan serves x
             if y is not None:
                 return y
             y = qlora_linear(
@@ -233,7 +235,7 @@ class FusedLoRALinear(nn.Module):
                 dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
                 magnitude=self.lora_magnitude_vector,
             )
-            plan.remember(self, x)
+            plan.remember(self, *call)
             return y
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close_like_torch
 from torch import nn
 
 import lorakern
-from helpers import assert_close_like_torch
 from lorakern import layers
 from lorakern.nf4 import native
 

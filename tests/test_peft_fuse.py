@@ -466,3 +466,45 @@ def test_bnb_compute_dtype_is_followed(monkeypatch, compute_dtype, use_dora):
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
     for n in want[2]:
         torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bnb_decode_calls_after_the_first_skip_the_checks(monkeypatch):
+    """Serving a fused 4-bit PEFT layer on the CPU (eval, no grad, float32, M <= 16): after one
+    checked call the layer's kernel call is kept (lorakern/nf4/plan.py); switching adapters,
+    replacing an adapter's tensor or disabling adapters are followed."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lorakern import NF4Weight, qlora_linear
+
+    calls = _served_by_op(monkeypatch, "qlora_linear")
+    net = nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4"))
+    net[0].load_state_dict(nn.Linear(128, 64).state_dict())
+    net = net.to("cpu")
+    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                     init_lora_weights=False))
+    # The same rank and scaling: only the tensors tell the adapters apart.
+    model.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False))
+    fuse(model)
+    model.eval()
+    layer = model.base_model.model[0]
+
+    def want(x, adapter):
+        base = layer.base_layer
+        return qlora_linear(x, NF4Weight.from_bnb(base), base.bias, layer.lora_A[adapter].weight,
+                            layer.lora_B[adapter].weight, layer.scaling[adapter], training=False)
+
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3, 128)
+            assert torch.equal(model(x), want(x, "default"))
+        assert len(calls) == 1  # the first call through the op, then the plan
+        model.set_adapter("other")
+        x = torch.randn(2, 128)
+        assert torch.equal(model(x), want(x, "other"))
+        model.set_adapter("default")
+        old_B = layer.lora_B["default"].weight.data  # kept alive: the new tensor gets another address
+        layer.lora_B["default"].weight.data = torch.randn(64, 8)
+        x = torch.randn(2, 128)
+        assert torch.equal(model(x), want(x, "default"))
+        with model.disable_adapter():
+            assert torch.equal(model(x), layer.base_layer(x))
+    assert old_B.shape == (64, 8)

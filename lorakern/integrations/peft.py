@@ -36,6 +36,7 @@ from torch.nn.modules import module as _module
 from ..backend import warn_once
 from ..int4.qalora import qalora_linear
 from ..layers import is_bnb_linear4bit
+from ..nf4 import plan
 from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype, autocast_to
@@ -362,9 +363,18 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if is_bnb_linear4bit(base):
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
-        return qlora_linear(x, NF4Weight.from_bnb(base), _bias_in_x_dtype(x, base), A, B, scaling, p,
-                            training=training, compute_dtype=getattr(base, "compute_dtype", None),
-                            magnitude=magnitude)
+        w, bias = NF4Weight.from_bnb(base), _bias_in_x_dtype(x, base)
+        compute_dtype = getattr(base, "compute_dtype", None)
+        call = (x, w, bias, A, B, scaling, "auto", training and p > 0.0, magnitude)
+        same_dtype = compute_dtype is None or compute_dtype == x.dtype
+        y = plan.decode(layer, *call) if same_dtype else None  # the CPU decode call (lorakern/nf4/plan.py)
+        if y is not None:
+            return y
+        y = qlora_linear(x, w, bias, A, B, scaling, p, training=training, compute_dtype=compute_dtype,
+                         magnitude=magnitude)
+        if same_dtype:
+            plan.remember(layer, *call)
+        return y
     return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training, magnitude=magnitude)
 
 

@@ -29,11 +29,9 @@ def _meta(t: torch.Tensor | None):
     return None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
 
 
-def _key(layer) -> tuple:
-    w = layer.weight_nf4
-    return (layer.scaling, layer.backend, w.shape, w.dtype, w.blocksize, _meta(layer.lora_A), _meta(layer.lora_B),
-            _meta(layer.bias), _meta(w.packed), _meta(w.absmax), _meta(w.nested_absmax), _meta(w.nested_code),
-            _meta(w.offset))
+def _key(w, bias, A, B, scaling, backend) -> tuple:
+    return (scaling, backend, w.shape, w.dtype, w.blocksize, _meta(A), _meta(B), _meta(bias), _meta(w.packed),
+            _meta(w.absmax), _meta(w.nested_absmax), _meta(w.nested_code), _meta(w.offset))
 
 
 class DecodePlan:
@@ -41,36 +39,38 @@ class DecodePlan:
 
     __slots__ = ("key", "weight", "lora", "r", "out_features", "in_features")
 
-    def __init__(self, key: tuple, layer):
-        w = layer.weight_nf4
+    def __init__(self, key: tuple, w, bias, A, B, scaling):
         self.key = key
         self.out_features, self.in_features = w.shape
-        self.r = layer.lora_A.shape[0]
+        self.r = A.shape[0]
         self.weight = native.weight_args(w, self.out_features, self.in_features)
-        bias = 0 if layer.bias is None else layer.bias.data_ptr()
-        self.lora = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr(), bias, float(layer.scaling), self.r)
+        self.lora = (A.data_ptr(), B.data_ptr(), 0 if bias is None else bias.data_ptr(), float(scaling), self.r)
 
 
-def _call_allows(layer, x) -> bool:
+def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     """What the plan needs of this call and the layer's mode (the rest is in the key)."""
     if torch.compiler.is_compiling():  # traced: the checked path's custom op
         return False
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
         return False
-    if layer.lora_magnitude_vector is not None or (layer.training and layer.lora_dropout > 0.0):
+    if magnitude is not None or train_dropout:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or layer.lora_A.requires_grad or layer.lora_B.requires_grad
-                                    or (layer.bias is not None and layer.bias.requires_grad)):
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
     return x.is_contiguous() and 0 < x.numel() // max(1, x.shape[-1]) <= SMALL_M
 
 
-def decode(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through the layer's plan, or None when the plan cannot serve the call."""
-    plan = getattr(layer, "_decode_plan", None)  # None: a layer made without __init__
-    if plan is None or not _call_allows(layer, x) or x.shape[-1] != plan.in_features or plan.key != _key(layer):
+def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
+           magnitude=None) -> torch.Tensor | None:
+    """``qlora_linear(x, w, bias, A, B, scaling, ...)`` through the plan ``owner`` keeps (a layer,
+    or a fused PEFT layer's forward), or None when the plan cannot serve the call.
+    ``train_dropout``: the call drops out (training with p > 0)."""
+    plan = getattr(owner, "_decode_plan", None)  # None: an owner made without __init__
+    if (plan is None or not _call_allows(x, bias, A, B, train_dropout, magnitude) or x.shape[-1] != plan.in_features
+            or plan.key != _key(w, bias, A, B, scaling, backend)):
         return None
     M = x.numel() // plan.in_features
     y = x.new_empty(*x.shape[:-1], plan.out_features)
@@ -80,18 +80,18 @@ def decode(layer, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def remember(layer, x: torch.Tensor) -> None:
-    """After the checked path served ``layer(x)``: keep a plan when that path was the native
-    kernel call (fused_forward's conditions) and the plan can serve such calls."""
-    if not _call_allows(layer, x) or layer.backend not in ("auto", "native"):
+def remember(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
+             magnitude=None) -> None:
+    """After the checked path served the same call (x W^T in x's dtype): keep a plan on ``owner``
+    when that path was the native kernel call (fused_forward's conditions) and the plan can serve
+    such calls."""
+    if not _call_allows(x, bias, A, B, train_dropout, magnitude) or backend not in ("auto", "native"):
         return
-    w = layer.weight_nf4
     if w.device.type != "cpu" or native.unavailable_reason(w.device) is not None:
         return
-    if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
-               for t in (layer.lora_A, layer.lora_B, layer.bias)):
+    if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (A, B, bias)):
         return
-    key = _key(layer)
-    old = getattr(layer, "_decode_plan", None)
+    key = _key(w, bias, A, B, scaling, backend)
+    old = getattr(owner, "_decode_plan", None)
     if old is None or old.key != key:
-        layer._decode_plan = DecodePlan(key, layer)
+        owner._decode_plan = DecodePlan(key, w, bias, A, B, scaling)
