@@ -1,6 +1,8 @@
 """A QLoRA layer's CPU decode call without the per-call checks: the kernel call of
 :meth:`~lorakern.ops.bases.NF4Base.fused_forward`, remembered after the checked path has served a
-call with the same tensors.
+call with the same tensors. Owners: :class:`~lorakern.FusedLoRALinear` with an NF4 base, and a
+fused PEFT layer on a bitsandbytes NF4 base (after PEFT's own state, active adapters, hooks and
+so on, has been checked for the call by ``runtime_reason``).
 
 Why: at M = 1 the checks, the backend choice and the autograd dispatch of :func:`lorakern.qlora_linear`
 cost ~40 us of Python a call (a 64 x 64 layer, hot, AMD EPYC Zen 4: 52 us a call without the plan,
@@ -9,7 +11,7 @@ threads) that is a few percent: the plan measured 0.96x to 1.0x the checked path
 interleaved, with 8 layers rotating past the L3.
 
 What a plan holds is a function of its key: every tensor the kernel reads (address, dtype, shape,
-strides, device) and the layer's scaling and backend, read again on every call, so an adapter
+strides, device) and the call's scaling and backend, read again on every call, so an adapter
 swapped, a parameter's ``.data`` replaced, a weight moved or re-quantized, or a changed scaling
 takes the checked path (which raises what it raises) and a new plan. Values changed in place need
 nothing: the kernel reads them where they are. x is checked on every call (plain tensor, CPU,
