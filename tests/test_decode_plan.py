@@ -45,7 +45,7 @@ def assert_like_float64(layer, x, y):
 def checked(layer, x):
     """The op the layer's checked path calls, on the layer's current state."""
     return lorakern.qlora_linear(x, layer.weight_nf4, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
-                                 training=False, backend=layer.backend)
+                                 training=False, backend=layer.backend, magnitude=layer.lora_magnitude_vector)
 
 
 @pytest.fixture
@@ -181,10 +181,11 @@ def test_calls_the_plan_cannot_serve(case):
             with pytest.raises((TypeError, ValueError), match="x"):
                 layer(x)
             return
-        if case == "bf16":  # the checked path's error or result, whatever it is, not the plan's
+        if case == "bf16":  # autocast: the checked path's casts and result, not the plan's float32 call
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 x = torch.randn(2, IN)
                 y = layer(x)
+                assert torch.equal(y, checked(layer, x))
             assert y.dtype == torch.bfloat16
             return
         x = {"strided": torch.randn(IN, 3).t(), "large M": torch.randn(40, IN), "1-D": torch.randn(IN),
@@ -195,15 +196,14 @@ def test_calls_the_plan_cannot_serve(case):
         assert_like_float64(layer, x, y)
 
 
-def test_no_plan_for_dora_reference_or_double_precision_paths():
+def test_no_plan_for_dora_or_the_reference_backend():
     for layer in (make(use_dora=True), make(backend="reference")):
         with torch.no_grad():
             layer(torch.randn(2, IN))
             x = torch.randn(2, IN)
             y = layer(x)
+            assert torch.equal(y, checked(layer, x))
         assert layer._decode_plan is None
-        with torch.no_grad():
-            torch.testing.assert_close(y, checked(layer, x) if layer.lora_magnitude_vector is None else y)
 
 
 def test_copies_and_loaded_layers(count_checked):
