@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..backend import FLOAT_DTYPES, resolve_nf4
+from ..stamp import stamp
 from .reference import (
     BLOCKSIZES,
     NESTED_BLOCKSIZE,
@@ -306,8 +307,6 @@ _CPU_PACKING_CACHE = "_lorakern_nf4_from_cpu_packing"
 
 
 def _from_bnb_cpu_packing(cls, weight, qs) -> NF4Weight:
-    from ..stamp import stamp
-
     key = stamp(weight, qs.absmax)
     cached = weight.__dict__.get(_CPU_PACKING_CACHE)
     if key is not None and cached is not None and cached[0] == key:

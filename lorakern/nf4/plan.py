@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import SMALL_M
+from ..ops.bases import cpu_call_takes
 from . import native
 
 
@@ -53,7 +53,7 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     """What the plan needs of this call and the layer's mode (the rest is in the key)."""
     if torch.compiler.is_compiling():  # traced: the checked path's custom op
         return False
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
+    if type(x) is not torch.Tensor or x.dim() < 2:
         return False
     if magnitude is not None or train_dropout:
         return False
@@ -62,7 +62,7 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    return x.is_contiguous() and 0 < x.numel() // max(1, x.shape[-1]) <= SMALL_M
+    return cpu_call_takes(x, x.numel() // max(1, x.shape[-1]))  # A, B, bias: their dtype and strides are in the key
 
 
 def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
@@ -91,7 +91,7 @@ def remember(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str
         return
     if w.device.type != "cpu" or native.unavailable_reason(w.device) is not None:
         return
-    if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (A, B, bias)):
+    if not cpu_call_takes(x, x.numel() // x.shape[-1], bias, A, B):
         return
     key = _key(w, bias, A, B, scaling, backend)
     old = getattr(owner, "_decode_plan", None)

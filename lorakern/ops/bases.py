@@ -100,6 +100,14 @@ class DenseBase:
         return None
 
 
+def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
+    """Whether the one-call CPU QLoRA kernel (:meth:`NF4Base.fused_forward`) takes x with ``rows``
+    rows and ``tensors`` (bias, A, B; None skipped): x on the CPU with 1 to SMALL_M rows, all
+    float32 and contiguous. lorakern/nf4/plan.py keeps calls it took."""
+    return x.device.type == "cpu" and 0 < rows <= SMALL_M and all(
+        t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (x, *tensors))
+
+
 class NF4Base:
     """An NF4 weight (:class:`lorakern.NF4Weight`, already validated), read by the native kernels
     (``lorakern._C``) or decoded by the reference.
@@ -200,10 +208,9 @@ class NF4Base:
         matmuls, two transposes and an add after the base, each a dispatch on a 0.1-2 ms decode
         call; in the kernel it measured 0.343 ms against 0.329 ms for the base alone (M = 1,
         4096 x 4096)."""
-        if backend != "native" or adapter.dropout_p != 0.0 or x.device.type != "cpu" or not 0 < x.shape[0] <= SMALL_M:
+        if backend != "native" or adapter.dropout_p != 0.0:
             return None
-        if not all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
-                   for t in (x, bias, adapter.lora_A, adapter.lora_B)):
+        if not cpu_call_takes(x, x.shape[0], bias, adapter.lora_A, adapter.lora_B):
             return None
         return native.cpu_qlora_forward(x, self.w, bias, adapter.lora_A, adapter.lora_B, adapter.scaling)
 
