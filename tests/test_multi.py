@@ -361,11 +361,12 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_nf4_serving_in_the_native_kernel(M, double_quant, monkeypatch):
-    """Inference on an NF4 base at M <= 16 on the CPU: each row's adapter term is added inside the
-    native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters not stacked), against the
-    float64 definition on the dequantized weight, within 2x fp32 torch's error."""
+@pytest.mark.parametrize("M", [1, 5, 12, 16])
+def test_nf4_serving_in_the_native_kernel(M, double_quant, isa, monkeypatch):
+    """Inference on an NF4 base at M <= 16 on the CPU, every CPU path forced: each row's adapter
+    term is added inside the native decode kernel (ranks 1 to 64 mixed, -1 rows, no bias, adapters
+    not stacked), against the float64 definition on the dequantized weight, within 2x fp32 torch's
+    error."""
     native = _native_or_skip()
     x, w, b, As, Bs = inputs((M,), 128, 40, RANKS, torch.float32, seed=M)
     weight = NF4Weight.quantize(w, 64, double_quant=double_quant)

@@ -71,7 +71,9 @@ def test_matmul_vs_float64(isa, dtype, double_quant, transpose):
     for out_f, in_f, bs in SHAPES:
         w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
         k = out_f if transpose else in_f
-        for M in (1, 3, 8, 13, SMALL_M, SMALL_M + 1, 40):  # fused kernel up to SMALL_M, tiled above
+        # fused kernel up to SMALL_M (8-row tiles below 11 rows, 14 with AVX-512; 16-row micro-tiles
+        # from there, padded below 16), tiled above
+        for M in (1, 3, 8, 10, 11, 13, 14, SMALL_M, SMALL_M + 1, 40):
             x = torch.randn(M, k, dtype=dtype)
             _check_matmul(w, x, transpose, dtype, f"{isa} {(out_f, in_f, bs)} M={M} T={transpose}")
 
@@ -168,7 +170,7 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
         w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
         w64 = w.dequantize_reference(torch.float64)
         for M, r, with_bias in ((1, 16, True), (2, 1, True), (3, 17, False), (8, 8, True), (9, 40, True),
-                                (SMALL_M, 16, False)):
+                                (12, 40, True), (14, 3, True), (SMALL_M, 16, False)):
             x = torch.randn(M, in_f)
             A = torch.randn(r, in_f) / in_f**0.5
             B = torch.randn(out_f, r) / r**0.5

@@ -694,55 +694,137 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
     }
 }
 
-// M = 16 (two full tiles of x) over one row block: each weight-row pair's slice is decoded once
-// into an L1 buffer (2 x 512 floats) that both tiles read, instead of once per tile; the decode
-// is ~20% of the vector work of a tile. M = 16, 4096 x 4096: 2.4-2.6 -> 2.35-2.4 ms cold.
+// 11 to 16 rows of x (14 to 16 with AVX-512), every V: the outputs of R weight rows for 16 rows of
+// x sit in R x 16 / W accumulator vectors whose lanes are the rows of x, as in a BLAS micro-kernel.
+// Per column k: 16 / W loads of x (the panel is [K][16]), R broadcasts of decoded weights, 16 R / W
+// FMAs, no horizontal sums until the end. The dot-product walk above (lanes over k) needs 2 x 8
+// accumulators for a weight-row pair against an 8-row tile, more than AVX2's 16 registers beside
+// the weights and x, and loads a weight or x vector for every FMA. The weights of R rows x one
+// slice of columns are decoded once into an L1 buffer for all 16 rows (~22 vector instructions per
+// 32 weights on AVX2 against 64 FMAs). M = 16, 4096 x 4096, Zen 4, against the two 8-row tiles
+// sharing one decode, interleaved: AVX2 0.81x the time (2 threads, cold; 1 thread, hot: 0.82x-0.89x,
+// 0.39-0.40 ns a weight, the FMAs alone 0.29), AVX-512 0.84x (hot 0.77x), the scalar build
+// (which the compiler vectorizes over the 16 rows) 0.34x.
+constexpr int kXRows = 16;             // rows of x of the broadcast kernel: two 8-float vectors
+// Weight rows per micro-tile with 16 registers: 12 accumulators + 2 x + a broadcast (4 rows: 1.02x-1.03x
+// the time; more accumulators hide the 4-cycle FMA latency better); 8 with 32 (one vector of x).
+constexpr int kBcastRows = 6;
+constexpr int64_t kBcastSlice = 256;   // columns per slice: the x panel slice is 16 KB, in L1
+
+// Fewer than 16 rows of x pad the panel with zero rows: the FMAs are those of 16, the decode is
+// shared by all of them (the tiles of 8 decode once per tile). 4096 x 4096, 2 threads, cold, Zen 4,
+// time against the tiles, interleaved: AVX2 M = 9 1.14x, 10 1.06x, 11 0.86x-0.90x, 12 0.85x, 15
+// 0.77x, 16 0.81x; AVX-512 (one vector per weight row, 8 rows a micro-tile) M = 9 1.39x, 11 1.16x,
+// 13 1.0x, 14 0.90x, 15 0.84x, 16 0.84x.
+template <class V>
+constexpr bool broadcast_tile(int64_t M) {
+    return kXRows % V::W == 0 && M >= (V::kRegs < 32 ? 11 : 14) && M <= kXRows;
+}
+
+// x [M, K] -> [K][16] (x's columns in V's split lane order within each 32, as the decode gives
+// them; rows M .. 15 zero).
+template <class V>
+inline void pack_x_columns(const float* x, int64_t M, int64_t K, float* out) {
+    int src[32];
+    for (int p = 0; p < 32; ++p) src[p] = V::lane_source(p);
+    for (int64_t c = 0; c < K / 32; ++c)
+        for (int p = 0; p < 32; ++p)
+            for (int m = 0; m < kXRows; ++m)
+                out[(c * 32 + p) * kXRows + m] = m < M ? x[m * K + c * 32 + src[p]] : 0.0f;
+}
+
+// The decoded weights of rows n0 .. n0 + nr, columns k0 .. k0 + klen, into o[r * kBcastSlice + k]
+// (rows nr .. R - 1 zero: their outputs are dropped), with prefetches of what comes next.
+template <class V, class S, int R>
+__attribute__((always_inline)) inline void decode_rows(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int nr,
+                                                       int64_t k0, int64_t klen, float* o) {
+    using vec = typename V::vec;
+    const int64_t K = w.cols, N = w.rows, row_bytes = K / 2;
+    const bool last = k0 + kBcastSlice >= K;
+    for (int r = 0; r < R; ++r, o += kBcastSlice) {
+        if (r >= nr) {
+            std::fill(o, o + klen, 0.0f);
+            continue;
+        }
+        const int64_t n = n0 + r, f0 = n * K + k0;
+        const uint8_t* p = w.packed + f0 / 2;
+        // This row's next slice, or (last slice) the first slice of the row a block down: both
+        // are read after the rest of this block's rows at this slice.
+        const uint8_t* next =
+            last ? (n + kRowBlock < N ? w.packed + (n + kRowBlock) * row_bytes : nullptr) : p + klen / 2;
+        if (next != nullptr)
+            for (int64_t l = 0; l < kBcastSlice / 2; l += 64) __builtin_prefetch(next + l);
+        for (int64_t s = 0; s < klen; s += 32, p += 16) {
+            const int64_t b = (f0 + s) >> w.block_shift;  // a 32-chunk lies in one block (blocksize >= 32)
+            sc.enter(b);
+            vec wv[32 / V::W];
+            v.decode32_split(p, sc.table(v, b), wv);
+            for (int j = 0; j < 32 / V::W; ++j) v.store(o + s + j * V::W, wv[j]);
+        }
+    }
+}
+
+// sums[r][0:16] (+)= the products of R decoded weight rows (wb, [R][kBcastSlice]) and the x panel
+// slice xp ([klen][16]), for r < nr. Not inlined: inlined beside the decode (whose constants the
+// compiler keeps in registers), one of AVX2's 12 accumulators went to the stack, a load and a store
+// in every column's chain: 1.3x-1.5x the time of the 4-row micro-tile.
+template <class V, int R>
+__attribute__((noinline)) void broadcast_tile_fmas(const V& v, const float* wb, const float* xp, int64_t klen, int nr,
+                                                   bool first, float (*sums)[kXRows]) {
+    constexpr int XV = kXRows / V::W;
+    using vec = typename V::vec;
+    vec acc[R][XV];
+    for (int r = 0; r < R; ++r)
+        for (int q = 0; q < XV; ++q) acc[r][q] = v.zero();
+    for (int64_t k = 0; k < klen; ++k, xp += kXRows) {
+        vec xv[XV];
+        for (int q = 0; q < XV; ++q) xv[q] = v.load(xp + q * V::W);
+        for (int r = 0; r < R; ++r) {
+            const vec b = v.set1(wb[r * kBcastSlice + k]);
+            for (int q = 0; q < XV; ++q) acc[r][q] = v.fmadd(b, xv[q], acc[r][q]);
+        }
+    }
+    // Each slice sums in fresh accumulators, added to the total once (a chain of 256 FMAs per
+    // output and slice, then one of K / 256 adds: as accurate as the 8-lane dot products).
+    for (int r = 0; r < nr; ++r)
+        for (int q = 0; q < XV; ++q) {
+            float* t = sums[r] + q * V::W;
+            v.store(t, first ? acc[r][q] : v.add(v.load(t), acc[r][q]));
+        }
+}
+
+// y[0:16, n0:n0+rows] for one row block, x packed by pack_x_columns into xt.
 template <class V, class S>
-inline void two_tiles_shared(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows,
-                             const float* xs, const LoraTerm* lora, float* y) {
-    constexpr int MT = kMTile;
-    constexpr int J = 32 / V::W;
-    constexpr int64_t kb = slice_columns(MT);
+inline void rows_block_broadcast(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xt,
+                                 int64_t M, const LoraTerm* lora, float* y) {
+    constexpr int R = V::kRegs < 32 ? kBcastRows : 8;  // then rows % R in a last micro-tile of 4, or padded
+    constexpr int64_t kb = kBcastSlice;
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
-    const int64_t row_bytes = K / 2;
-    vec keep[2][kRowBlock][MT];
-    alignas(64) float wbuf[2][kb];
+    alignas(64) float wbuf[R * kb];
+    alignas(64) float sums[kRowBlock][kXRows];  // every output's sum over the slices so far
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
-        const bool first = k0 == 0, last = k0 + kb >= K;
-        for (int64_t i = 0; i < rows; i += 2) {
-            float* o = wbuf[0];
-            walk_pair(v, sc0, sc1, w, (n0 + i) * K + k0, klen, kPrefetchRows,
-                      [&](const uint8_t* p, const typename V::Table& t0, const typename V::Table& t1) {
-                          vec w0[J], w1[J];
-                          v.decode32_split(p, t0, w0);
-                          v.decode32_split(p + row_bytes, t1, w1);
-                          for (int j = 0; j < J; ++j) {
-                              v.store(o + j * V::W, w0[j]);
-                              v.store(o + kb + j * V::W, w1[j]);
-                          }
-                          o += 32;
-                      });
-            for (int t = 0; t < 2; ++t) {
-                vec acc[2][MT];
-                for (int r = 0; r < 2; ++r)
-                    for (int m = 0; m < MT; ++m) acc[r][m] = first ? v.zero() : keep[t][i + r][m];
-                const float* xp = xs + t * MT * K + k0 * MT;
-                for (int64_t s = 0; s < klen / 32; ++s, xp += MT * 32) {
-                    vec w0[J], w1[J];
-                    for (int j = 0; j < J; ++j) {
-                        w0[j] = v.load(wbuf[0] + s * 32 + j * V::W);
-                        w1[j] = v.load(wbuf[1] + s * 32 + j * V::W);
-                    }
-                    fma_pair<V, MT>(v, w0, w1, xp, acc[0], acc[1]);
-                }
-                for (int r = 0; r < 2; ++r)
-                    finish_row<V, MT, 1>(v, acc[r], last, keep[t][i + r], lora, t * MT, n0 + i + r, N,
-                                         y + t * MT * N);
+        for (int64_t i = 0; i < rows;) {
+            if (rows - i > 4) {
+                const int nr = static_cast<int>(std::min<int64_t>(R, rows - i));
+                decode_rows<V, S, R>(v, sc, w, n0 + i, nr, k0, klen, wbuf);
+                broadcast_tile_fmas<V, R>(v, wbuf, xt + k0 * kXRows, klen, nr, k0 == 0, sums + i);
+                i += nr;
+            } else {
+                const int nr = static_cast<int>(rows - i);
+                decode_rows<V, S, 4>(v, sc, w, n0 + i, nr, k0, klen, wbuf);
+                broadcast_tile_fmas<V, 4>(v, wbuf, xt + k0 * kXRows, klen, nr, k0 == 0, sums + i);
+                i += nr;
             }
         }
     }
+    for (int64_t i = 0; i < rows; ++i)
+        for (int m = 0; m < M; ++m) {
+            vec s = v.zero();
+            const float rest = lora_into(v, lora, m, n0 + i, s);
+            y[m * N + n0 + i] = sums[i][m] + (v.hsum(s) + rest);
+        }
 }
 
 // x [M, K] -> panels: tiles of kMTile rows (the last one shorter), each [K / 32][rows][32] with
@@ -778,8 +860,8 @@ inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                        const LoraTerm* lora, float* y) {
     const int64_t K = w.cols, N = w.rows;
     int64_t m0 = 0;
-    if (M == 2 * kMTile && rows % 2 == 0 && pairs_fit(w, slice_columns(kMTile))) {
-        two_tiles_shared(v, sc, sc1, w, n0, rows, xs, lora, y);
+    if (broadcast_tile<V>(M)) {
+        rows_block_broadcast(v, sc, w, n0, rows, xs, M, lora, y);
         return;
     }
     for (; m0 + kMTile <= M; m0 += kMTile) tile_block<V, S, kMTile>(v, sc, sc1, w, n0, rows, xs + m0 * K, lora, m0, y + m0 * N);
@@ -847,8 +929,11 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
     }
     const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
-        std::vector<float> xs(M * K);
-        pack_x<V>(x, M, K, xs.data());
+        std::vector<float> xs((broadcast_tile<V>(M) ? kXRows : M) * K);
+        if (broadcast_tile<V>(M))
+            pack_x_columns<V>(x, M, K, xs.data());
+        else
+            pack_x<V>(x, M, K, xs.data());
         if (w.nested_absmax == nullptr)
             matmul_nt_fast<V, PlainScales>(w, x, xs.data(), M, lora, y, threads);
         else
