@@ -189,6 +189,50 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
             assert_close_like_torch(f"h {where}", h, want[1], same[1], torch.float32)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatch):
+    """Above 16 rows the CPU's float32 x W^T is the native kernel too: 16-row tiles (the last one
+    padded) sharing each decoded slice, rows taken in chunks of a few MB of x (at 14336 columns 64
+    rows a chunk, so 150 rows are three chunks, the last a short padded tile); with the LoRA term,
+    bias and several adapters (each chunk reads its own rows of h and of the adapter index), which
+    the layers add in torch above 16 rows but the kernel takes."""
+    from lorakern.ops.bases import NF4Base
+
+    calls, real = [], native.cpu_matmul
+    monkeypatch.setattr(native, "cpu_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    for out_f, in_f, bs in ((33, 320, 128), (1001, 192, 64), (70, 14336, 64), (40, 1088, 64)):
+        w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
+        w64 = w.dequantize_reference(torch.float64)
+        for M in (17, 150, 300):
+            where = f"{isa} {(out_f, in_f, bs)} M={M}"
+            x = torch.randn(M, in_f)
+            calls.clear()
+            got = nf4_matmul(x, w, backend="native")
+            assert calls == [(M, in_f)], where  # one native call, no dequantized tiles
+            assert NF4Base(w).matmul(x.to(torch.bfloat16), False).dtype == torch.bfloat16
+            assert len(calls) == 1, "bfloat16 x keeps the tiled path (torch's bf16 GEMM)"
+            assert_close_like_torch(where, got, x.double() @ w64.t(), x @ w64.float().t(), torch.float32)
+            A, B, bias = torch.randn(9, in_f) / in_f**0.5, torch.randn(out_f, 9) / 3, torch.randn(out_f)
+            y, h = native.cpu_qlora_forward(x, w, bias, A, B, 0.7)
+            h64 = x.double() @ A.double().t()
+            want = x.double() @ w64.t() + bias.double() + 0.7 * h64 @ B.double().t()
+            same = x @ w64.float().t() + bias + 0.7 * (x @ A.t()) @ B.t()
+            assert_close_like_torch(f"y {where}", y, want, same, torch.float32)
+            assert_close_like_torch(f"h {where}", h, h64, x @ A.t(), torch.float32)
+            As = [torch.randn(r, in_f) / in_f**0.5 for r in (4, 16)]
+            Bs = [torch.randn(out_f, r) / r**0.5 for r in (4, 16)]
+            index = torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(M))
+            y = native.cpu_multi_forward(x, w, bias, As, Bs, [0.5, 2.0], index)
+            want, same = x.double() @ w64.t() + bias.double(), x @ w64.float().t() + bias
+            for m in range(M):
+                a = int(index[m])
+                if a >= 0:
+                    s = [0.5, 2.0][a]
+                    want[m] += s * (x[m].double() @ As[a].double().t()) @ Bs[a].double().t()
+                    same[m] += s * (x[m] @ As[a].t()) @ Bs[a].t()
+            assert_close_like_torch(f"multi {where}", y, want, same, torch.float32)
+
+
 # -- threads: the CPU kernels hand out their loops in pieces (csrc/cpu/thread_pool.cpp) ---------
 
 def _native_results(w, seed=0):

@@ -263,20 +263,27 @@ __attribute__((always_inline)) inline void segment(const V& v, S& sc, const Nf4W
     }
 }
 
-// sum_k a[k] b[k], vectorized (two accumulator chains) with a scalar tail.
+// sum_k a[k] b[k], vectorized (two accumulator chains) with a scalar tail. The chains restart every
+// kDotBlock products and their sums are added up: one chain over all of n grew the error with n
+// (the scalar build at n = 14336, two chains of 7168: 2.1x torch's float32 error on x A^T).
+constexpr int64_t kDotBlock = 512;
 template <class V>
 inline float dot(const V& v, const float* a, const float* b, int64_t n) {
-    typename V::vec acc0 = v.zero(), acc1 = v.zero();
+    typename V::vec total = v.zero();
     int64_t k = 0;
-    for (; k + 2 * V::W <= n; k += 2 * V::W) {
-        acc0 = v.fmadd(v.load(a + k), v.load(b + k), acc0);
-        acc1 = v.fmadd(v.load(a + k + V::W), v.load(b + k + V::W), acc1);
+    while (k + 2 * V::W <= n) {
+        typename V::vec acc0 = v.zero(), acc1 = v.zero();
+        for (const int64_t end = std::min(n, k + kDotBlock); k + 2 * V::W <= end; k += 2 * V::W) {
+            acc0 = v.fmadd(v.load(a + k), v.load(b + k), acc0);
+            acc1 = v.fmadd(v.load(a + k + V::W), v.load(b + k + V::W), acc1);
+        }
+        total = v.add(total, v.add(acc0, acc1));
     }
     if (k + V::W <= n) {
-        acc0 = v.fmadd(v.load(a + k), v.load(b + k), acc0);
+        total = v.fmadd(v.load(a + k), v.load(b + k), total);
         k += V::W;
     }
-    float s = v.hsum(v.add(acc0, acc1));
+    float s = v.hsum(total);
     for (; k < n; ++k) s += a[k] * b[k];
     return s;
 }
@@ -718,20 +725,34 @@ constexpr int64_t kBcastSlice = 256;   // columns per slice: the x panel slice i
 // 13 1.0x, 14 0.90x, 15 0.84x, 16 0.84x.
 template <class V>
 constexpr bool broadcast_tile(int64_t M) {
-    return kXRows % V::W == 0 && M >= (V::kRegs < 32 ? 11 : 14) && M <= kXRows;
+    return kXRows % V::W == 0 && M >= (V::kRegs < 32 ? 11 : 14);
 }
 
-// x [M, K] -> [K][16] (x's columns in V's split lane order within each 32, as the decode gives
-// them; rows M .. 15 zero).
+// Above 16 rows: tiles of 16 (the last padded) share each decoded slice, rows of x taken
+// kChunkBytes of packed x at a time (so the panel copy stays a few MB whatever M is; the decode is
+// repeated per chunk, 1 / 16 of a 256-row chunk's vector work).
+constexpr int64_t kChunkBytes = int64_t{4} << 20;
+inline int64_t chunk_rows(int64_t M, int64_t K) {
+    const int64_t fit = kChunkBytes / (K * static_cast<int64_t>(sizeof(float))) / kXRows * kXRows;
+    return std::min(M, std::max<int64_t>(kXRows, std::min<int64_t>(256, fit)));
+}
+
+// x [M, K] -> tiles of 16 rows, each [K][16] (x's columns in V's split lane order within each 32,
+// as the decode gives them; the last tile's rows past M zero).
 template <class V>
 inline void pack_x_columns(const float* x, int64_t M, int64_t K, float* out) {
     int src[32];
     for (int p = 0; p < 32; ++p) src[p] = V::lane_source(p);
-    for (int64_t c = 0; c < K / 32; ++c)
-        for (int p = 0; p < 32; ++p)
-            for (int m = 0; m < kXRows; ++m)
-                out[(c * 32 + p) * kXRows + m] = m < M ? x[m * K + c * 32 + src[p]] : 0.0f;
+    for (int64_t m0 = 0; m0 < M; m0 += kXRows, x += kXRows * K, out += kXRows * K) {
+        const int64_t mt = std::min<int64_t>(kXRows, M - m0);
+        for (int64_t c = 0; c < K / 32; ++c)
+            for (int p = 0; p < 32; ++p)
+                for (int m = 0; m < kXRows; ++m)
+                    out[(c * 32 + p) * kXRows + m] = m < mt ? x[m * K + c * 32 + src[p]] : 0.0f;
+    }
 }
+
+inline int64_t x_tiles(int64_t M) { return (M + kXRows - 1) / kXRows; }
 
 // The decoded weights of rows n0 .. n0 + nr, columns k0 .. k0 + klen, into o[r * kBcastSlice + k]
 // (rows nr .. R - 1 zero: their outputs are dropped), with prefetches of what comes next.
@@ -793,37 +814,44 @@ __attribute__((noinline)) void broadcast_tile_fmas(const V& v, const float* wb, 
         }
 }
 
-// y[0:16, n0:n0+rows] for one row block, x packed by pack_x_columns into xt.
+// y[0:M, n0:n0+rows] for one row block, x packed by pack_x_columns into xt (x_tiles(M) tiles).
+template <class V, class S, int R>
+__attribute__((always_inline)) inline void broadcast_group(const V& v, S& sc, const Nf4Weight& w, int64_t n0,
+                                                           int nr, int64_t k0, int64_t klen, const float* xt,
+                                                           int64_t tiles, float* wbuf, float (*sums)[kXRows]) {
+    decode_rows<V, S, R>(v, sc, w, n0, nr, k0, klen, wbuf);
+    for (int64_t t = 0; t < tiles; ++t)
+        broadcast_tile_fmas<V, R>(v, wbuf, xt + (t * w.cols + k0) * kXRows, klen, nr, k0 == 0, sums + t * kRowBlock);
+}
+
 template <class V, class S>
 inline void rows_block_broadcast(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xt,
                                  int64_t M, const LoraTerm* lora, float* y) {
     constexpr int R = V::kRegs < 32 ? kBcastRows : 8;  // then rows % R in a last micro-tile of 4, or padded
     constexpr int64_t kb = kBcastSlice;
     using vec = typename V::vec;
-    const int64_t K = w.cols, N = w.rows;
+    const int64_t K = w.cols, N = w.rows, tiles = x_tiles(M);
     alignas(64) float wbuf[R * kb];
-    alignas(64) float sums[kRowBlock][kXRows];  // every output's sum over the slices so far
+    // every output's sum over the slices so far, [tiles][kRowBlock][16]
+    thread_local std::vector<float> sum_buf;
+    sum_buf.resize(std::max<size_t>(sum_buf.size(), tiles * kRowBlock * kXRows));
+    float(*sums)[kXRows] = reinterpret_cast<float(*)[kXRows]>(sum_buf.data());
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
         const int64_t klen = std::min(kb, K - k0);
         for (int64_t i = 0; i < rows;) {
-            if (rows - i > 4) {
-                const int nr = static_cast<int>(std::min<int64_t>(R, rows - i));
-                decode_rows<V, S, R>(v, sc, w, n0 + i, nr, k0, klen, wbuf);
-                broadcast_tile_fmas<V, R>(v, wbuf, xt + k0 * kXRows, klen, nr, k0 == 0, sums + i);
-                i += nr;
-            } else {
-                const int nr = static_cast<int>(rows - i);
-                decode_rows<V, S, 4>(v, sc, w, n0 + i, nr, k0, klen, wbuf);
-                broadcast_tile_fmas<V, 4>(v, wbuf, xt + k0 * kXRows, klen, nr, k0 == 0, sums + i);
-                i += nr;
-            }
+            const int nr = static_cast<int>(std::min<int64_t>(R, rows - i));
+            if (nr > 4)
+                broadcast_group<V, S, R>(v, sc, w, n0 + i, nr, k0, klen, xt, tiles, wbuf, sums + i);
+            else
+                broadcast_group<V, S, 4>(v, sc, w, n0 + i, nr, k0, klen, xt, tiles, wbuf, sums + i);
+            i += nr;
         }
     }
-    for (int64_t i = 0; i < rows; ++i)
-        for (int m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < rows; ++i) {
             vec s = v.zero();
             const float rest = lora_into(v, lora, m, n0 + i, s);
-            y[m * N + n0 + i] = sums[i][m] + (v.hsum(s) + rest);
+            y[m * N + n0 + i] = sums[m / kXRows * kRowBlock + i][m % kXRows] + (v.hsum(s) + rest);
         }
 }
 
@@ -929,15 +957,28 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
     }
     const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
-        std::vector<float> xs((broadcast_tile<V>(M) ? kXRows : M) * K);
-        if (broadcast_tile<V>(M))
-            pack_x_columns<V>(x, M, K, xs.data());
-        else
-            pack_x<V>(x, M, K, xs.data());
-        if (w.nested_absmax == nullptr)
-            matmul_nt_fast<V, PlainScales>(w, x, xs.data(), M, lora, y, threads);
-        else
-            matmul_nt_fast<V, NestedScales>(w, x, xs.data(), M, lora, y, threads);
+        const int64_t per = broadcast_tile<V>(M) ? chunk_rows(M, K) : M;
+        std::vector<float> xs(x_tiles(per) * kXRows * K);
+        for (int64_t c0 = 0; c0 < M; c0 += per) {
+            const int64_t mc = std::min(per, M - c0);
+            LoraTerm chunk;  // the chunk's rows of h and the adapter index
+            if (lora != nullptr) {
+                chunk = term;
+                chunk.h += c0 * term.r;
+                chunk.scaled_h += c0 * term.r;
+                if (chunk.index != nullptr) chunk.index += c0;
+            }
+            if (broadcast_tile<V>(mc))
+                pack_x_columns<V>(x + c0 * K, mc, K, xs.data());
+            else
+                pack_x<V>(x + c0 * K, mc, K, xs.data());
+            if (w.nested_absmax == nullptr)
+                matmul_nt_fast<V, PlainScales>(w, x + c0 * K, xs.data(), mc, lora ? &chunk : nullptr, y + c0 * N,
+                                               threads);
+            else
+                matmul_nt_fast<V, NestedScales>(w, x + c0 * K, xs.data(), mc, lora ? &chunk : nullptr, y + c0 * N,
+                                                threads);
+        }
         return;
     }
     lora_h<V>(lora, x, M, K, threads);

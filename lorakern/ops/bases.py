@@ -108,6 +108,18 @@ def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
         t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (x, *tensors))
 
 
+def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
+    """Whether the native CPU kernel takes ``x W^T`` above SMALL_M rows: float32 x on the CPU. Its
+    16-row micro-tiles run the FMAs near the CPU's peak with each slice of W decoded once per 16
+    to 256 rows; dequantizing W into tiles for torch's GEMM costs a write and a read of 4 bytes a
+    weight. ``nf4_matmul`` at 4096 x 4096, 2 threads, Zen 4 (AVX-512), cold weights, interleaved,
+    native / tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 ->
+    1024 0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256
+    0.90x. bfloat16 / float16 x keep the tiled path (torch's half-precision GEMM), as does x W
+    (the backward), whose native kernel is written for a few rows."""
+    return x.device.type == "cpu" and not transpose and x.dtype == torch.float32
+
+
 class NF4Base:
     """An NF4 weight (:class:`lorakern.NF4Weight`, already validated), read by the native kernels
     (``lorakern._C``) or decoded by the reference.
@@ -115,13 +127,15 @@ class NF4Base:
     Matmul strategy (M rows of x):
         M <= SMALL_M: fused dequant-matmul reading the 4-bit bytes directly (memory-bound: ~4.5 bits
             per weight read instead of 16 or 32);
-        M >  SMALL_M: compute-bound, so dequantize row tiles of W into one reused buffer and let
-            torch's matmul (cuBLAS / the CPU BLAS) do the FLOPs.
+        M >  SMALL_M: compute-bound. x W^T in float32 on the CPU: the same native kernel, whose
+            16-row micro-tiles share each decoded slice of W (:func:`cpu_matmul_serves`); elsewhere
+            row tiles of W dequantized into one reused buffer and torch's matmul (cuBLAS / the CPU
+            BLAS) does the FLOPs.
     """
 
     __slots__ = ("w", "shape")
-    # Past SMALL_M rows the native kernel's cost grows with M (4096 x 4096, 2 Zen 4 cores: 0.65 ms
-    # at M = 1, 3.6 ms at M = 16, 7.0 ms at M = 32) and larger M goes to the tiled path.
+    # Past SMALL_M rows the native kernel's cost grows with M (4096 x 4096, 2 Zen 4 cores, cold:
+    # ~0.65 ms at M = 1, ~4 ms at M = 16, ~6.5 ms at M = 17 to 32, ~12 ms at M = 64).
     shared_rows = SMALL_M
 
     def __init__(self, w):
@@ -171,7 +185,7 @@ class NF4Base:
         M = x.shape[0]
         if M == 0:
             return x.new_empty(0, in_features if transpose else out_features)
-        if M <= SMALL_M:
+        if M <= SMALL_M or cpu_matmul_serves(x, transpose):
             if x.device.type == "cpu":
                 return native.cpu_matmul(x, self.w, transpose).to(x.dtype)
             if not transpose:
@@ -285,15 +299,19 @@ class INT4Base:
         return native.cpu_matmul(x, self.w.native_view(), transpose)
 
     def _tiled_matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
-        """Row tiles decoded by the native dequantize (the matmul's table walk) on the CPU; on CUDA
-        the whole W decoded once by the CUDA dequantize (it writes whole weights, as NF4's) and one
-        cuBLAS matmul; else row tiles decoded in torch."""
+        """Above SMALL_M rows (or x W): float32 x W^T on the CPU by the native kernel
+        (:func:`cpu_matmul_serves`), other CPU products on row tiles decoded by the native
+        dequantize (the matmul's table walk); on CUDA the whole W decoded once by the CUDA
+        dequantize (it writes whole weights, as NF4's) and one cuBLAS matmul; else row tiles decoded
+        in torch."""
         n_rows, cols = self.shape
         if x.device.type == "cuda" and backend != "reference" and self._native_decodes(x.dtype):
             full = self.dequantize(x.dtype, backend)
             return x @ full if transpose else x @ full.t()
         if not (x.device.type == "cpu" and self._native_decodes(x.dtype)):
             return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
+        if backend != "reference" and cpu_matmul_serves(x, transpose):
+            return native.cpu_matmul(x, self.w.native_view(), False)
         view, buf = self.w.native_view(), torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype)
         return tiled_matmul(x, transpose, self.shape, lambda r0, n: native.dequantize_into(
             view, buf[: n * cols].view(n, cols), start=r0 * cols))
