@@ -701,7 +701,7 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
     }
 }
 
-// 11 to 16 rows of x (14 to 16 with AVX-512), every V: the outputs of R weight rows for 16 rows of
+// From 11 rows of x (14 with AVX-512) up, every V: the outputs of R weight rows for 16 rows of
 // x sit in R x 16 / W accumulator vectors whose lanes are the rows of x, as in a BLAS micro-kernel.
 // Per column k: 16 / W loads of x (the panel is [K][16]), R broadcasts of decoded weights, 16 R / W
 // FMAs, no horizontal sums until the end. The dot-product walk above (lanes over k) needs 2 x 8
@@ -958,7 +958,7 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
     const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
         const int64_t per = broadcast_tile<V>(M) ? chunk_rows(M, K) : M;
-        std::vector<float> xs(x_tiles(per) * kXRows * K);
+        std::vector<float> xs((broadcast_tile<V>(M) ? x_tiles(per) * kXRows : M) * K);
         for (int64_t c0 = 0; c0 < M; c0 += per) {
             const int64_t mc = std::min(per, M - c0);
             LoraTerm chunk;  // the chunk's rows of h and the adapter index
