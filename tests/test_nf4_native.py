@@ -211,6 +211,13 @@ def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatc
             assert calls == [(M, in_f)], where  # one native call, no dequantized tiles
             assert NF4Base(w).matmul(x.to(torch.bfloat16), False).dtype == torch.bfloat16
             assert len(calls) == 1, "bfloat16 x keeps the tiled path (torch's bf16 GEMM)"
+            if M == 17:
+                odd = NF4Weight.quantize(torch.randn(out_f, 77), 32)  # in % 32 != 0: tiles + BLAS
+                got_odd = nf4_matmul(x[:, :77], odd, backend="native")
+                assert len(calls) == 1, "in_features % 32 != 0 keeps the tiled path"
+                w77 = odd.dequantize_reference(torch.float64)
+                assert_close_like_torch(f"odd {where}", got_odd, x[:, :77].double() @ w77.t(),
+                                        x[:, :77] @ w77.float().t(), torch.float32)
             assert_close_like_torch(where, got, x.double() @ w64.t(), x @ w64.float().t(), torch.float32)
             A, B, bias = torch.randn(9, in_f) / in_f**0.5, torch.randn(out_f, 9) / 3, torch.randn(out_f)
             y, h = native.cpu_qlora_forward(x, w, bias, A, B, 0.7)
