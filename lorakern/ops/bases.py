@@ -116,10 +116,12 @@ def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
     native / tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 ->
     1024 0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256
     0.90x. bfloat16 / float16 x keep the tiled path (torch's half-precision GEMM), as do x W (the
-    backward), whose native kernel is written for a few rows, and in_features not a multiple of 32
+    backward), whose native kernel is written for a few rows, in_features not a multiple of 32
     (the kernel's element-wise path, a dot product per output: 3.0x the tiled time at 4096 x 4100,
-    M = 64)."""
-    return x.device.type == "cpu" and not transpose and x.dtype == torch.float32 and x.shape[-1] % 32 == 0
+    M = 64) and CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's
+    baseline: 1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
+    return (x.device.type == "cpu" and not transpose and x.dtype == torch.float32 and x.shape[-1] % 32 == 0
+            and native.cpu_isa() != "scalar")
 
 
 class NF4Base:
