@@ -957,8 +957,9 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
     }
     const LoraTerm* lora = lora_in ? &term : nullptr;
     if (K % 32 == 0) {
-        const int64_t per = broadcast_tile<V>(M) ? chunk_rows(M, K) : M;
-        std::vector<float> xs((broadcast_tile<V>(M) ? x_tiles(per) * kXRows : M) * K);
+        const bool tiles16 = broadcast_tile<V>(M);
+        const int64_t per = tiles16 ? chunk_rows(M, K) : M;
+        std::vector<float> xs((tiles16 ? x_tiles(per) * kXRows : M) * K);
         for (int64_t c0 = 0; c0 < M; c0 += per) {
             const int64_t mc = std::min(per, M - c0);
             LoraTerm chunk;  // the chunk's rows of h and the adapter index

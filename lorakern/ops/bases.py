@@ -315,7 +315,7 @@ class INT4Base:
         if not (x.device.type == "cpu" and self._native_decodes(x.dtype)):
             return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
         if backend != "reference" and cpu_matmul_serves(x, transpose):
-            return native.cpu_matmul(x, self.w.native_view(), False)
+            return self._native_matmul(x, transpose)
         view, buf = self.w.native_view(), torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype)
         return tiled_matmul(x, transpose, self.shape, lambda r0, n: native.dequantize_into(
             view, buf[: n * cols].view(n, cols), start=r0 * cols))
