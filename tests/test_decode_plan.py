@@ -86,6 +86,23 @@ def test_plan_serves_later_calls(isa, count_checked, in_f, shape):
     assert first.shape == (*shape, OUT)
 
 
+@pytest.mark.parametrize("r", [1, 16, 256])
+@pytest.mark.parametrize("shape", [(17,), (40,), (3, 13), (2, 150)])
+def test_plan_serves_many_rows(isa, count_checked, shape, r):
+    """Above 16 rows the one-call kernel (base, LoRA term, bias) takes x too where it serves the
+    base (AVX2 / AVX-512, in_features % 32 == 0), and so does the plan; the plain C++ build takes
+    the checked path on every call (its tiles + BLAS)."""
+    layer = make(in_f=256, r=r)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(*shape, 256)
+            y = layer(x)
+            assert y.shape == (*shape, OUT)
+            expect(layer, x, y)
+    assert len(count_checked) == (3 if isa == "scalar" else 1)
+    assert (layer._decode_plan is None) == (isa == "scalar")
+
+
 def test_inference_mode_and_frozen_grads(count_checked):
     layer = make()
     with torch.inference_mode():

@@ -170,7 +170,8 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
         w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
         w64 = w.dequantize_reference(torch.float64)
         for M, r, with_bias in ((1, 16, True), (2, 1, True), (3, 17, False), (8, 8, True), (9, 40, True),
-                                (12, 40, True), (14, 3, True), (SMALL_M, 16, False)):
+                                (12, 40, True), (14, 3, True), (SMALL_M, 16, False), (5, 256, True),
+                                (SMALL_M, 256, False)):
             x = torch.randn(M, in_f)
             A = torch.randn(r, in_f) / in_f**0.5
             B = torch.randn(out_f, r) / r**0.5
@@ -189,13 +190,33 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
             assert_close_like_torch(f"h {where}", h, want[1], same[1], torch.float32)
 
 
+def test_long_rows_vs_float64(isa):
+    """14336 columns at every small M: the 8-row tiles' accumulators restart at each slice of
+    columns (one accumulator a row in the scalar build summed all 14336 products in a row before:
+    7x torch's float32 error at M = 12), with the one-call LoRA term at r = 256."""
+    w = NF4Weight.quantize(torch.randn(24, 14336) / 14336**0.5, 64)
+    w64 = w.dequantize_reference(torch.float64)
+    for M in (1, 2, 5, 8, 12, SMALL_M):
+        x = torch.randn(M, 14336)
+        where = f"{isa} M={M}"
+        assert_close_like_torch(where, native.cpu_matmul(x, w, False), x.double() @ w64.t(), x @ w64.float().t(),
+                                torch.float32)
+        A, B = torch.randn(256, 14336) / 14336**0.5, torch.randn(24, 256) / 16
+        y, h = native.cpu_qlora_forward(x, w, None, A, B, 0.7)
+        h64 = x.double() @ A.double().t()
+        assert_close_like_torch(f"y {where}", y, x.double() @ w64.t() + 0.7 * h64 @ B.double().t(),
+                                x @ w64.float().t() + 0.7 * (x @ A.t()) @ B.t(), torch.float32)
+        assert_close_like_torch(f"h {where}", h, h64, x @ A.t(), torch.float32)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatch):
     """Above 16 rows the CPU's float32 x W^T is the native kernel too (AVX2 / AVX-512): 16-row tiles (the last one
     padded) sharing each decoded slice, rows taken in chunks of a few MB of x (at 14336 columns 64
     rows a chunk, so 150 rows are three chunks, the last a short padded tile); with the LoRA term,
-    bias and several adapters (each chunk reads its own rows of h and of the adapter index), which
-    the layers add in torch above 16 rows but the kernel takes."""
+    bias and one adapter of rank 1 to 256 (the layers' one call above 16 rows), and with several
+    adapters (each chunk reads its own rows of h and of the adapter index; the layers add those in
+    torch above 16 rows, but the kernel takes them)."""
     from lorakern.ops.bases import NF4Base
 
     calls, real = [], native.cpu_matmul
@@ -203,7 +224,7 @@ def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatc
     for out_f, in_f, bs in ((33, 320, 128), (1001, 192, 64), (70, 14336, 64), (40, 1088, 64)):
         w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
         w64 = w.dequantize_reference(torch.float64)
-        for M in (17, 150, 300):
+        for M in (17, 140, 150, 300):
             where = f"{isa} {(out_f, in_f, bs)} M={M}"
             x = torch.randn(M, in_f)
             calls.clear()
@@ -220,13 +241,17 @@ def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatc
                 assert_close_like_torch(f"odd {where}", got_odd, x[:, :77].double() @ w77.t(),
                                         x[:, :77] @ w77.float().t(), torch.float32)
             assert_close_like_torch(where, got, x.double() @ w64.t(), x @ w64.float().t(), torch.float32)
-            A, B, bias = torch.randn(9, in_f) / in_f**0.5, torch.randn(out_f, 9) / 3, torch.randn(out_f)
-            y, h = native.cpu_qlora_forward(x, w, bias, A, B, 0.7)
-            h64 = x.double() @ A.double().t()
-            want = x.double() @ w64.t() + bias.double() + 0.7 * h64 @ B.double().t()
-            same = x @ w64.float().t() + bias + 0.7 * (x @ A.t()) @ B.t()
-            assert_close_like_torch(f"y {where}", y, want, same, torch.float32)
-            assert_close_like_torch(f"h {where}", h, h64, x @ A.t(), torch.float32)
+            # One adapter: h in register tiles of 4 rows x 2 or 4 ranks (edges one dot at a time), the
+            # term after each chunk's base in column blocks (a chunk of 16 rows or fewer, as 140's
+            # last at 14336 columns: beside the base, as at small M).
+            for r in (1, 9, 40, 256):
+                A, B, bias = torch.randn(r, in_f) / in_f**0.5, torch.randn(out_f, r) / r**0.5, torch.randn(out_f)
+                y, h = native.cpu_qlora_forward(x, w, bias, A, B, 0.7)
+                h64 = x.double() @ A.double().t()
+                want = x.double() @ w64.t() + bias.double() + 0.7 * h64 @ B.double().t()
+                same = x @ w64.float().t() + bias + 0.7 * (x @ A.t()) @ B.t()
+                assert_close_like_torch(f"y {where} r={r}", y, want, same, torch.float32)
+                assert_close_like_torch(f"h {where} r={r}", h, h64, x @ A.t(), torch.float32)
             As = [torch.randn(r, in_f) / in_f**0.5 for r in (4, 16)]
             Bs = [torch.randn(out_f, r) / r**0.5 for r in (4, 16)]
             index = torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(M))

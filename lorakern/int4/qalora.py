@@ -31,7 +31,7 @@ from torch import Tensor
 from ..backend import resolve_qalora
 from ..dropout import apply_dropout, draw_seed
 from ..nf4 import native
-from ..ops.bases import INT4Base
+from ..ops.bases import INT4Base, cpu_matmul_serves
 from ..ops.common import (
     autocast_dtype,
     autocast_to,
@@ -171,8 +171,10 @@ def _inference(*tensors) -> bool:
 def _native_serves(x2d, weight, *others) -> bool:
     """Decode and serving: the whole layer (base, zero points, pooled adapter term, bias) in one
     native call, no torch op around it (on 2 cores a torch op between native calls cost the next
-    call ~2 ms at M = 16: the two thread pools compete for the cores)."""
-    return (x2d.device.type == "cpu" and INT4Base(weight).native_serves(x2d)
+    call ~2 ms at M = 16: the two thread pools compete for the cores). Above 16 rows where the
+    native kernel serves the base (:func:`~lorakern.ops.bases.cpu_matmul_serves`)."""
+    rows_served = INT4Base(weight).native_serves(x2d) or (x2d.shape[0] > 0 and cpu_matmul_serves(x2d, False))
+    return (x2d.device.type == "cpu" and rows_served
             and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in others))
 
 

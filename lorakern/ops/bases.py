@@ -102,9 +102,17 @@ class DenseBase:
 
 def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
     """Whether the one-call CPU QLoRA kernel (:meth:`NF4Base.fused_forward`) takes x with ``rows``
-    rows and ``tensors`` (bias, A, B; None skipped): x on the CPU with 1 to SMALL_M rows, all
-    float32 and contiguous. lorakern/nf4/plan.py keeps calls it took."""
-    return x.device.type == "cpu" and 0 < rows <= SMALL_M and all(
+    rows and ``tensors`` (bias, A, B; None skipped): x on the CPU, all float32 and contiguous, with 1
+    to SMALL_M rows or more where the native kernel serves the base (:func:`cpu_matmul_serves`).
+    lorakern/nf4/plan.py keeps calls it took.
+
+    Above SMALL_M rows too, because a torch op between two native calls costs the next one a core:
+    torch's OpenMP workers spin for a few ms after each parallel op (libgomp's default wait
+    policy), on the cores the native kernel's threads want. 4096 -> 1024, M = 256, 2 threads,
+    AVX2 (Zen 4), layers rotating past the L3, interleaved: base by the kernel then the LoRA term
+    in torch 16.5 ms, everything in the kernel 12.5 ms, fp32 ``nn.Linear`` 11.9 ms; at M = 64
+    7.3 / 3.7 / 4.3 ms."""
+    return x.device.type == "cpu" and rows > 0 and (rows <= SMALL_M or cpu_matmul_serves(x, False)) and all(
         t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (x, *tensors))
 
 
@@ -121,7 +129,7 @@ def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
     M = 64) and CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's
     baseline: 1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
     return (x.device.type == "cpu" and not transpose and x.dtype == torch.float32 and x.shape[-1] % 32 == 0
-            and native.cpu_isa() != "scalar")
+            and native.unavailable_reason(x.device) is None and native.cpu_isa() != "scalar")
 
 
 class NF4Base:
@@ -221,8 +229,9 @@ class NF4Base:
         return self.matmul(dy, True, backend)
 
     def fused_forward(self, x, bias, adapter, backend):
-        """On the CPU at small M with float32 contiguous tensors and no dropout, the native kernel
-        does base, LoRA term and bias in one call. Elsewhere the LoRA term is two small torch
+        """On the CPU with float32 contiguous tensors and no dropout, at small M and wherever the
+        native kernel takes the base above it (:func:`cpu_call_takes`), the native kernel does base,
+        LoRA term and bias in one call. Elsewhere the LoRA term is two small torch
         matmuls, two transposes and an add after the base, each a dispatch on a 0.1-2 ms decode
         call; in the kernel it measured 0.343 ms against 0.329 ms for the base alone (M = 1,
         4096 x 4096)."""
