@@ -15,8 +15,8 @@ strides, device) and the call's scaling and backend, read again on every call, s
 swapped, a parameter's ``.data`` replaced, a weight moved or re-quantized, or a changed scaling
 takes the checked path (which raises what it raises) and a new plan. Values changed in place need
 nothing: the kernel reads them where they are. x is checked on every call (plain tensor, CPU,
-float32, contiguous, ``[..., in]`` with rows the one-call kernel takes: ``cpu_call_takes``); grads, dropout in training, DoRA,
-autocast and torch.compile take the checked path.
+float32, contiguous, ``[..., in]`` with rows the one-call kernel takes: ``cpu_call_takes``); grads,
+dropout in training, DoRA, autocast and torch.compile take the checked path.
 """
 
 from __future__ import annotations
