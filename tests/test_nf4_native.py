@@ -271,8 +271,9 @@ def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatc
 def _native_results(w, seed=0):
     """Everything the CPU kernels compute on ``w``: whole dequantizes, a dequantize from inside a
     row (what the tiled matmul above SMALL_M decodes; its GEMM is torch's, whose sums may follow the
-    thread count), the fused matmul in both directions, and the one-call QLoRA forward (with h and
-    its sizeable lora_h loop)."""
+    thread count), the fused matmul in both directions and above 16 rows, and the one-call QLoRA
+    forward at 16 rows (h one dot per (m, j)) and at 70 (h in register tiles, the term after each
+    chunk's base)."""
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = w.shape
     got = [nf4_dequantize(w, dt, backend="native") for dt in (torch.float32, torch.bfloat16)]
@@ -281,9 +282,11 @@ def _native_results(w, seed=0):
         for transpose in (False, True):
             got.append(nf4_matmul(torch.randn(M, out_f if transpose else in_f, generator=g), w, transpose,
                                   backend="native"))
-    x = torch.randn(SMALL_M, in_f, generator=g)
+    got.append(native.cpu_matmul(torch.randn(70, in_f, generator=g), w, False))
     A, B = torch.randn(64, in_f, generator=g), torch.randn(out_f, 64, generator=g)
-    got += list(native.cpu_qlora_forward(x, w, torch.randn(out_f, generator=g), A, B, 0.5))
+    for M in (SMALL_M, 70):
+        x = torch.randn(M, in_f, generator=g)
+        got += list(native.cpu_qlora_forward(x, w, torch.randn(out_f, generator=g), A, B, 0.5))
     return got
 
 
