@@ -766,9 +766,13 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
 // 0.39-0.40 ns a weight, the FMAs alone 0.29), AVX-512 0.84x (hot 0.77x), the scalar build
 // (which the compiler vectorizes over the 16 rows) 0.34x.
 constexpr int kXRows = 16;             // rows of x of the broadcast kernel: two 8-float vectors
-// Weight rows per micro-tile with 16 registers: 12 accumulators + 2 x + a broadcast (4 rows: 1.02x-1.03x
-// the time; more accumulators hide the 4-cycle FMA latency better); 8 with 32 (one vector of x).
-constexpr int kBcastRows = 6;
+// Weight rows per micro-tile: with 16 registers 6 (12 accumulators + 2 x + a broadcast; 4 rows:
+// 1.02x-1.03x the time, more accumulators hide the 4-cycle FMA latency better), with 32 8 (one
+// vector of x).
+template <class V>
+constexpr int bcast_rows() {
+    return V::kRegs < 32 ? 6 : 8;
+}
 constexpr int64_t kBcastSlice = 256;   // columns per slice: the x panel slice is 16 KB, in L1
 
 // Fewer than 16 rows of x pad the panel with zero rows: the FMAs are those of 16, the decode is
@@ -880,7 +884,7 @@ __attribute__((always_inline)) inline void broadcast_group(const V& v, S& sc, co
 template <class V, class S>
 inline void rows_block_broadcast(const V& v, S& sc, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xt,
                                  int64_t M, const LoraTerm* lora, float* y) {
-    constexpr int R = V::kRegs < 32 ? kBcastRows : 8;  // then rows % R in a last micro-tile of 4, or padded
+    constexpr int R = bcast_rows<V>();  // then rows % R in a last micro-tile of 4, or padded
     constexpr int64_t kb = kBcastSlice;
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows, tiles = x_tiles(M);

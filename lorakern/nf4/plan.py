@@ -49,6 +49,11 @@ class DecodePlan:
         self.lora = (A.data_ptr(), B.data_ptr(), 0 if bias is None else bias.data_ptr(), float(scaling), self.r)
 
 
+def _rows(x: torch.Tensor) -> int:
+    """x's rows as the kernel sees them (x viewed as [rows, in])."""
+    return x.numel() // max(1, x.shape[-1])
+
+
 def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     """What the plan needs of this call and the layer's mode (the rest is in the key)."""
     if torch.compiler.is_compiling():  # traced: the checked path's custom op
@@ -62,7 +67,7 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    return cpu_call_takes(x, x.numel() // max(1, x.shape[-1]))  # A, B, bias: their dtype and strides are in the key
+    return cpu_call_takes(x, _rows(x))  # A, B, bias: their dtype and strides are in the key
 
 
 def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
@@ -91,7 +96,7 @@ def remember(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str
         return
     if w.device.type != "cpu" or native.unavailable_reason(w.device) is not None:
         return
-    if not cpu_call_takes(x, x.numel() // x.shape[-1], bias, A, B):
+    if not cpu_call_takes(x, _rows(x), bias, A, B):
         return
     key = _key(w, bias, A, B, scaling, backend)
     old = getattr(owner, "_decode_plan", None)
