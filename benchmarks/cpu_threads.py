@@ -4,10 +4,12 @@
 
 For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
 the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
-another process (as a data loader or tokenizer would); beside it, fp32 ``F.linear`` on 8 dense
-copies with 2 threads under the same load. The three are timed in turn, round after round, and the
-speedups are medians of the rounds' ratios. Prints a table; with ``--out`` appends one JSON line per
-measurement (processor and ISA path included).
+another process (as a data loader or tokenizer would), then each call after an RMSNorm-like torch
+op on x, as inside a model (torch runs it on its OpenMP threads from 32768 elements, M >= 8 here,
+and those threads spin for a few ms after it on the cores the native kernel wants); beside it,
+fp32 ``F.linear`` on 8 dense copies with 2 threads under the same load. The three are timed in
+turn, round after round, and the speedups are medians of the rounds' ratios. Prints a table; with
+``--out`` appends one JSON line per measurement (processor and ISA path included).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import time
 import torch
 
 SPIN = "import time\nt = time.time()\nwhile time.time() - t < 600: pass\n"
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+LOADS = ("quiet", "one busy process", "after a torch op")
 
 
 def mean_ms(fn, calls: int) -> float:
@@ -51,17 +60,19 @@ def main(argv=None) -> int:
     env = environment(torch.device("cpu"))
     previous, recs = torch.get_num_threads(), []
     try:
-        for load in ("quiet", "one busy process"):
-            spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if load != "quiet" else None
+        for load in LOADS:
+            spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if load == "one busy process" else None
             try:
                 time.sleep(0.2)
                 for M in (1, 16):
                     # The three timings of a round back to back, ROUNDS rounds: a slow spell of the
                     # machine falls on all three, and each ratio is the median of the rounds' ratios.
                     x = torch.randn(M, 4096)
-                    steps = {(1, "nf4_matmul"): lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]),
-                             (2, "nf4_matmul"): lambda i, x=x: lorakern.nf4_matmul(x, weights[i % 8]),
-                             (2, "fp32_linear"): lambda i, x=x: torch.nn.functional.linear(x, dense[i % 8])}
+                    pre = rms_norm if load == "after a torch op" else (lambda t: t)
+                    steps = {(1, "nf4_matmul"): lambda i, x=x, pre=pre: lorakern.nf4_matmul(pre(x), weights[i % 8]),
+                             (2, "nf4_matmul"): lambda i, x=x, pre=pre: lorakern.nf4_matmul(pre(x), weights[i % 8]),
+                             (2, "fp32_linear"): lambda i, x=x, pre=pre: torch.nn.functional.linear(pre(x),
+                                                                                                  dense[i % 8])}
                     calls = {"nf4_matmul": 60 if M == 1 else 15, "fp32_linear": 20 if M == 1 else 8}
                     times: dict = {key: [] for key in steps}
                     for _ in range(ROUNDS):
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
     print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
     print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8} {'fp32 2t ms':>11} "
           f"{'fp32 / nf4':>11}   (ratios: the median over rounds)")
-    for load in ("quiet", "one busy process"):
+    for load in LOADS:
         for M in (1, 16):
             one, two, fp32 = (next(r for r in recs
                                    if r["load"] == load and r["M"] == M and r["threads"] == t and r["op"] == op)
