@@ -325,8 +325,11 @@ inline void dots(const V& v, const float* const* x, const float* const* a, int64
         }
 }
 
-// out[t * ldo + j] = x_{rows[t]} . A_j for the n rows rows[0 .. n) of x (rows ldx apart) and ranks
-// j < r of A (rows lda apart): R x J tiles of dots(), the ranks in the outer loop so that J rows
+// Position p's row of x / y: order[p], or p itself when order is null (one adapter, rows in order).
+inline int64_t row_at(const int64_t* order, int64_t p) { return order != nullptr ? order[p] : p; }
+
+// out[t * ldo + j] = x_{rows[t]} . A_j for the n rows rows[0 .. n) of x (rows ldx apart; rows null:
+// rows 0 .. n) and ranks j < r of A (rows lda apart): R x J tiles of dots(), the ranks in the outer loop so that J rows
 // of A stay in L1 while the piece's rows of x (kTermRows of them, 256 KiB at K = 4096) come from L2.
 template <class V>
 inline void h_piece(const V& v, const float* x, int64_t ldx, const int64_t* rows, int64_t n, const float* A,
@@ -340,7 +343,7 @@ inline void h_piece(const V& v, const float* x, int64_t ldx, const int64_t* rows
         for (int64_t t0 = 0; t0 < n; t0 += HR) {
             const int rn = static_cast<int>(std::min<int64_t>(HR, n - t0));
             const int jn = static_cast<int>(std::min<int64_t>(HJ, r - j0));
-            for (int t = 0; t < rn; ++t) xs[t] = x + rows[t0 + t] * ldx;
+            for (int t = 0; t < rn; ++t) xs[t] = x + row_at(rows, t0 + t) * ldx;
             for (int u = 0; u < jn; ++u) as[u] = A + (j0 + u) * lda;
             if (rn == HR && jn == HJ) {
                 dots<V, HR, HJ>(v, xs, as, K, tile);
@@ -381,13 +384,11 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
         // (268M FMAs) that was ~11 ms on 2 cores beside ~16 ms for the base.
         constexpr int64_t kHRanks = 16;
         const int64_t r = lora->r, row_pieces = (M + kTermRows - 1) / kTermRows, rank_pieces = (r + kHRanks - 1) / kHRanks;
-        std::vector<int64_t> rows(M);
-        for (int64_t m = 0; m < M; ++m) rows[m] = m;
         parallel_for(row_pieces * rank_pieces, team, [&](int64_t i) {
             V v;
             const int64_t m0 = i / rank_pieces * kTermRows, j0 = i % rank_pieces * kHRanks;
             const int64_t mn = std::min(kTermRows, M - m0), jn = std::min(kHRanks, r - j0);
-            h_piece(v, x, K, rows.data() + m0, mn, lora->A + j0 * K, K, jn, K, lora->h + m0 * r + j0, r);
+            h_piece(v, x + m0 * K, K, nullptr, mn, lora->A + j0 * K, K, jn, K, lora->h + m0 * r + j0, r);
             for (int64_t m = m0; m < m0 + mn; ++m)
                 for (int64_t j = j0; j < j0 + jn; ++j) lora->scaled_h[m * r + j] = lora->scaling * lora->h[m * r + j];
         });
@@ -439,9 +440,10 @@ inline void panel_rows(const V& v, const float* const* h, const float* panel, in
         for (int c = 0; c < NV; ++c) v.store(y[i] + c * V::W, v.add(v.load(y[i] + c * V::W), acc[i][c]));
 }
 
-// y[order[p], :] += scaled_h[p] B_a^T for the positions p of each adapter a (start[a] .. start[a + 1]),
-// scaled_h [positions, lora.r]: column blocks of kTermCols outputs, each adapter's B panel read once
-// per block and transposed to [r, kTermCols], so that a row's term is W-wide FMAs (no horizontal sums).
+// y[order[p], :] += scaled_h[p] B_a^T for the positions p of each adapter a (start[a] .. start[a + 1];
+// order null: row p), scaled_h [positions, lora.r]: column blocks of kTermCols outputs, each adapter's
+// B panel read once per block and transposed to [r, kTermCols], so that a row's term is W-wide FMAs
+// (no horizontal sums).
 template <class V>
 void add_terms(const float* scaled_h, const int64_t* order, const int64_t* start, int64_t n, const LoraTerm& lora,
                int64_t N, float* y, int team) {
@@ -457,7 +459,7 @@ void add_terms(const float* scaled_h, const int64_t* order, const int64_t* start
         float* ys[TR];
         for (int64_t a = 0; a < n; ++a) {
             if (start[a] == start[a + 1]) continue;
-            const RowAdapter ad = row_adapter(lora, order[start[a]]);
+            const RowAdapter ad = row_adapter(lora, row_at(order, start[a]));
             const int64_t ldb = lora.b_strides ? lora.b_strides[a] : ad.r;
             v.panel(ad.B + n0 * ldb, ldb, cols, ad.r, panel.data(), kTermCols);
             int64_t p = start[a];
@@ -465,24 +467,24 @@ void add_terms(const float* scaled_h, const int64_t* order, const int64_t* start
                 for (; p + TR <= start[a + 1]; p += TR) {
                     for (int t = 0; t < TR; ++t) {
                         hs[t] = scaled_h + (p + t) * r;
-                        ys[t] = y + order[p + t] * N + n0;
+                        ys[t] = y + row_at(order, p + t) * N + n0;
                         // the segment kTermDistance rows ahead (all 4 lines of it: each row's 256 B is
                         // a 16 KiB stride from the last, where the hardware prefetchers do not follow)
                         if (p + kTermDistance + t < start[a + 1])
                             for (int64_t l = 0; l < kTermCols; l += 16)
-                                __builtin_prefetch(y + order[p + kTermDistance + t] * N + n0 + l, 1);
+                                __builtin_prefetch(y + row_at(order, p + kTermDistance + t) * N + n0 + l, 1);
                     }
                     panel_rows<V, TR>(v, hs, panel.data(), ad.r, ys);
                 }
                 for (; p < start[a + 1]; ++p) {  // a last odd row (decode: often an adapter's only one)
                     hs[0] = scaled_h + p * r;
-                    ys[0] = y + order[p] * N + n0;
+                    ys[0] = y + row_at(order, p) * N + n0;
                     panel_rows<V, 1>(v, hs, panel.data(), ad.r, ys);
                 }
             }
             for (; p < start[a + 1]; ++p) {  // a block's last columns (N % kTermCols), the scalar path
                 const float* hp = scaled_h + p * r;
-                float* yp = y + order[p] * N + n0;
+                float* yp = y + row_at(order, p) * N + n0;
                 for (int64_t c = 0; c < cols; ++c) {
                     float s = 0.0f;
                     for (int64_t j = 0; j < ad.r; ++j) s += hp[j] * panel[j * kTermCols + c];
@@ -1044,9 +1046,7 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
                                                 threads);
             if (after) {
                 const int64_t one[2] = {0, mc};
-                std::vector<int64_t> rows(mc);
-                for (int64_t m = 0; m < mc; ++m) rows[m] = m;
-                add_terms<V>(chunk.scaled_h, rows.data(), one, 1, chunk, N, y + c0 * N, threads);
+                add_terms<V>(chunk.scaled_h, nullptr, one, 1, chunk, N, y + c0 * N, threads);
             }
         }
         return;
