@@ -6,10 +6,12 @@ For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 
 the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
 another process (as a data loader or tokenizer would), then each call after an RMSNorm-like torch
 op on x, as inside a model (torch runs it on its OpenMP threads from 32768 elements, M >= 8 here,
-and those threads spin for a few ms after it on the cores the native kernel wants); beside it,
-fp32 ``F.linear`` on 8 dense copies with 2 threads under the same load. The three are timed in
-turn, round after round, and the speedups are medians of the rounds' ratios. Prints a table; with
-``--out`` appends one JSON line per measurement (processor and ISA path included).
+and those threads spin for a few ms after it on the cores the native kernel wants). With 2
+threads, each team that can run the kernel's pieces beside the caller ($LORAKERN_CPU_TEAM:
+lorakern's own pool, the default, and torch's OpenMP team); beside them, fp32 ``F.linear`` on 8
+dense copies with 2 threads under the same load. All are timed in turn, round after round, and
+the speedups are medians of the rounds' ratios. Prints a table; with ``--out`` appends one JSON
+line per measurement (processor and ISA path included).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def mean_ms(fn, calls: int) -> float:
 
 
 ROUNDS = 7
+TEAMS = ("pool", "openmp")
 
 
 def main(argv=None) -> int:
@@ -53,6 +56,10 @@ def main(argv=None) -> int:
         os.environ["LORAKERN_CPU_ISA"] = args.isa
     import lorakern
     from lorakern.bench.records import environment
+    from lorakern.nf4 import native
+
+    if not native.extension().openmp_team_available():
+        raise SystemExit("torch's OpenMP runtime was not found in this process: only the pool can be measured")
 
     torch.manual_seed(0)
     weights = [lorakern.NF4Weight.quantize(torch.randn(4096, 4096) / 64, 64) for _ in range(8)]
@@ -69,27 +76,32 @@ def main(argv=None) -> int:
                     # machine falls on all three, and each ratio is the median of the rounds' ratios.
                     x = torch.randn(M, 4096)
                     pre = rms_norm if load == "after a torch op" else (lambda t: t)
-                    steps = {(1, "nf4_matmul"): lambda i, x=x, pre=pre: lorakern.nf4_matmul(pre(x), weights[i % 8]),
-                             (2, "nf4_matmul"): lambda i, x=x, pre=pre: lorakern.nf4_matmul(pre(x), weights[i % 8]),
-                             (2, "fp32_linear"): lambda i, x=x, pre=pre: torch.nn.functional.linear(pre(x),
-                                                                                                  dense[i % 8])}
+                    def nf4(i, x=x, pre=pre):
+                        return lorakern.nf4_matmul(pre(x), weights[i % 8])
+
+                    steps = {(1, "nf4_matmul", "pool"): nf4, **{(2, "nf4_matmul", team): nf4 for team in TEAMS},
+                             (2, "fp32_linear", None): lambda i, x=x, pre=pre: torch.nn.functional.linear(
+                                 pre(x), dense[i % 8])}
                     calls = {"nf4_matmul": 60 if M == 1 else 15, "fp32_linear": 20 if M == 1 else 8}
                     times: dict = {key: [] for key in steps}
                     for _ in range(ROUNDS):
-                        for (threads, op), step in steps.items():
+                        for (threads, op, team), step in steps.items():
                             torch.set_num_threads(threads)
+                            os.environ[native.TEAM_ENV] = team or "pool"
                             step(0)
-                            times[(threads, op)].append(mean_ms(step, calls[op]))
+                            times[(threads, op, team)].append(mean_ms(step, calls[op]))
                             if op == "fp32_linear":
                                 time.sleep(0.1)  # torch's OpenMP workers spin after a call: let them sleep
-                    one, two, fp32 = times[(1, "nf4_matmul")], times[(2, "nf4_matmul")], times[(2, "fp32_linear")]
-                    for (threads, op), ts in times.items():
+                    one, fp32 = times[(1, "nf4_matmul", "pool")], times[(2, "fp32_linear", None)]
+                    for (threads, op, team), ts in times.items():
                         rec = {"op": op, "M": M, "in_features": 4096, "out_features": 4096, "threads": threads,
                                "load": load, "median_ms": statistics.median(ts), "device_name": env["device_name"],
                                "date": env["date"], "commit": env["commit"], "torch": env["torch"]}
+                        if op == "nf4_matmul":
+                            rec["team"] = team
                         if (threads, op) == (2, "nf4_matmul"):
-                            rec["speedup_vs_1_thread"] = statistics.median(a / b for a, b in zip(one, two))
-                            rec["fp32_over_nf4"] = statistics.median(a / b for a, b in zip(fp32, two))
+                            rec["speedup_vs_1_thread"] = statistics.median(a / b for a, b in zip(one, ts))
+                            rec["fp32_over_nf4"] = statistics.median(a / b for a, b in zip(fp32, ts))
                         recs.append(rec)
             finally:
                 if spinner is not None:
@@ -97,16 +109,21 @@ def main(argv=None) -> int:
                     spinner.wait()
     finally:
         torch.set_num_threads(previous)
+        os.environ.pop(native.TEAM_ENV, None)
     print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
-    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12} {'2 threads ms':>13} {'speedup':>8} {'fp32 2t ms':>11} "
-          f"{'fp32 / nf4':>11}   (ratios: the median over rounds)")
+    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12}" + "".join(f" {'2t ' + t:>10} {'x':>5}" for t in TEAMS)
+          + f" {'fp32 2t ms':>11} {'fp32/pool':>10}   (x: speedup over 1 thread; ratios: medians over rounds)")
     for load in LOADS:
         for M in (1, 16):
-            one, two, fp32 = (next(r for r in recs
-                                   if r["load"] == load and r["M"] == M and r["threads"] == t and r["op"] == op)
-                              for t, op in ((1, "nf4_matmul"), (2, "nf4_matmul"), (2, "fp32_linear")))
-            print(f"{load:>17} {M:>3} {one['median_ms']:>12.3f} {two['median_ms']:>13.3f} "
-                  f"{two['speedup_vs_1_thread']:>8.2f} {fp32['median_ms']:>11.3f} {two['fp32_over_nf4']:>11.2f}")
+            def find(threads, op, team=None, load=load, M=M):
+                return next(r for r in recs if r["load"] == load and r["M"] == M and r["threads"] == threads
+                            and r["op"] == op and r.get("team") == team)
+
+            one, fp32, pool = find(1, "nf4_matmul", "pool"), find(2, "fp32_linear"), find(2, "nf4_matmul", "pool")
+            cols = "".join(f" {r['median_ms']:>10.3f} {r['speedup_vs_1_thread']:>5.2f}"
+                           for r in (find(2, "nf4_matmul", t) for t in TEAMS))
+            print(f"{load:>17} {M:>3} {one['median_ms']:>12.3f}{cols} {fp32['median_ms']:>11.3f} "
+                  f"{pool['fp32_over_nf4']:>10.2f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:

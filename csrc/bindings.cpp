@@ -12,6 +12,7 @@
 
 #include "cpu/dropout_cpu.h"
 #include "cpu/nf4_cpu.h"
+#include "cpu/thread_pool.h"
 #include "nf4_decode.h"
 #ifdef LORAKERN_WITH_CUDA
 #include "cuda/nf4_cuda.h"
@@ -246,6 +247,16 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "lorakern native NF4 kernels (CPU: AVX-512 / AVX2 / scalar; CUDA when built with nvcc)";
     m.def("available_isas", &available_isas,
           "CPU paths this machine can run, slowest first (the last is the default; \"avx2\" names the later avx2-*)");
+    m.def("openmp_team_available", &lorakern::cpu::openmp_team_available,
+          "whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp runs loops on its threads)");
+    m.def(
+        "cpu_team_loops",
+        [] {
+            int64_t n[3];
+            lorakern::cpu::team_loops(n);
+            return std::make_tuple(n[0], n[1], n[2]);
+        },
+        "parallel loops run so far (alone, with lorakern's pool, with torch's OpenMP team)");
     m.def("cpu_dequantize", &cpu_dequantize);
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");

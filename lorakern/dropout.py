@@ -110,7 +110,7 @@ def _native_dropout(x2d: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Te
     if out.numel():
         ext.cpu_dropout(x2d.data_ptr(), out.data_ptr(), 0 if x2d.dtype == torch.float32 else 1, rows, cols,
                         x2d.stride(0), int(seed) & MASK32, keep_threshold(p), 1.0 / (1.0 - p),
-                        torch.get_num_threads())
+                        native.cpu_threads())
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -290,11 +291,24 @@ def _native_results(w, seed=0):
     return got
 
 
+def _use_team(team, monkeypatch):
+    """Run the native loops on `team` ($LORAKERN_CPU_TEAM), skipping "openmp" where torch's
+    OpenMP runtime is absent (test_openmp_team_is_found says where it must be present)."""
+    if team == "openmp" and not native.extension().openmp_team_available():
+        pytest.skip("torch's OpenMP runtime not found in this process")
+    monkeypatch.setenv(native.TEAM_ENV, team)
+
+
+@pytest.mark.parametrize("team", ["pool", "openmp"])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_every_thread_count_gives_the_same_bits(isa, double_quant):
+def test_every_thread_count_gives_the_same_bits(isa, double_quant, team, monkeypatch):
     """Each output is computed by one piece, whoever takes it: 1, 2 and 3 threads (more than this
-    machine may have cores) give the same bits, on shapes with many pieces of every loop."""
+    machine may have cores) give the same bits, on shapes with many pieces of every loop, with
+    lorakern's pool or torch's OpenMP team; and the team asked for runs the loops."""
+    _use_team(team, monkeypatch)
+    C = native.extension()
     previous = torch.get_num_threads()
+    before = C.cpu_team_loops()
     try:
         for out_f, in_f, bs in ((300, 1088, 64), (37, 4160, 64), (45, 77, 32), (1001, 256, 64)):  # 77: the any-K path
             w = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant)
@@ -303,7 +317,38 @@ def test_every_thread_count_gives_the_same_bits(isa, double_quant):
             for threads in (2, 3):
                 torch.set_num_threads(threads)
                 for i, (a, b) in enumerate(zip(_native_results(w), want)):
-                    assert torch.equal(a, b), f"{isa} {(out_f, in_f)} result {i}: {threads} threads != 1"
+                    assert torch.equal(a, b), f"{isa} {team} {(out_f, in_f)} result {i}: {threads} threads != 1"
+    finally:
+        torch.set_num_threads(previous)
+    ran = [after - b for after, b in zip(C.cpu_team_loops(), before)]
+    assert (ran[1] > 0, ran[2] > 0) == (team == "pool", team == "openmp"), ran
+
+
+def test_openmp_team_is_found():
+    """Where torch runs its ops on OpenMP (the Linux wheels), the kernels find that runtime (not
+    another copy): GOMP_parallel as libtorch_cpu resolves it."""
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("torch has no OpenMP runtime here")
+    assert native.extension().openmp_team_available()
+
+
+def test_team_env_is_checked(monkeypatch):
+    """A team that is not one of the three, or OpenMP where it was not found, is an error naming
+    the variable, before any kernel runs."""
+    w = NF4Weight.quantize(torch.randn(64, 256), 64)
+    x = torch.randn(3, 256)
+    monkeypatch.setenv(native.TEAM_ENV, "gomp")
+    with pytest.raises(RuntimeError, match="LORAKERN_CPU_TEAM='gomp': expected one of"):
+        nf4_matmul(x, w, backend="native")
+    monkeypatch.setenv(native.TEAM_ENV, "openmp")
+    monkeypatch.setattr(native.extension(), "openmp_team_available", lambda: False)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="LORAKERN_CPU_TEAM=openmp: torch's OpenMP runtime is not usable"):
+            nf4_matmul(x, w, backend="native")
+        torch.set_num_threads(1)
+        nf4_matmul(x, w, backend="native")  # one thread needs no team: no error
     finally:
         torch.set_num_threads(previous)
 
@@ -403,16 +448,22 @@ def test_concurrent_callers_share_the_pool():
 
 
 def _child_matmul(conn, packed, absmax, x):
+    import os
+
+    os.environ.pop(native.TEAM_ENV, None)  # the child's own choice
     w = NF4Weight(packed, absmax, [64, 256], torch.float32, 64)
     torch.set_num_threads(2)
     conn.send(nf4_matmul(x, w, backend="native").tolist())  # plain lists: no shared-memory handles
 
 
-def test_kernels_run_in_a_forked_child():
-    """A child forked after the pool's threads started (a DataLoader worker) has none of them: its
-    calls still complete, on the pool it starts itself."""
+@pytest.mark.parametrize("team", ["pool", "openmp"])
+def test_kernels_run_in_a_forked_child(team, monkeypatch):
+    """A child forked after the pool's or OpenMP's threads started (a DataLoader worker) has none
+    of them: its calls still complete, on a pool it starts itself (libgomp would wait there for
+    the parent's threads for ever, as torch's own parallel ops do in such a child)."""
     import multiprocessing as mp
 
+    _use_team(team, monkeypatch)
     w = NF4Weight.quantize(torch.randn(64, 256), 64)
     x = torch.randn(3, 256)
     torch.set_num_threads(max(2, torch.get_num_threads()))

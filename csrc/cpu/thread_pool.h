@@ -1,15 +1,29 @@
-// parallel_for for the CPU kernels: the calling thread and up to threads - 1 pooled workers take
-// the indices of a loop one at a time from a shared counter.
+// parallel_for for the CPU kernels: the calling thread and up to threads - 1 others take the
+// indices of a loop one at a time from a shared counter.
 //
-// Why not OpenMP: an OpenMP region ends in a barrier that waits for every thread of the team to
-// arrive, including one that the OS has not run yet because it shares its core with another
-// process (a data loader, a tokenizer), and its idle threads spin between regions. Measured on a
-// 2-core AMD EPYC with one busy process beside it, NF4 matmul M = 1 (4096 x 4096, AVX2): static
-// OpenMP split 3.7 ms with 2 threads against 1.7 ms with 1; dynamic schedule 3.75 ms;
-// OMP_WAIT_POLICY=passive plus dynamic 2.1 ms. Here the call waits only for the pieces that
-// workers have started: a worker that wakes up after every piece is taken does nothing, so a late
-// worker never holds the call, and the caller alone can always finish the loop (also in a child
-// after fork, where the pool's threads do not exist).
+// Two teams can take the pieces with the caller ($LORAKERN_CPU_TEAM), and neither is best everywhere:
+// - "pool" (the default): a pool of our own (thread_pool.cpp). An OpenMP region ends in a barrier
+//   that waits for every thread of the team to arrive, including one that the OS has not run yet
+//   because it shares its core with another process (a data loader, a tokenizer). Measured on a
+//   2-core AMD EPYC with one busy process beside it, NF4 matmul M = 1 (4096 x 4096, AVX2): static
+//   OpenMP split 3.7 ms with 2 threads against 1.7 ms with 1; dynamic schedule 3.75 ms;
+//   OMP_WAIT_POLICY=passive plus dynamic 2.1 ms. The pool's call waits only for the pieces that
+//   workers have started: a worker that wakes up after every piece is taken does nothing, so a
+//   late worker never holds the call, and the caller alone can always finish the loop (also in a
+//   child after fork, where the pool's threads do not exist).
+// - "openmp": torch's OpenMP team (GOMP_parallel of the runtime libtorch_cpu links), the same
+//   claiming loop on each of its threads. After a parallel torch op (inside a model: a norm or an
+//   activation over >= 32768 elements, so from M = 8 at 4096 features) torch's idle OpenMP
+//   threads spin for a few ms on the cores the pool's workers want, and a pool worker gets half a
+//   core: 2 threads as slow as 1. The spinning threads are the OpenMP team: it starts at once.
+// Zen 4, 2 threads, AVX2, 4096 x 4096, cold, 2-thread speedup over 1 thread (benchmarks/
+// cpu_threads.py, three runs): after a torch op, M = 16, pool 0.97-1.03x, OpenMP 1.83-1.91x;
+// beside a busy process, pool 0.97-1.08x at M = 1 and 1.08-1.18x at M = 16, OpenMP 0.57-0.98x
+// and 0.85-1.01x (its spinning threads also take the caller's core between calls: 3.1 ms a call
+// against the pool's 1.3 ms in one run); quiet, both 1.6-1.95x. The pool keeps the promise that
+// 2 threads are never slower than 1; an automatic choice between the two, each loop measured
+// (its cycle's wall time over the caller's CPU time), took 1.2x the pool's time beside a busy
+// process: switching leaves one team's spinning threads in the other's way.
 #pragma once
 
 #include <stdint.h>
@@ -22,6 +36,14 @@ namespace cpu {
 // fn(i) for every i in [0, n), on up to `threads` threads (the caller included). Pieces should be
 // a few microseconds or more (a grab is one compare-and-swap). fn must not throw.
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
+
+// Whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp, read at every loop, needs
+// it; never in a child after fork, where libgomp would wait for the parent's threads for ever).
+bool openmp_team_available();
+
+// Loops run since the library loaded: [0] by the caller alone (1 thread, 1 piece, or another
+// caller's loop running), [1] with the pool, [2] with the OpenMP team.
+void team_loops(int64_t out[3]);
 
 }  // namespace cpu
 }  // namespace lorakern

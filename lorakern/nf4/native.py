@@ -13,6 +13,8 @@ import struct
 import torch
 
 ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" (-vpshufb, -vpermps) or "avx512" (tests cover each path)
+TEAM_ENV = "LORAKERN_CPU_TEAM"  # "pool" (unset) or "openmp": csrc/cpu/thread_pool.h
+TEAMS = ("pool", "openmp")
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -73,6 +75,23 @@ def cpu_isa() -> str:
     return have[-1]
 
 
+def cpu_threads() -> int:
+    """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_TEAM``
+    (the C++ side reads it at every parallel loop): which threads run a call's pieces beside the
+    caller, ``pool`` (lorakern's own workers, the default) or ``openmp`` (torch's OpenMP team)."""
+    threads = torch.get_num_threads()
+    team = os.environ.get(TEAM_ENV)
+    if team:
+        if team not in TEAMS:
+            raise RuntimeError(f"{TEAM_ENV}={team!r}: expected one of {list(TEAMS)}")
+        if team == "openmp" and threads > 1 and not extension().openmp_team_available():
+            raise RuntimeError(f"{TEAM_ENV}=openmp: torch's OpenMP runtime is not usable here: not found in this "
+                               f"process (torch.backends.openmp.is_available() = "
+                               f"{torch.backends.openmp.is_available()}), or this is a child after fork(), where "
+                               "OpenMP would wait for the parent's threads; unset it to use lorakern's own pool")
+    return threads
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -98,7 +117,7 @@ def dequantize_into(w, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         extension().cuda_dequantize(args, out.numel(), out.data_ptr(), OUT_DTYPES[out.dtype], stream)
     else:
         extension().cpu_dequantize(args, start, out.numel(), out.data_ptr(), OUT_DTYPES[out.dtype], cpu_isa(),
-                                   torch.get_num_threads())
+                                   cpu_threads())
     return out
 
 
@@ -109,7 +128,7 @@ def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
     x = x.float().contiguous()
     y = x.new_empty(x.shape[0], rows if not transpose else cols)
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), x.shape[0], y.data_ptr(), transpose,
-                           cpu_isa(), torch.get_num_threads())
+                           cpu_isa(), cpu_threads())
     return y
 
 
@@ -125,7 +144,7 @@ def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: tor
     h = x.new_empty(M, r)
     lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr(), int(pool))
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
-                           torch.get_num_threads(), lora)
+                           cpu_threads(), lora)
     return y, h
 
 
@@ -144,7 +163,7 @@ def cpu_multi_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A, lor
     lora = (0, 0, _ptr(bias), 1.0, r, h.data_ptr(), 0)
     multi = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr())
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
-                           torch.get_num_threads(), lora, multi)
+                           cpu_threads(), lora, multi)
     return y
 
 
@@ -164,7 +183,7 @@ def cpu_lora_terms(y: torch.Tensor, x: torch.Tensor, lora_A, lora_B, scalings, i
     multi = (index.data_ptr(), table[0].data_ptr(), table[1].data_ptr(), table[2].data_ptr(), scales.data_ptr())
     extension().cpu_lora_terms(x.data_ptr(), x.stride(0), M, K, y.shape[1], y.data_ptr(), multi,
                                strides[0].data_ptr(), strides[1].data_ptr(), len(lora_A),
-                               max(A.shape[0] for A in lora_A), cpu_isa(), torch.get_num_threads())
+                               max(A.shape[0] for A in lora_A), cpu_isa(), cpu_threads())
     return y
 
 

@@ -83,7 +83,7 @@ def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, 
     y = x.new_empty(*x.shape[:-1], plan.out_features)
     h = x.new_empty(M, plan.r)  # x A^T, which the kernel writes (the checked path returns it for backward)
     native.extension().cpu_matmul(plan.weight, x.data_ptr(), M, y.data_ptr(), False, native.cpu_isa(),
-                                  torch.get_num_threads(), (*plan.lora, h.data_ptr(), 0))
+                                  native.cpu_threads(), (*plan.lora, h.data_ptr(), 0))
     return y
 
 
