@@ -16,14 +16,15 @@
 //   activation over >= 32768 elements, so from M = 8 at 4096 features) torch's idle OpenMP
 //   threads spin for a few ms on the cores the pool's workers want, and a pool worker gets half a
 //   core: 2 threads as slow as 1. The spinning threads are the OpenMP team: it starts at once.
-// Zen 4, 2 threads, AVX2, 4096 x 4096, cold, 2-thread speedup over 1 thread (benchmarks/
-// cpu_threads.py, three runs): after a torch op, M = 16, pool 0.97-1.03x, OpenMP 1.83-1.91x;
-// beside a busy process, pool 0.97-1.08x at M = 1 and 1.08-1.18x at M = 16, OpenMP 0.57-0.98x
-// and 0.85-1.01x (its spinning threads also take the caller's core between calls: 3.1 ms a call
-// against the pool's 1.3 ms in one run); quiet, both 1.6-1.95x. The pool keeps the promise that
-// 2 threads are never slower than 1; an automatic choice between the two, each loop measured
-// (its cycle's wall time over the caller's CPU time), took 1.2x the pool's time beside a busy
-// process: switching leaves one team's spinning threads in the other's way.
+// Zen 4, 2 threads, AVX2, 4096 x 4096, cold, 2-thread speedup over 1 thread, three runs
+// (benchmarks/cpu_threads.py, results ...-197912b-threads-teams.jsonl): after a torch op, M = 16,
+// pool 0.96-1.00x, OpenMP 1.72-1.75x; beside a busy process, pool 0.98-1.07x at M = 1 and
+// 1.04-1.12x at M = 16, OpenMP 0.72-0.97x and 0.76-0.97x (its spinning threads also take the
+// caller's core between calls: 1.4-3.1 ms a call against the pool's 1.3 ms in four runs); quiet,
+// both 1.81-2.04x. The pool keeps the promise that 2 threads are never slower than 1; an
+// automatic choice between the two, each call measured (its cycle's wall time over the caller's
+// CPU time, the other team tried now and then), took 1.2x the pool's time beside a busy process:
+// switching leaves one team's spinning threads in the other's way.
 #pragma once
 
 #include <stdint.h>
