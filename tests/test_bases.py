@@ -52,3 +52,34 @@ def test_nf4_base_computes_in_the_dtype_it_is_given():
     assert got.dtype == torch.float32 and torch.equal(got, want)
     dy = torch.randn(3, 24)
     assert torch.equal(nf4.grad_input(dy, "reference", torch.bfloat16), (dy.bfloat16() @ Wb).float())
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="lorakern._C not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_half_x_above_small_m_computes_in_float32_where_half_gemm_is_slow(dtype, fast, monkeypatch):
+    """On a CPU without half-precision dot products for x's dtype, the NF4 and INT4 bases take
+    bfloat16 / float16 x above SMALL_M rows (both products) as float32, rounding the result once:
+    the same bits as the float32 call, rounded; where the CPU has them, the half-precision tiles."""
+    from lorakern import INT4Weight
+    from lorakern.ops import bases
+
+    monkeypatch.setitem(bases._fast_half, dtype, fast)
+    torch.manual_seed(0)
+    out_f, in_f, M = 70, 256, 40
+    W = torch.randn(out_f, in_f)
+    for base in (NF4Base(NF4Weight.quantize(W, 64)), bases.INT4Base(INT4Weight.quantize(W, 64))):
+        x, dy = torch.randn(M, in_f).to(dtype), torch.randn(M, out_f).to(dtype)
+        for a, transpose in ((x, False), (dy, True)):
+            got = base.matmul(a, transpose, "native" if isinstance(base, NF4Base) else "auto")
+            want32 = base.matmul(a.float(), transpose, "native" if isinstance(base, NF4Base) else "auto")
+            tiled = base._tiled_matmul(a, transpose)
+            assert got.dtype == dtype
+            if fast:
+                assert torch.equal(got, tiled), (type(base).__name__, transpose)
+            else:
+                assert torch.equal(got, want32.to(dtype)), (type(base).__name__, transpose)
+            Wd = base.dequantize(torch.float64, "reference")
+            ref = a.double() @ (Wd if transpose else Wd.t())
+            err = (got.double() - ref).norm() / ref.norm()
+            assert err < (4e-3 if dtype == torch.bfloat16 else 5e-4), (type(base).__name__, transpose, err)

@@ -100,6 +100,34 @@ class DenseBase:
         return None
 
 
+_fast_half: dict = {}  # dtype -> bool, fixed for the process (the CPU); a plain dict so torch.compile traces it
+
+
+def cpu_half_matmul_is_fast(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU matmul in ``dtype`` (bfloat16 / float16) runs on the CPU's own
+    half-precision dot products: AVX512-BF16 or AMX for bfloat16, AMX-FP16 for float16. Elsewhere
+    a product in a half dtype costs more than in float32, so the NF4 / INT4 bases compute in
+    float32 and round the result once. 4096 x 4096, 2 threads, Zen 4, cold, x W^T: float16 tiles
+    (torch's fp16 GEMM) 5x to 7x the native float32 kernel's time at M = 17, 64, 256; bfloat16
+    tiles 0.5x it (AVX512-BF16 present), 1.7x to 4x with oneDNN held to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2, as on an AVX2-only CPU); the float32 result is also closer to the
+    float64 one (bf16 relative error 1.7e-3 against 2.3e-3)."""
+    if dtype not in _fast_half:
+        def flag(name):
+            return bool(getattr(torch.cpu, name, lambda: False)())
+
+        _fast_half[dtype] = (flag("_is_avx512_bf16_supported") or flag("_is_amx_tile_supported")
+                             if dtype == torch.bfloat16 else flag("_is_amx_fp16_supported"))
+    return _fast_half[dtype]
+
+
+def computes_in_float32(x: Tensor) -> bool:
+    """A half-precision x on the CPU whose product the bases compute in float32
+    (:func:`cpu_half_matmul_is_fast`)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+            and not cpu_half_matmul_is_fast(x.dtype))
+
+
 def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
     """Whether the one-call CPU QLoRA kernel (:meth:`NF4Base.fused_forward`) takes x with ``rows``
     rows and ``tensors`` (bias, A, B; None skipped): x on the CPU, all float32 and contiguous, with 1
@@ -123,11 +151,12 @@ def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
     weight. ``nf4_matmul`` at 4096 x 4096, 2 threads, Zen 4 (AVX-512), cold weights, interleaved,
     native / tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 ->
     1024 0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256
-    0.90x. bfloat16 / float16 x keep the tiled path (torch's half-precision GEMM), as do x W (the
-    backward), whose native kernel is written for a few rows, in_features not a multiple of 32
-    (the kernel's element-wise path, a dot product per output: 3.0x the tiled time at 4096 x 4100,
-    M = 64) and CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's
-    baseline: 1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
+    0.90x. bfloat16 / float16 x reach it as float32 where torch's half-precision GEMM is slower
+    (:func:`computes_in_float32`), else keep the tiled path, as do x W (the backward), whose
+    native kernel is written for a few rows, in_features not a multiple of 32 (the kernel's
+    element-wise path, a dot product per output: 3.0x the tiled time at 4096 x 4100, M = 64) and
+    CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's baseline:
+    1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
     return (x.device.type == "cpu" and not transpose and x.dtype == torch.float32 and x.shape[-1] % 32 == 0
             and native.unavailable_reason(x.device) is None and native.cpu_isa() != "scalar")
 
@@ -197,6 +226,8 @@ class NF4Base:
         M = x.shape[0]
         if M == 0:
             return x.new_empty(0, in_features if transpose else out_features)
+        if M > SMALL_M and computes_in_float32(x):  # (at most SMALL_M rows the kernel reads x as float32 anyway)
+            return self.matmul(x.float(), transpose, backend).to(x.dtype)
         if M <= SMALL_M or cpu_matmul_serves(x, transpose):
             if x.device.type == "cpu":
                 return native.cpu_matmul(x, self.w, transpose).to(x.dtype)
@@ -302,6 +333,8 @@ class INT4Base:
                                f"{x.dtype} on {x.device}, {x.shape[0]} rows{' (x W)' if transpose else ''}")
         if backend != "reference" and self.native_serves(x, transpose):
             return self._native_matmul(x, transpose)
+        if backend != "reference" and x.shape[0] > 0 and computes_in_float32(x):
+            return self.matmul(x.float(), transpose, backend).to(x.dtype)
         return self._tiled_matmul(x, transpose, backend)
 
     def _native_matmul(self, x: Tensor, transpose: bool) -> Tensor:
