@@ -249,6 +249,8 @@ PYBIND11_MODULE(_C, m) {
           "CPU paths this machine can run, slowest first (the last is the default; \"avx2\" names the later avx2-*)");
     m.def("openmp_team_available", &lorakern::cpu::openmp_team_available,
           "whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp runs loops on its threads)");
+    m.def("use_openmp_team", &lorakern::cpu::use_openmp_team,
+          "run the CPU loops that follow on torch's OpenMP team (True, where available) or lorakern's pool");
     m.def(
         "cpu_team_loops",
         [] {

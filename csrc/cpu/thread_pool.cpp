@@ -1,7 +1,6 @@
 #include "thread_pool.h"
 
 #include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -81,12 +80,9 @@ OpenMPParallel torch_openmp() {
     return g_forked.load(std::memory_order_relaxed) ? nullptr : f;
 }
 
-// $LORAKERN_CPU_TEAM: "openmp" for torch's OpenMP team, else the pool (the Python side rejects
-// other values before any kernel runs).
-bool openmp_requested() {
-    const char* e = getenv("LORAKERN_CPU_TEAM");
-    return e != nullptr && strcmp(e, "openmp") == 0;
-}
+// Set by use_openmp_team() (the Python side, from $LORAKERN_CPU_TEAM): no getenv on the loop's
+// path, where another thread's setenv could race with it.
+std::atomic<bool> g_openmp_requested{false};
 
 std::atomic<int64_t> g_loops[3];  // team_loops()
 
@@ -99,7 +95,7 @@ class Pool {
             for (int64_t i = 0; i < n; ++i) fn(i);
             return;
         }
-        const OpenMPParallel openmp = openmp_requested() ? torch_openmp() : nullptr;
+        const OpenMPParallel openmp = g_openmp_requested.load(std::memory_order_relaxed) ? torch_openmp() : nullptr;
         fn_ = &fn;
         done_.store(0, std::memory_order_relaxed);
         const uint64_t epoch = (epoch_ + 1) & 0xFFFF;
@@ -224,6 +220,8 @@ Pool& pool() {
 }  // namespace
 
 bool openmp_team_available() { return torch_openmp() != nullptr; }
+
+void use_openmp_team(bool on) { g_openmp_requested.store(on, std::memory_order_relaxed); }
 
 void team_loops(int64_t out[3]) {
     for (int i = 0; i < 3; ++i) out[i] = g_loops[i].load(std::memory_order_relaxed);

@@ -38,9 +38,13 @@ namespace cpu {
 // a few microseconds or more (a grab is one compare-and-swap). fn must not throw.
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
 
-// Whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp, read at every loop, needs
-// it; never in a child after fork, where libgomp would wait for the parent's threads for ever).
+// Whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp needs it; never in a child
+// after fork, where libgomp would wait for the parent's threads for ever).
 bool openmp_team_available();
+
+// The team of the loops that follow: torch's OpenMP team (where available) or the pool. The
+// Python side sets it from $LORAKERN_CPU_TEAM before each native call that changes it.
+void use_openmp_team(bool on);
 
 // Loops run since the library loaded: [0] by the caller alone (1 thread, 1 piece, or another
 // caller's loop running), [1] with the pool, [2] with the OpenMP team.

@@ -75,12 +75,19 @@ def cpu_isa() -> str:
     return have[-1]
 
 
+_team_set: list = [False]  # what the extension was last told (use_openmp_team); a plain list so torch.compile traces it
+
+
 def cpu_threads() -> int:
-    """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_TEAM``
-    (the C++ side reads it at every parallel loop): which threads run a call's pieces beside the
-    caller, ``pool`` (lorakern's own workers, the default) or ``openmp`` (torch's OpenMP team)."""
+    """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_TEAM`` and
+    passing it on to the extension: which threads run a call's pieces beside the caller, ``pool``
+    (lorakern's own workers, the default) or ``openmp`` (torch's OpenMP team)."""
     threads = torch.get_num_threads()
     team = os.environ.get(TEAM_ENV)
+    openmp = team == "openmp"
+    if openmp != _team_set[0]:
+        extension().use_openmp_team(openmp)
+        _team_set[0] = openmp
     if team:
         if team not in TEAMS:
             raise RuntimeError(f"{TEAM_ENV}={team!r}: expected one of {list(TEAMS)}")
