@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -125,8 +127,39 @@ using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, ui
 // adapter per row instead of LoraArgs' A, B, r and scaling (see cpu::LoraTerm).
 using MultiArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
 
+// A tensor in a half dtype and its float32 copy, for the float32 kernels' half-precision callers.
+struct HalfSpan {
+    const void* half;
+    float* f;
+    int64_t n;
+};
+
+// Every span loaded into its float32 copy (load) or its float32 copy rounded into it (store), in
+// pieces of 16K elements (64 KB of float32, a few us) on the kernel's threads.
+void convert_spans(const cpu::Kernels& k, const std::vector<HalfSpan>& spans, int dtype, bool load, int threads) {
+    constexpr int64_t kPiece = int64_t{1} << 14;
+    std::vector<std::pair<size_t, int64_t>> pieces;  // (span, first element)
+    for (size_t s = 0; s < spans.size(); ++s)
+        for (int64_t i = 0; i < spans[s].n; i += kPiece) pieces.push_back({s, i});
+    cpu::parallel_for(static_cast<int64_t>(pieces.size()), threads, [&](int64_t p) {
+        const HalfSpan& sp = spans[pieces[p].first];
+        const int64_t i = pieces[p].second, n = std::min(kPiece, sp.n - i);
+        uint16_t* h = static_cast<uint16_t*>(const_cast<void*>(sp.half)) + i;
+        if (load)
+            k.load(h, n, sp.f + i, dtype);
+        else
+            k.store(sp.f + i, n, h, dtype);
+    });
+}
+
+// x_dtype (OutDtype): the dtype of x, y and, with the LoRA term, of A, B, bias and h. A half dtype
+// is computed in float32: its tensors are converted into float32 buffers inside this call and the
+// outputs rounded once into y and h, so a half-precision layer is one call with no torch op between
+// its pieces (after a parallel torch op, torch's OpenMP threads spin on the cores the kernel's
+// threads want: see thread_pool.h). Several adapters (multi) take float32 alone.
 void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool transpose, const std::string& isa,
-                int threads, const std::optional<LoraArgs>& lora_args, const std::optional<MultiArgs>& multi) {
+                int threads, const std::optional<LoraArgs>& lora_args, const std::optional<MultiArgs>& multi,
+                int x_dtype) {
     const Nf4Weight w = make_weight(wa);
     const cpu::Kernels k = kernels_for(isa);
     cpu::LoraTerm lora{};
@@ -156,9 +189,43 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
     } else if (multi) {
         throw std::invalid_argument("several adapters need the LoRA term's bias and h (lora_args)");
     }
+    if (x_dtype == lorakern::kFloat32) {
+        py::gil_scoped_release nogil;
+        k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose,
+                 lora_args ? &lora : nullptr, threads);
+        return;
+    }
+    if (x_dtype != lorakern::kBFloat16 && x_dtype != lorakern::kFloat16)
+        throw std::invalid_argument("x_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+    if (multi) throw std::invalid_argument("several adapters take float32 tensors (x_dtype 0)");
+    if (M < 0) throw std::invalid_argument("M must be >= 0");
+    const int64_t k_in = transpose ? w.rows : w.cols, n_out = transpose ? w.cols : w.rows;
+    const int64_t a_n = lora_args ? lora.r * (lora.pool > 0 ? w.cols / lora.pool : w.cols) : 0;
+    const int64_t b_n = lora_args ? w.rows * lora.r : 0, bias_n = lora.bias ? w.rows : 0;
+    const int64_t h_n = lora_args ? M * lora.r : 0;
+    std::unique_ptr<float[]> buf(new float[M * k_in + M * n_out + a_n + b_n + bias_n + h_n]);
+    float* xf = buf.get();
+    float* yf = xf + M * k_in;
+    float* af = yf + M * n_out;
+    float* bf = af + a_n;
+    float* biasf = bf + b_n;
+    float* hf = biasf + bias_n;
+    std::vector<HalfSpan> in{{reinterpret_cast<const void*>(x), xf, M * k_in}};
+    std::vector<HalfSpan> out{{reinterpret_cast<const void*>(y), yf, M * n_out}};
+    if (lora_args) {
+        in.push_back({lora.A, af, a_n});
+        in.push_back({lora.B, bf, b_n});
+        if (lora.bias) in.push_back({lora.bias, biasf, bias_n});
+        out.push_back({lora.h, hf, h_n});
+        lora.A = af;
+        lora.B = bf;
+        lora.bias = lora.bias ? biasf : nullptr;
+        lora.h = hf;
+    }
     py::gil_scoped_release nogil;
-    k.matmul(w, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), transpose,
-             lora_args ? &lora : nullptr, threads);
+    convert_spans(k, in, x_dtype, true, threads);
+    k.matmul(w, xf, M, yf, transpose, lora_args ? &lora : nullptr, threads);
+    convert_spans(k, out, x_dtype, false, threads);
 }
 
 // y [M, N] += each row's adapter term (MultiArgs: n adapters, the largest rank r_max), x [M, K]
@@ -263,7 +330,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");
     m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
-          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none());
+          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none(), py::arg("x_dtype") = 0);
 #ifdef LORAKERN_WITH_CUDA
     m.attr("with_cuda") = true;
     m.def("cuda_dequantize", &cuda_dequantize);

@@ -161,6 +161,29 @@ LK_HD uint16_t float_to_half_bits(float f) {
     return static_cast<uint16_t>(sign | h);
 }
 
+// bfloat16 bits -> float32 (exact).
+LK_HD float bf16_bits_to_float(uint16_t b) {
+    union { uint32_t u; float f; } v;
+    v.u = uint32_t(b) << 16;
+    return v.f;
+}
+
+// IEEE half bits -> float32 (exact, subnormals, inf and NaN included), without branches so a loop
+// of it vectorizes: a normal half's exponent and mantissa are moved into a float's fields and
+// the exponent rebiased by a multiply by 2^-112 (224 added first maps 31, inf / NaN, to 255); a
+// subnormal's mantissa m becomes the low bits of 0.5 and 0.5 is subtracted: m * 2^-24, exact. No
+// operation sees a subnormal float, so flush-to-zero modes change nothing.
+LK_HD float half_bits_to_float(uint16_t h) {
+    union { uint32_t u; float f; } w, normal, sub, out;
+    const uint32_t two_w = (uint32_t(h) << 17);  // exponent and mantissa at the top, sign dropped
+    w.u = (two_w >> 4) + (0xE0u << 23);
+    normal.f = w.f * 0x1p-112f;
+    w.u = (two_w >> 17) | (126u << 23);
+    sub.f = w.f - 0.5f;
+    out.u = (uint32_t(h & 0x8000u) << 16) | (two_w < (1u << 27) ? sub.u : normal.u);
+    return out.f;
+}
+
 enum OutDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 }  // namespace lorakern

@@ -187,6 +187,35 @@ def test_bad_state_after_the_plan_raises():
             layer(torch.randn(2, IN))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (5,), (16,), (2, 3), (40,)])
+def test_half_layer_is_one_call_with_the_float32_bits(isa, count_checked, dtype, shape, monkeypatch):
+    """A bfloat16 / float16 QLoRA layer on the CPU: one native call (base, LoRA term and bias in
+    float32, y rounded once), on the checked path and then through the plan, giving the float32
+    layer's bits on the same values, rounded; above 16 rows too where the CPU has no dot products
+    of x's dtype (forced here; the plain C++ build takes its tiles there). A float32 x then is the
+    checked path's dtype error, not a call that reads the half adapter as float32."""
+    from lorakern.ops import bases
+
+    monkeypatch.setitem(bases._fast_half, dtype, False)
+    half = make(in_f=256, r=16).to(dtype)
+    f32 = copy.deepcopy(half).float()
+    one_call = len(shape) > 1 or shape[0] <= 16 or isa != "scalar"
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(*shape, 256).to(dtype)
+            y = half(x)
+            assert y.dtype == dtype
+            if one_call:
+                assert torch.equal(y, f32(x.float()).to(dtype))
+            else:
+                assert_close_like_torch("y", y, reference(half, x), reference(half, x, dtype), dtype)
+        assert (half._decode_plan is not None) == one_call
+        assert len(count_checked) == (2 if one_call else 3)  # one_call: f32 and half once each, then plans
+        with pytest.raises(TypeError, match="dtype"):
+            half(torch.randn(*shape, 256))
+
+
 @pytest.mark.parametrize("case", ["float64", "bf16", "int", "in", "strided", "large M", "1-D", "empty"])
 def test_calls_the_plan_cannot_serve(case):
     layer = make()

@@ -665,7 +665,7 @@ def test_native_int4_backend_refuses_what_it_cannot_serve():
     from lorakern.ops.bases import INT4Base
 
     base = INT4Base(INT4Weight.quantize(torch.randn(8, 64), 32))
-    with pytest.raises(RuntimeError, match="backend='native' serves 1 to 16 rows .*float32 on the CPU"):
+    with pytest.raises(RuntimeError, match="backend='native' serves 1 to 16 rows of float32 .*17 rows"):
         base.matmul(torch.randn(17, 64), False, "native")
     with pytest.raises(RuntimeError, match="torch.float64"):
         base.matmul(torch.randn(2, 64, dtype=torch.float64), False, "native")
@@ -834,3 +834,22 @@ def test_gptq_import_matches_autogptq_packer():
     assert torch.equal(unpack_codes(w.codes), q.long())
     assert torch.equal(w.zeros, zeros)
     torch.testing.assert_close(w.dequantize(torch.float32), W, rtol=0, atol=1e-3 * W.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_qalora_half_inference_is_the_float32_call_rounded(isa, dtype):
+    """QA-LoRA in bfloat16 / float16 on the CPU at 1 to 16 rows: the one native call computes in
+    float32 and rounds y once, so it gives the float32 layer's bits on the same values, rounded
+    (a strided bias included, float32 too: the call reads a contiguous copy)."""
+    w = INT4Weight.quantize(torch.randn(37, 192) * 0.05, 64)
+    for M in (1, 7, 16):
+        x = torch.randn(M, 192).to(dtype)
+        A, B = torch.randn(5, 3).to(dtype), torch.randn(37, 5).to(dtype)
+        bias = torch.randn(37, 2).to(dtype)[:, 1]  # strided
+        with torch.no_grad():
+            got = qalora_linear(x, w, bias, A, B, 0.7, training=False)
+            want = qalora_linear(x.float(), w, bias.float(), A.float(), B.float(), 0.7, training=False)
+            strided32 = torch.stack([bias.float(), bias.float()], 1)[:, 0]
+            got32 = qalora_linear(x.float(), w, strided32, A.float(), B.float(), 0.7, training=False)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype)), (isa, M)
+        assert torch.equal(got32, want), (isa, M)

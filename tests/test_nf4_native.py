@@ -191,6 +191,55 @@ def test_qlora_forward_in_one_call_vs_float64(isa, double_quant):
             assert_close_like_torch(f"h {where}", h, want[1], same[1], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_call_is_the_float32_call_rounded(isa, dtype):
+    """A bfloat16 / float16 x (with A, B, bias of its dtype) is converted to float32 inside the one
+    native call and y, h rounded once: the same bits as the float32 call on the same values, then
+    ``.to(dtype)``, for the forward with the LoRA term, the plain x W^T and x W (every M path:
+    one row, 8-row tiles, the 16-row micro-tiles above SMALL_M), odd shapes and sizes that are not
+    a multiple of the conversions' 8-wide steps; large outputs overflow float16 to inf as torch's
+    rounding does."""
+    cases = (((33, 320, 128), 1, 16, True, False), ((17, 53, 64), 3, 5, False, False),
+             ((48, 256, 64), SMALL_M, 16, True, False), ((70, 64, 32), 40, 8, True, False),
+             ((1001, 192, 64), 2, 256, True, False), ((9, 96, 64), 5, 3, True, True))
+    for (out_f, in_f, bs), M, r, with_bias, big in cases:
+        w = NF4Weight.quantize(torch.randn(out_f, in_f) / (1.0 if big else in_f**0.5), bs, double_quant=M == 3)
+        x = (torch.randn(M, in_f) * (5e3 if big else 1.0)).to(dtype)  # finite; y ~ 4e4, past 65504 in part
+        A = (torch.randn(r, in_f) / in_f**0.5).to(dtype)
+        B = (torch.randn(out_f, r) / r**0.5).to(dtype)
+        bias = torch.randn(out_f).to(dtype) if with_bias else None
+        where = f"{isa} {dtype} {(out_f, in_f, bs)} M={M} r={r}"
+        y, h = native.cpu_qlora_forward(x, w, bias, A, B, 0.7)
+        y32, h32 = native.cpu_qlora_forward(x.float(), w, None if bias is None else bias.float(), A.float(),
+                                            B.float(), 0.7)
+        assert y.dtype == h.dtype == dtype, where
+        assert torch.equal(y, y32.to(dtype)) and torch.equal(h, h32.to(dtype)), where
+        if big and dtype == torch.float16:
+            assert y.isinf().any(), where  # the case must reach float16's overflow
+        for transpose in (False, True):
+            xt = x if not transpose else (torch.randn(M, out_f)).to(dtype)
+            got = native.cpu_matmul(xt, w, transpose)
+            assert got.dtype == dtype and torch.equal(got, native.cpu_matmul(xt.float(), w, transpose).to(dtype)), (
+                f"{where} transpose={transpose}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_finite_half_value_survives_the_conversions(isa, dtype):
+    """Every finite bfloat16 / float16 value (subnormals included) through x -> float32 -> the
+    kernel -> y: with W the identity (NF4's 1.0 and 0.0 codes, absmax 1) y = x, so the load and
+    the rounding store are exact inverses on every value (-0 sums to +0: compared by value)."""
+    n = 32
+    w = NF4Weight.quantize(torch.eye(n), 32)
+    assert torch.equal(w.dequantize_reference(torch.float32), torch.eye(n))
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    values = values[values.isfinite()]
+    x = torch.cat([values, values.new_zeros((-values.numel()) % n)]).reshape(-1, n)
+    for rows in (x[:1], x[:SMALL_M], x):  # 1 row, the small-M tiles, the micro-tile path
+        got = native.cpu_matmul(rows, w, False)
+        assert torch.equal(got, rows), f"{isa} {dtype} M={rows.shape[0]}"
+
+
 def test_long_rows_vs_float64(isa):
     """14336 columns at every small M: the 8-row tiles' accumulators restart at each slice of
     columns (one accumulator a row in the scalar build summed all 14336 products in a row before:

@@ -70,10 +70,17 @@ using MatmulFn = void (*)(const Nf4Weight& w, const float* x, int64_t M, float* 
 using LoraTermsFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t N, const LoraTerm& lora,
                              int64_t n, float* y, int threads);
 
+// Conversions between float32 and x's dtype (OutDtype: float32, bfloat16, float16), n elements,
+// one thread: load exact, store rounded to nearest even. For the kernels' half-precision callers.
+using LoadFn = void (*)(const void* src, int64_t n, float* dst, int dtype);
+using StoreFn = void (*)(const float* src, int64_t n, void* dst, int dtype);
+
 struct Kernels {
     DequantizeFn dequantize;
     MatmulFn matmul;
     LoraTermsFn lora_terms;
+    LoadFn load;
+    StoreFn store;
 };
 
 Kernels scalar_kernels();

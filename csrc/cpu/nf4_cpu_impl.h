@@ -24,6 +24,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <utility>
@@ -35,6 +38,10 @@
 namespace lorakern {
 namespace cpu {
 namespace impl {
+// Internal linkage: each ISA's translation unit (compiled with its own -m flags) keeps its own
+// copy of every function here. Shared inline functions would be merged at link time into one
+// copy, possibly one compiled with AVX-512 instructions, and run on a CPU without them.
+namespace {
 
 // Threads: every loop hands out its work in small pieces (parallel_for, thread_pool.h), so that a
 // thread sharing its core with another process takes fewer pieces instead of holding up the call
@@ -69,6 +76,9 @@ inline void decode_generic(const Nf4Weight& w, int64_t start, int64_t count, flo
     }
 }
 
+// dst[0:count] = src rounded to out_dtype (round to nearest even, as torch's .to()). With F16C
+// (the AVX2 and AVX-512 builds) float16 is vcvtps2ph, 8 at a time: the same bits as
+// float_to_half_bits for every non-NaN value, which the loop of it (branches) costs ~10x.
 inline void store_converted(const float* src, int64_t count, void* dst, int out_dtype) {
     if (out_dtype == kFloat32) {
         memcpy(dst, src, count * sizeof(float));
@@ -77,7 +87,31 @@ inline void store_converted(const float* src, int64_t count, void* dst, int out_
         for (int64_t i = 0; i < count; ++i) o[i] = float_to_bf16_bits(src[i]);
     } else {
         uint16_t* o = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < count; ++i) o[i] = float_to_half_bits(src[i]);
+        int64_t i = 0;
+#if defined(__F16C__)
+        for (; i + 8 <= count; i += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+        for (; i < count; ++i) o[i] = float_to_half_bits(src[i]);
+    }
+}
+
+// dst[0:count] = src (in_dtype: float32, bfloat16 or float16) as float32, exact.
+inline void load_converted(const void* src, int64_t count, float* dst, int in_dtype) {
+    if (in_dtype == kFloat32) {
+        memcpy(dst, src, count * sizeof(float));
+    } else if (in_dtype == kBFloat16) {
+        const uint16_t* p = static_cast<const uint16_t*>(src);
+        for (int64_t i = 0; i < count; ++i) dst[i] = bf16_bits_to_float(p[i]);
+    } else {
+        const uint16_t* p = static_cast<const uint16_t*>(src);
+        int64_t i = 0;
+#if defined(__F16C__)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+        for (; i < count; ++i) dst[i] = half_bits_to_float(p[i]);
     }
 }
 
@@ -1113,9 +1147,10 @@ void matmul(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transp
 
 template <class V>
 Kernels kernels() {
-    return Kernels{&dequantize<V>, &matmul<V>, &lora_terms<V>};
+    return Kernels{&dequantize<V>, &matmul<V>, &lora_terms<V>, &load_converted, &store_converted};
 }
 
+}  // namespace
 }  // namespace impl
 }  // namespace cpu
 }  // namespace lorakern

@@ -156,7 +156,8 @@ def qalora_linear(x: Tensor, weight: INT4Weight, bias: Tensor | None, lora_A: Te
     chosen = resolve_qalora(backend, x2d, lora_A.shape[0])
     if (chosen == "native" and p == 0.0 and _inference(x2d, lora_A, lora_B, bias)
             and _native_serves(x2d, weight, lora_A, lora_B, bias)):
-        y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(), bias, lora_A.contiguous(),
+        y, _ = native.cpu_qlora_forward(x2d.contiguous(), weight.native_view(),
+                                        None if bias is None else bias.contiguous(), lora_A.contiguous(),
                                         lora_B.contiguous(), scaling, pool=weight.group_size)
     else:
         path = {"native": "auto"}.get(chosen, chosen)
@@ -175,7 +176,7 @@ def _native_serves(x2d, weight, *others) -> bool:
     native kernel serves the base (:func:`~lorakern.ops.bases.cpu_matmul_serves`)."""
     rows_served = INT4Base(weight).native_serves(x2d) or (x2d.shape[0] > 0 and cpu_matmul_serves(x2d, False))
     return (x2d.device.type == "cpu" and rows_served
-            and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in others))
+            and all(t is None or (t.dtype == x2d.dtype and t.device.type == "cpu") for t in others))
 
 
 def qalora_linear_reference(x, weight_dense, bias, lora_A, lora_B, scaling: float, group_size: int,

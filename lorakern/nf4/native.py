@@ -129,29 +129,31 @@ def dequantize_into(w, out: torch.Tensor, start: int = 0) -> torch.Tensor:
 
 
 def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
-    """Fused dequant-matmul on the CPU for small M: ``x [M, in] @ W^T`` or ``x [M, out] @ W``,
-    float32 in and out."""
+    """Fused dequant-matmul on the CPU: ``x [M, in] @ W^T`` or ``x [M, out] @ W`` in x's dtype
+    (float32, bfloat16 or float16; a half x is computed in float32 inside the call and the result
+    rounded once)."""
     rows, cols = w.shape
-    x = x.float().contiguous()
+    x = x.contiguous()
     y = x.new_empty(x.shape[0], rows if not transpose else cols)
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), x.shape[0], y.data_ptr(), transpose,
-                           cpu_isa(), cpu_threads())
+                           cpu_isa(), cpu_threads(), x_dtype=OUT_DTYPES[x.dtype])
     return y
 
 
 def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float, pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
-    ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All float32
-    and contiguous (the caller checks). ``pool``: QA-LoRA's group size (``h`` from x averaged over
-    each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain LoRA."""
+    ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All of one
+    dtype (float32, or bfloat16 / float16: computed in float32 inside the call, y and h rounded
+    once) and contiguous (the caller checks). ``pool``: QA-LoRA's group size (``h`` from x averaged
+    over each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain LoRA."""
     rows, cols = w.shape
     M, r = x.shape[0], lora_A.shape[0]
     y = x.new_empty(M, rows)
     h = x.new_empty(M, r)
     lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr(), int(pool))
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
-                           cpu_threads(), lora)
+                           cpu_threads(), lora, x_dtype=OUT_DTYPES[x.dtype])
     return y, h
 
 

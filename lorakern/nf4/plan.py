@@ -15,8 +15,9 @@ strides, device) and the call's scaling and backend, read again on every call, s
 swapped, a parameter's ``.data`` replaced, a weight moved or re-quantized, or a changed scaling
 takes the checked path (which raises what it raises) and a new plan. Values changed in place need
 nothing: the kernel reads them where they are. x is checked on every call (plain tensor, CPU,
-float32, contiguous, ``[..., in]`` with rows the one-call kernel takes: ``cpu_call_takes``); grads,
-dropout in training, DoRA, autocast and torch.compile take the checked path.
+the adapter's dtype, contiguous, ``[..., in]`` with rows the one-call kernel takes:
+``cpu_call_takes``); grads, dropout in training, DoRA, autocast and torch.compile take the
+checked path.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    if torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu") or x.dtype != A.dtype:
         return False
     return cpu_call_takes(x, _rows(x))  # A, B, bias: their dtype and strides are in the key
 
@@ -83,7 +84,8 @@ def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, 
     y = x.new_empty(*x.shape[:-1], plan.out_features)
     h = x.new_empty(M, plan.r)  # x A^T, which the kernel writes (the checked path returns it for backward)
     native.extension().cpu_matmul(plan.weight, x.data_ptr(), M, y.data_ptr(), False, native.cpu_isa(),
-                                  native.cpu_threads(), (*plan.lora, h.data_ptr(), 0))
+                                  native.cpu_threads(), (*plan.lora, h.data_ptr(), 0),
+                                  x_dtype=native.OUT_DTYPES[x.dtype])
     return y
 
 

@@ -130,35 +130,41 @@ def computes_in_float32(x: Tensor) -> bool:
 
 def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
     """Whether the one-call CPU QLoRA kernel (:meth:`NF4Base.fused_forward`) takes x with ``rows``
-    rows and ``tensors`` (bias, A, B; None skipped): x on the CPU, all float32 and contiguous, with 1
-    to SMALL_M rows or more where the native kernel serves the base (:func:`cpu_matmul_serves`).
-    lorakern/nf4/plan.py keeps calls it took.
+    rows and ``tensors`` (bias, A, B; None skipped): x on the CPU, all of x's dtype (float32, or
+    bfloat16 / float16, which the call computes in float32, rounding y and h once) and contiguous,
+    with 1 to SMALL_M rows or more where the native kernel serves the base
+    (:func:`cpu_matmul_serves`). lorakern/nf4/plan.py keeps calls it took.
 
     Above SMALL_M rows too, because a torch op between two native calls costs the next one a core:
     torch's OpenMP workers spin for a few ms after each parallel op (libgomp's default wait
     policy), on the cores the native kernel's threads want. 4096 -> 1024, M = 256, 2 threads,
     AVX2 (Zen 4), layers rotating past the L3, interleaved: base by the kernel then the LoRA term
     in torch 16.5 ms, everything in the kernel 12.5 ms, fp32 ``nn.Linear`` 11.9 ms; at M = 64
-    7.3 / 3.7 / 4.3 ms."""
-    return x.device.type == "cpu" and rows > 0 and (rows <= SMALL_M or cpu_matmul_serves(x, False)) and all(
-        t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (x, *tensors))
+    7.3 / 3.7 / 4.3 ms. Half precision the same way: a bfloat16 / float16 layer (4096 x 4096,
+    r = 16, 2 threads, Zen 4, cold) took 1.5x to 2x the float32 layer's time at M = 1 to 16 with
+    the base in the kernel and the LoRA term and the conversions in torch."""
+    return (x.device.type == "cpu" and rows > 0 and x.dtype in FLOAT_DTYPES
+            and (rows <= SMALL_M or cpu_matmul_serves(x, False))
+            and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (x, *tensors)))
 
 
 def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
-    """Whether the native CPU kernel takes ``x W^T`` above SMALL_M rows: float32 x on the CPU. Its
+    """Whether the native CPU kernel takes ``x W^T`` above SMALL_M rows: float32 x on the CPU (or
+    bfloat16 / float16 x where :func:`computes_in_float32`: converted inside the call). Its
     16-row micro-tiles run the FMAs near the CPU's peak with each slice of W decoded once per 16
     to 256 rows; dequantizing W into tiles for torch's GEMM costs a write and a read of 4 bytes a
     weight. ``nf4_matmul`` at 4096 x 4096, 2 threads, Zen 4 (AVX-512), cold weights, interleaved,
     native / tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 ->
     1024 0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256
-    0.90x. bfloat16 / float16 x reach it as float32 where torch's half-precision GEMM is slower
-    (:func:`computes_in_float32`), else keep the tiled path, as do x W (the backward), whose
+    0.90x. bfloat16 / float16 x where torch's half-precision GEMM is faster keep the tiled path,
+    as do x W (the backward), whose
     native kernel is written for a few rows, in_features not a multiple of 32 (the kernel's
     element-wise path, a dot product per output: 3.0x the tiled time at 4096 x 4100, M = 64) and
     CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's baseline:
     1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
-    return (x.device.type == "cpu" and not transpose and x.dtype == torch.float32 and x.shape[-1] % 32 == 0
-            and native.unavailable_reason(x.device) is None and native.cpu_isa() != "scalar")
+    return (x.device.type == "cpu" and not transpose and (x.dtype == torch.float32 or computes_in_float32(x))
+            and x.shape[-1] % 32 == 0 and native.unavailable_reason(x.device) is None
+            and native.cpu_isa() != "scalar")
 
 
 class NF4Base:
@@ -226,13 +232,13 @@ class NF4Base:
         M = x.shape[0]
         if M == 0:
             return x.new_empty(0, in_features if transpose else out_features)
-        if M > SMALL_M and computes_in_float32(x):  # (at most SMALL_M rows the kernel reads x as float32 anyway)
-            return self.matmul(x.float(), transpose, backend).to(x.dtype)
         if M <= SMALL_M or cpu_matmul_serves(x, transpose):
-            if x.device.type == "cpu":
-                return native.cpu_matmul(x, self.w, transpose).to(x.dtype)
+            if x.device.type == "cpu":  # (a half x is computed in float32 inside the call)
+                return native.cpu_matmul(x, self.w, transpose)
             if not transpose:
                 return native.cuda_gemv(x, self.w)
+        if computes_in_float32(x):  # x W above SMALL_M rows: float32 tiles
+            return self.matmul(x.float(), transpose, backend).to(x.dtype)
         return self._tiled_matmul(x.contiguous(), transpose)
 
     def _tiled_matmul(self, x: Tensor, transpose: bool) -> Tensor:
@@ -316,20 +322,21 @@ class INT4Base:
 
     def native_serves(self, x: Tensor, transpose: bool = False) -> bool:
         """The native NF4 kernels with the table 0..15 and each group's shift (``W = scale * q +
-        shift``, ``shift = -scale * zero``), M <= SMALL_M, extension built: on the CPU in float32
-        (both products), on CUDA in fp32 / bf16 / fp16 (the GEMV: ``x W^T`` only)."""
+        shift``, ``shift = -scale * zero``), M <= SMALL_M, extension built, x in fp32 / bf16 / fp16:
+        on the CPU both products (computed in float32 inside the call), on CUDA the GEMV (``x W^T``
+        only)."""
         if not (0 < x.shape[0] <= SMALL_M and native.unavailable_reason(x.device) is None):
             return False
-        if x.device.type == "cuda":
-            return not transpose and x.dtype in FLOAT_DTYPES
-        return x.device.type == "cpu" and x.dtype == torch.float32
+        if x.dtype not in FLOAT_DTYPES:
+            return False
+        return x.device.type == "cpu" or (x.device.type == "cuda" and not transpose)
 
     def matmul(self, x: Tensor, transpose: bool, backend: str = "auto") -> Tensor:
         """``backend``: "reference" (row tiles decoded in torch), "native" (raises where the
         native path does not serve), "auto" (native where it serves)."""
         if backend == "native" and not self.native_serves(x, transpose):
-            raise RuntimeError("INT4 backend='native' serves 1 to 16 rows with lorakern._C built: float32 on the "
-                               "CPU, float32 / bfloat16 / float16 x W^T on CUDA; got "
+            raise RuntimeError("INT4 backend='native' serves 1 to 16 rows of float32 / bfloat16 / float16 x "
+                               "with lorakern._C built: x W^T and x W on the CPU, x W^T on CUDA; got "
                                f"{x.dtype} on {x.device}, {x.shape[0]} rows{' (x W)' if transpose else ''}")
         if backend != "reference" and self.native_serves(x, transpose):
             return self._native_matmul(x, transpose)
