@@ -113,6 +113,46 @@ def test_ptxas_report_parsing_and_rules():
     assert violations(rec) == ["spills 12 bytes", "stack frame 64 bytes (local memory)"]
 
 
+def test_resources_read_from_the_cubin_match_ptxas():
+    """The sweep reads registers, stack frame and static shared memory from the cubin Triton built
+    (no second ptxas run): on one job of each kernel and arch, the same as ``ptxas -v`` on the
+    PTX; a job whose cubin has a stack frame asks ptxas for its spills."""
+    code = r'''
+import json
+import lorakern.aot as aot
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lorakern.triton import kernels
+jobs, seen = [], set()
+for job in aot.collect_jobs([80, 90], False):
+    if (job["kernel"], job["arch"]) not in seen:
+        seen.add((job["kernel"], job["arch"]))
+        jobs.append(job)
+out = []
+for job in jobs:
+    src = ASTSource(fn=getattr(kernels, job["kernel"]), signature=job["signature"], constexprs=job["constexprs"],
+                    attrs={tuple(k): v for k, v in job["attrs"]})
+    k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+    out.append([job["kernel"], job["arch"], aot._cubin_report(k.asm["cubin"], k.metadata.name, job["arch"]),
+                aot._ptxas_report(k.asm["ptx"], job["arch"])])
+asked = []
+real = aot._ptxas_report
+aot._ptxas_report = lambda ptx, arch: asked.append(arch) or {**real(ptx, arch), "spill_bytes": 8}
+aot._cubin_report = lambda cubin, name, arch: {"regs": 1, "frame_bytes": 64, "static_shared": 0}
+rec = aot.run_job(jobs[0])
+print(json.dumps({"out": out, "asked": asked, "fallback": rec}))
+'''
+    result = json.loads(_in_subprocess(code).strip().splitlines()[-1])
+    assert len(result["out"]) >= 12  # six Triton kernels, two archs
+    for kernel, arch, cubin, ptxas in result["out"]:
+        assert cubin["regs"] == ptxas["regs"] and cubin["static_shared"] == ptxas["static_shared"], (kernel, arch)
+        assert cubin["frame_bytes"] == 0 and ptxas["spill_bytes"] == 0, (kernel, arch)
+    assert result["asked"] == [result["fallback"]["arch"]]
+    assert result["fallback"]["ok"] and result["fallback"]["spill_bytes"] == 8
+    assert result["fallback"]["regs"] > 1  # ptxas's count, not the frame-only cubin report's
+
+
 def test_a_hung_tool_is_killed_with_its_workers():
     """The sweep runs under a limit that means "hung" (hours, not a speed bound), and past it the
     tool's whole process group goes, compiler workers included (they once outlived pytest by an hour)."""
