@@ -322,8 +322,11 @@ def run_job(job) -> dict:
         src = ASTSource(fn=fn, signature=job["signature"], constexprs=c, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         ptx = k.asm["ptx"]
-        res = _cubin_report(k.asm["cubin"], k.metadata.name, job["arch"])
-        if res["frame_bytes"]:  # local memory: how much of it is spills, ptxas -v says
+        try:
+            res = _cubin_report(k.asm["cubin"], k.metadata.name, job["arch"])
+        except (ValueError, KeyError, IndexError, struct.error):  # a cubin laid out otherwise: ask ptxas
+            res = {"frame_bytes": None}
+        if res["frame_bytes"] != 0:  # local memory: how much of it is spills, ptxas -v says
             res = _ptxas_report(ptx, job["arch"])
         else:
             res["spill_bytes"] = 0

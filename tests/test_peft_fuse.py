@@ -508,3 +508,47 @@ def test_bnb_decode_calls_after_the_first_skip_the_checks(monkeypatch):
         with model.disable_adapter():
             assert torch.equal(model(x), layer.base_layer(x))
     assert old_B.shape == (64, 8)
+
+
+def test_bnb_decode_in_bfloat16_keeps_the_adapters_cast(monkeypatch):
+    """bfloat16 x on float32 adapters (PEFT's default on a 16-bit model) and bias (bitsandbytes
+    keeps the base's bias in its dtype): serving, their bfloat16 copies are kept while they are
+    unchanged, so the kernel call is kept too (one
+    checked call, then the plan); an in-place change of an adapter is followed; with grads the
+    cast is made per call and the float32 adapters get their grads."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lorakern import NF4Weight, qlora_linear
+
+    calls = _served_by_op(monkeypatch, "qlora_linear")
+    net = nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4"))
+    net[0].load_state_dict(nn.Linear(128, 64).to(torch.bfloat16).state_dict())
+    net = net.to("cpu")
+    model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
+                                                     init_lora_weights=False))
+    fuse(model)
+    model.eval()
+    layer = model.base_model.model[0]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.dtype == B.dtype == layer.base_layer.bias.dtype == torch.float32
+
+    def want(x):
+        base = layer.base_layer
+        return qlora_linear(x, NF4Weight.from_bnb(base), base.bias.to(x.dtype), A.to(x.dtype), B.to(x.dtype),
+                            layer.scaling["default"], training=False)
+
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3, 128).to(torch.bfloat16)
+            assert torch.equal(model(x), want(x))
+        assert len(calls) == 1  # the first call through the op, then the plan on the kept copies
+        B.mul_(2)  # in place, as an optimizer step or load_state_dict writes
+        x = torch.randn(2, 128).to(torch.bfloat16)
+        assert torch.equal(model(x), want(x))
+        layer.base_layer.bias.add_(1.0)
+        x = torch.randn(2, 128).to(torch.bfloat16)
+        assert torch.equal(model(x), want(x))
+        assert len(calls) == 3
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    model(x).float().sum().backward()
+    assert A.grad is not None and B.grad is not None and A.grad.dtype == torch.float32
+    assert len(calls) == 4

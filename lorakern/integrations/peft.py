@@ -265,7 +265,7 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
     if x.device.type == "cuda":  # the Triton kernels take the adapters stacked
         As, Bs, ranks = stacked_adapters(layer, names, x)
     else:
-        pairs = [_in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+        pairs = [_in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight, layer=layer, slot=n) for n in names]
         As, Bs, ranks = [A for A, _ in pairs], [B for _, B in pairs], None
     weight = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else base.weight
     return multi_lora_linear(x, weight, _bias_in_x_dtype(x, base), As, Bs, scalings, index, ps, training=True,
@@ -356,7 +356,7 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     scaling = layer.scaling[adapter]
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
-    A, B, magnitude = _in_x_dtype(x, A, B, magnitude)
+    A, B, magnitude = _in_x_dtype(x, A, B, magnitude, layer=layer if len(active) == 1 else None, slot=adapter)
     if is_gptq_linear(base):  # PEFT's QA-LoRA drops out only while the layer itself trains
         return qalora_linear(x, int4_of(base)[0], _bias_in_x_dtype(x, base), A, B, scaling, p,
                              training=training and layer.training)
@@ -378,17 +378,48 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training, magnitude=magnitude)
 
 
-def _in_x_dtype(x, A, *others):
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {slot: (key, sources, casts)}
+
+
+def _in_x_dtype(x, A, *others, layer=None, slot=None):
     """An adapter's tensors (A first; None stays None) in x's dtype: PEFT keeps adapters in fp32 on a
-    16-bit base, the fused op computes in x's dtype. Under autocast the op casts them itself."""
+    16-bit base, the fused op computes in x's dtype. Under autocast the op casts them itself.
+
+    Serving (no grad needed), the copies are kept per ``layer`` and ``slot`` while the sources are
+    unchanged (the same tensors, storage and version counters: see :func:`stamp` and
+    :func:`stacked_adapters`), so that the CPU decode plan, keyed on the addresses it reads, serves
+    the next call, and no torch op runs between two native calls (a cast of A [16, 4096] is a
+    parallel op after which torch's OpenMP threads spin on the cores the kernel wants). bfloat16 x
+    on fp32 adapters, 8 bitsandbytes 4096 x 4096 layers fused, Zen 4, 2 threads: 1.08 ms a layer at
+    M = 1 and 7.6 ms at M = 16 casting per call, against 0.85 / 3.6 ms for a bfloat16
+    ``FusedLoRALinear``."""
     if A.dtype == x.dtype or autocast_dtype(x.device.type) is not None:
         return (A, *others)
-    return autocast_to(x.dtype, A, *others)
+    return _cast(x, (A, *others), layer, slot)
+
+
+def _cast(x, sources: tuple, layer, slot) -> tuple:
+    """``sources`` (None stays None) in x's dtype, kept on ``layer`` under ``slot`` when serving."""
+    present = [t for t in sources if t is not None]
+    stamps = stamp(*present)
+    if layer is None or stamps is None or (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+        return autocast_to(x.dtype, *sources)
+    key = (x.dtype, x.device, stamps)
+    slots = _CASTS.setdefault(layer, {})
+    cached = slots.get(slot)
+    if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
+        with torch.no_grad():
+            cached = (key, sources, autocast_to(x.dtype, *sources))
+        slots[slot] = cached
+    return cached[2]
 
 
 def _bias_in_x_dtype(x, base):
-    """A bitsandbytes base's bias (kept in the weight's original dtype) in x's."""
-    return base.bias if base.bias is None or base.bias.dtype == x.dtype else base.bias.to(x.dtype)
+    """A bitsandbytes base's bias (kept in the weight's original dtype) in x's (the copy kept while
+    serving, as the adapters' in :func:`_in_x_dtype`)."""
+    if base.bias is None or base.bias.dtype == x.dtype:
+        return base.bias
+    return _cast(x, (base.bias,), base, "bias")[0]
 
 
 def fuse(model: nn.Module) -> int:
