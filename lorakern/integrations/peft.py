@@ -265,7 +265,8 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
     if x.device.type == "cuda":  # the Triton kernels take the adapters stacked
         As, Bs, ranks = stacked_adapters(layer, names, x)
     else:
-        pairs = [_in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight, layer=layer, slot=n) for n in names]
+        pairs = [_in_x_dtype(x, layer.lora_A[n].weight, layer.lora_B[n].weight, layer=layer, slot=("mixed", n))
+                 for n in names]
         As, Bs, ranks = [A for A, _ in pairs], [B for _, B in pairs], None
     weight = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else base.weight
     return multi_lora_linear(x, weight, _bias_in_x_dtype(x, base), As, Bs, scalings, index, ps, training=True,
@@ -356,7 +357,7 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     scaling = layer.scaling[adapter]
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
-    A, B, magnitude = _in_x_dtype(x, A, B, magnitude, layer=layer if len(active) == 1 else None, slot=adapter)
+    A, B, magnitude = _in_x_dtype(x, A, B, magnitude, layer=layer if len(active) == 1 else None, slot=("one", adapter))
     if is_gptq_linear(base):  # PEFT's QA-LoRA drops out only while the layer itself trains
         return qalora_linear(x, int4_of(base)[0], _bias_in_x_dtype(x, base), A, B, scaling, p,
                              training=training and layer.training)
@@ -407,7 +408,8 @@ def _cast(x, sources: tuple, layer, slot) -> tuple:
     key = (x.dtype, x.device, stamps)
     slots = _CASTS.setdefault(layer, {})
     cached = slots.get(slot)
-    if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
+    if (cached is None or cached[0] != key or len(cached[1]) != len(sources)
+            or any(a is not b for a, b in zip(cached[1], sources))):
         with torch.no_grad():
             cached = (key, sources, autocast_to(x.dtype, *sources))
         slots[slot] = cached
