@@ -146,9 +146,11 @@ def qlora_linear(
     """QLoRA linear on ``x [..., in]`` -> ``[..., out]`` with an NF4 base ``weight [out, in]``.
 
     Computed in x's dtype (the base weight is decoded to it; under ``torch.autocast`` everything is
-    cast to the autocast dtype first). ``compute_dtype`` (bitsandbytes' ``Linear4bit`` option, e.g.
-    bfloat16 under fp32 activations): the base ``x W^T + bias`` is computed in it and cast back to
-    x's dtype, the LoRA term stays in x's dtype, as PEFT on bitsandbytes does; outside autocast only.
+    cast to the autocast dtype first); on the CPU the native kernels take bfloat16 / float16 x in
+    float32 and round the result once (see :func:`lorakern.ops.bases.cpu_call_takes`).
+    ``compute_dtype`` (bitsandbytes' ``Linear4bit`` option, e.g. bfloat16 under fp32 activations):
+    the base ``x W^T + bias`` is computed in it and cast back to x's dtype, the LoRA term stays in
+    x's dtype, as PEFT on bitsandbytes does; outside autocast only.
     ``backend``: "auto", "native", "reference" or "triton" (see :func:`lorakern.backend.resolve_qlora`).
     ``magnitude [out]``: DoRA on the NF4 base (QDoRA), as in :func:`lorakern.lora_linear`.
     Gradients flow to x, bias, lora_A, lora_B and the magnitude; the 4-bit weight never gets one.
