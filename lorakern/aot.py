@@ -254,7 +254,10 @@ def _c_string(buf: bytes, at: int) -> str:
 
 
 def _symbol_index(elf: bytes, sections, symbol: str) -> int:
-    _, off, size, link = next(sec for sec in sections if sec[0] == ".symtab")
+    symtab = next((sec for sec in sections if sec[0] == ".symtab"), None)
+    if symtab is None:
+        raise ValueError("the cubin has no .symtab")
+    _, off, size, link = symtab
     names_at = sections[link][1]
     for i in range(size // 24):  # Elf64_Sym: name, info, other, shndx, value, size
         if _c_string(elf, names_at + struct.unpack_from("<I", elf, off + 24 * i)[0]) == symbol:
