@@ -563,9 +563,10 @@ def test_index_strided_narrow_or_expanded(nf4):
             assert_close_like_torch("y", y, y64, y32, torch.float32)
 
 
-def test_stacked_adapters_of_inference_mode_tensors_are_never_kept():
-    """Adapters made under torch.inference_mode() have no version counter: fuse's stacks for the
-    Triton kernels are rebuilt on every call, so an in-place edit there is seen."""
+def test_stacked_adapters_follow_writes_no_version_counter_sees():
+    """fuse's stacks for the Triton kernels are written on every call: an in-place edit of an
+    adapter made under torch.inference_mode() (no version counter), or one through ``.data`` (a
+    counter of its own: PEFT's hotswap_adapter writes so), is in the next stack."""
     from lorakern.integrations.peft import stacked_adapters
 
     class Layer:  # what stacked_adapters reads of a PEFT layer
@@ -578,9 +579,20 @@ def test_stacked_adapters_of_inference_mode_tensors_are_never_kept():
         x = torch.randn(3, 16)
         A, B, ranks = stacked_adapters(layer, ["a", "b"], x)
         assert ranks == [2, 4] and torch.equal(A[0, :2], layer.lora_A["a"].weight)
+        before = A[0, :2].clone()
         layer.lora_A["a"].weight.mul_(2)
         A2, _, _ = stacked_adapters(layer, ["a", "b"], x)
-        assert torch.equal(A2[0, :2], layer.lora_A["a"].weight) and not torch.equal(A2[0, :2], A[0, :2])
+        assert torch.equal(A2[0, :2], layer.lora_A["a"].weight) and not torch.equal(A2[0, :2], before)
+    plain = Layer()
+    plain.lora_A = {n: torch.nn.Linear(16, r, bias=False) for n, r in (("a", 2), ("b", 4))}
+    plain.lora_B = {n: torch.nn.Linear(r, 12, bias=False) for n, r in (("a", 2), ("b", 4))}
+    with torch.no_grad():
+        _, B, _ = stacked_adapters(plain, ["a", "b"], x)
+        before = B[1].clone()
+        plain.lora_B["b"].weight.data.copy_(torch.randn(12, 4))
+        _, B2, _ = stacked_adapters(plain, ["a", "b"], x)
+    assert torch.equal(B2[1], plain.lora_B["b"].weight) and not torch.equal(B2[1], before)
+    assert not B2[0, :, 2:].any()
 
 
 def test_every_adapter_is_checked():

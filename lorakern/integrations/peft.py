@@ -41,7 +41,6 @@ from ..nf4.format import NF4Weight
 from ..ops import lora_linear, multi_lora_linear, qlora_linear
 from ..ops.common import autocast_dtype, autocast_to
 from ..ops.multi import stack_ranks
-from ..stamp import stamp
 from .gptq import int4_of, is_gptq_linear
 
 _FUSED = "_lorakern_fused"
@@ -273,40 +272,45 @@ def fused_mixed_forward(layer, x: torch.Tensor, adapter_names) -> torch.Tensor:
                              ranks=ranks)
 
 
-_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, weights, stacked A, B, ranks)
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stacked A, B)
 
 
 def stacked_adapters(layer, names, x: torch.Tensor):
     """Adapters ``names`` of ``layer`` stacked as the Triton kernels take them (``A [n, r_max, in]``,
     ``B [n, out, r_max]``, zero-padded, in the dtype they compute in) and their ranks.
 
-    Serving (no adapter needs a grad): kept per layer until one of the adapters changes. Stacking is
-    a copy of ``n * r_max * (in + out)`` elements, which at decode sits beside a base GEMV reading
+    Serving (no adapter needs a grad): written on every call into buffers kept per layer (the same
+    addresses call after call, no allocation), as :func:`_cast` does and for its reason: a write
+    through ``tensor.data`` (PEFT's ``hotswap_adapter``) leaves no trace in the adapter's version
+    counter, so a stack kept until a counter moved would serve a swapped-out adapter. Stacking is a
+    copy of ``n * r_max * (in + out)`` elements, which at decode sits beside a base GEMV reading
     ``out * in``: 32 adapters of r=16 on a 4096 x 4096 layer copy 4M elements per call against the
-    base's 16.8M, ~25% more traffic per step. The key holds the adapter tensors themselves (so no
-    other tensor can take one's identity while it is cached), their storage and version counters,
-    which every in-place write bumps (optimizer steps, ``load_state_dict``, ``nn.init`` under
-    ``no_grad``; a write through ``tensor.data``, which has a counter of its own, is not seen, as
-    for the DoRA norm cache). Training stacks per call, so that the grads flow back to each adapter,
-    and so do adapters made under ``torch.inference_mode()`` (no version counter to check)."""
+    base's 16.8M. Training stacks into new tensors per call, so that the grads flow back to each
+    adapter."""
     weights = [t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
     dtype = autocast_dtype(x.device.type) or x.dtype
     ranks = [layer.lora_A[n].weight.shape[0] for n in names]
-
-    def stack(part: int) -> torch.Tensor:
-        return stack_ranks([t.to(dtype) for t in weights[part::2]], part, max(ranks))
-
-    stamps = stamp(*weights)
-    if stamps is None or (torch.is_grad_enabled() and any(t.requires_grad for t in weights)):
-        return stack(0), stack(1), ranks  # training, or tensors made under inference_mode: per call
-    key = (dtype, x.device, stamps)
-    cached = _STACKS.get(layer)
-    if cached is None or cached[0] != key or len(cached[1]) != len(weights) \
-            or any(a is not b for a, b in zip(cached[1], weights)):
-        with torch.no_grad():
-            cached = (key, weights, stack(0), stack(1), ranks)
-        _STACKS[layer] = cached
-    return cached[2:]
+    r_max = max(ranks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weights):
+        return (stack_ranks([t.to(dtype) for t in weights[0::2]], 0, r_max),
+                stack_ranks([t.to(dtype) for t in weights[1::2]], 1, r_max), ranks)
+    key = (dtype, x.device, tuple(t.shape for t in weights))
+    kept = _STACKS.get(layer)
+    if kept is None or kept[0] != key or (kept[1].is_inference() and not torch.is_inference_mode_enabled()):
+        A0, B0 = weights[0], weights[1]
+        kept = (key, torch.zeros(len(names), r_max, A0.shape[1], dtype=dtype, device=x.device),
+                torch.zeros(len(names), B0.shape[0], r_max, dtype=dtype, device=x.device))
+        _STACKS[layer] = kept
+    stacked_A, stacked_B = kept[1], kept[2]
+    with torch.no_grad():
+        if all(r == r_max for r in ranks):  # one copy each (the usual case: one rank for every adapter)
+            torch.stack(weights[0::2], out=stacked_A)
+            torch.stack(weights[1::2], out=stacked_B)
+        else:  # the padding past each rank stays zero
+            for i, r in enumerate(ranks):
+                stacked_A[i, :r].copy_(weights[2 * i])
+                stacked_B[i, :, :r].copy_(weights[2 * i + 1])
+    return stacked_A, stacked_B, ranks
 
 
 class FusedForward:
@@ -379,41 +383,54 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, base.weight, base.bias, A, B, scaling, p, training=training, magnitude=magnitude)
 
 
-_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {slot: (key, sources, casts)}
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {slot: buffers in x's dtype}
 
 
 def _in_x_dtype(x, A, *others, layer=None, slot=None):
     """An adapter's tensors (A first; None stays None) in x's dtype: PEFT keeps adapters in fp32 on a
     16-bit base, the fused op computes in x's dtype. Under autocast the op casts them itself.
 
-    Serving (no grad needed), the copies are kept per ``layer`` and ``slot`` while the sources are
-    unchanged (the same tensors, storage and version counters: see :func:`stamp` and
-    :func:`stacked_adapters`), so that the CPU decode plan, keyed on the addresses it reads, serves
-    the next call, and no torch op runs between two native calls (a cast of A [16, 4096] is a
-    parallel op after which torch's OpenMP threads spin on the cores the kernel wants). bfloat16 x
-    on fp32 adapters, 8 bitsandbytes 4096 x 4096 layers fused, Zen 4, 2 threads: 1.08 ms a layer at
-    M = 1 and 7.6 ms at M = 16 casting per call, against 0.85 / 3.6 ms for a bfloat16
-    ``FusedLoRALinear``."""
+    Serving (no grad needed), the casts are written into buffers kept per ``layer`` and ``slot``
+    (:func:`_cast`), so that the CPU decode plan, keyed on the addresses it reads, serves the next
+    call. bfloat16 x on fp32 adapters, 8 bitsandbytes 4096 x 4096 layers fused, Zen 4, 2 threads:
+    1.08 ms a layer at M = 1 and 7.6 ms at M = 16 with a new cast per call, against 0.85 / 3.6 ms
+    for a bfloat16 ``FusedLoRALinear``."""
     if A.dtype == x.dtype or autocast_dtype(x.device.type) is not None:
         return (A, *others)
     return _cast(x, (A, *others), layer, slot)
 
 
 def _cast(x, sources: tuple, layer, slot) -> tuple:
-    """``sources`` (None stays None) in x's dtype, kept on ``layer`` under ``slot`` when serving."""
+    """``sources`` (None stays None) in x's dtype. Serving, written on every call into buffers kept
+    on ``layer`` under ``slot`` (the same addresses call after call). Every call copies: whether a
+    source changed cannot be told from its version counter, because PEFT writes adapters through
+    ``tensor.data`` (``hotswap_adapter``: ``old.data.copy_(new)``), which has a counter of its own;
+    kept copies checked by version counter served the old adapter after a hot swap."""
     present = [t for t in sources if t is not None]
-    stamps = stamp(*present)
-    if layer is None or stamps is None or (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+    if layer is None or (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
         return autocast_to(x.dtype, *sources)
-    key = (x.dtype, x.device, stamps)
     slots = _CASTS.setdefault(layer, {})
-    cached = slots.get(slot)
-    if (cached is None or cached[0] != key or len(cached[1]) != len(sources)
-            or any(a is not b for a, b in zip(cached[1], sources))):
-        with torch.no_grad():
-            cached = (key, sources, autocast_to(x.dtype, *sources))
-        slots[slot] = cached
-    return cached[2]
+    kept = slots.get(slot)
+    if kept is None or not _buffers_fit(kept, sources, x):
+        kept = tuple(None if t is None else torch.empty(t.shape, dtype=x.dtype, device=t.device) for t in sources)
+        slots[slot] = kept
+    with torch.no_grad():
+        for dst, src in zip(kept, sources):
+            if src is not None:
+                dst.copy_(src)
+    return kept
+
+
+def _buffers_fit(kept: tuple, sources: tuple, x) -> bool:
+    """Whether ``kept`` can take ``sources`` cast to x's dtype: one per source, the same shapes and
+    device, and writable here (a buffer made under ``torch.inference_mode()`` is an inference
+    tensor, which may be written only there)."""
+    inference = torch.is_inference_mode_enabled()
+    return len(kept) == len(sources) and all(
+        (k is None) == (t is None) and (t is None or (k.shape == t.shape and k.dtype == x.dtype
+                                                       and k.device == t.device
+                                                       and (inference or not k.is_inference())))
+        for k, t in zip(kept, sources))
 
 
 def _bias_in_x_dtype(x, base):

@@ -20,8 +20,8 @@ The norm never needs the dense ``B A`` [out, in]:
 ``||W_j||`` is cached per base weight (constant while W is frozen); ``A W^T`` [r, out] is one more
 pass over W, taken in the same matmul as ``x~ W^T`` at small M (rows [x~; A] together: memory-bound,
 so r more rows cost little on a dense base); the rest is O(out * r^2 + in * r^2). The whole norm is
-cached per (W, A, B, s) while none of them changes (eval, gradient accumulation), checked by each
-tensor's identity and version counter.
+cached per (W, A, B, s) while none of them changes (eval, gradient accumulation): W checked by its
+tensors' identities and version counters, A and B by their values (copies kept with the norm).
 
 Gradients (n constant):
 
@@ -52,7 +52,7 @@ from ..stamp import stamp as tensor_stamp
 from .common import Adapter, triton_ops
 
 # The norms cached so far: base weight tensor -> (stamp, ||W_j|| [out] fp32), and lora_A ->
-# (stamp of W, A, B, s, n [out] fp32). Weak keys: an entry goes with its tensor.
+# (stamp of W and s, copies of A and B, n [out] fp32). Weak keys: an entry goes with its tensor.
 _ROW_NORMS = WeakTensorKeyDictionary()
 _NORMS = WeakTensorKeyDictionary()
 
@@ -92,16 +92,27 @@ def norm_from(wn: Tensor, aw: Tensor, adapter: Adapter) -> Tensor:
 
 
 def cached_norm(base, adapter: Adapter) -> tuple[Tensor | None, tuple]:
-    """``(n or None, key)``: the norm cached for this base and adapter, and the key to store one."""
+    """``(n or None, key)``: the norm cached for this base and adapter, and the key to store one.
+    The base by its tensors' identities and version counters (it is frozen); the adapter by its
+    values, compared with copies kept beside the norm: PEFT writes adapters through
+    ``tensor.data`` (``hotswap_adapter``), which leaves the version counter alone, and a fused PEFT
+    layer on a 16-bit model refreshes its adapters' casts in place on every call."""
     A, B = adapter.lora_A, adapter.lora_B
     tensors = base.tensors()
-    stamp = tensor_stamp(*tensors, A, B)
+    stamp = tensor_stamp(*tensors)
     key = (None if stamp is None else (*stamp, float(adapter.scaling)), (*tensors, B))
-    return _lookup(_NORMS, A, *key), key
+    hit = _lookup(_NORMS, A, *key)
+    if hit is None:
+        return None, key
+    kept_A, kept_B, norm = hit
+    same = (kept_A.shape == A.shape and kept_A.dtype == A.dtype and kept_B.shape == B.shape
+            and kept_B.dtype == B.dtype and torch.equal(kept_A, A.detach()) and torch.equal(kept_B, B.detach()))
+    return (norm if same else None), key
 
 
 def store_norm(adapter: Adapter, key: tuple, norm: Tensor) -> None:
-    _store(_NORMS, adapter.lora_A, *key, norm)
+    kept = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone(), norm)
+    _store(_NORMS, adapter.lora_A, *key, kept)
 
 
 def weight_norm(base, adapter: Adapter, backend: str, base_dtype=None, weight: Tensor | None = None) -> Tensor:
