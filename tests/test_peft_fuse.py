@@ -510,6 +510,22 @@ def test_bnb_decode_calls_after_the_first_skip_the_checks(monkeypatch):
     assert old_B.shape == (64, 8)
 
 
+def test_serial_copies_give_the_whole_copy():
+    """The kept casts are written in pieces below torch's grain size (one thread); any size,
+    contiguous or not, gives what one copy_ gives."""
+    from lorakern.integrations.peft import _copy_serially
+
+    for shape in ((3,), (16, 4096), (4096, 9), (100001,)):
+        src = torch.randn(shape)
+        dst = torch.empty(shape, dtype=torch.bfloat16)
+        _copy_serially(dst, src)
+        assert torch.equal(dst, src.to(torch.bfloat16))
+    src = torch.randn(9, 4096).t()  # strided: one copy
+    dst = torch.empty(4096, 9, dtype=torch.float16)
+    _copy_serially(dst, src)
+    assert torch.equal(dst, src.to(torch.float16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hotswap_adapter_on_a_fused_model(tmp_path, dtype):
     """PEFT's ``hotswap_adapter`` writes the new adapter into the old tensors through ``.data``
