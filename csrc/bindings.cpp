@@ -127,16 +127,18 @@ using LoraArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, double, int64_t, ui
 // adapter per row instead of LoraArgs' A, B, r and scaling (see cpu::LoraTerm).
 using MultiArgs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
 
-// A tensor in a half dtype and its float32 copy, for the float32 kernels' half-precision callers.
+// A tensor in a half dtype (OutDtype) and its float32 copy, for the float32 kernels'
+// half-precision callers.
 struct HalfSpan {
     const void* half;
     float* f;
     int64_t n;
+    int dtype;
 };
 
 // Every span loaded into its float32 copy (load) or its float32 copy rounded into it (store), in
 // pieces of 16K elements (64 KB of float32, a few us) on the kernel's threads.
-void convert_spans(const cpu::Kernels& k, const std::vector<HalfSpan>& spans, int dtype, bool load, int threads) {
+void convert_spans(const cpu::Kernels& k, const std::vector<HalfSpan>& spans, bool load, int threads) {
     constexpr int64_t kPiece = int64_t{1} << 14;
     std::vector<std::pair<size_t, int64_t>> pieces;  // (span, first element)
     for (size_t s = 0; s < spans.size(); ++s)
@@ -146,20 +148,27 @@ void convert_spans(const cpu::Kernels& k, const std::vector<HalfSpan>& spans, in
         const int64_t i = pieces[p].second, n = std::min(kPiece, sp.n - i);
         uint16_t* h = static_cast<uint16_t*>(const_cast<void*>(sp.half)) + i;
         if (load)
-            k.load(h, n, sp.f + i, dtype);
+            k.load(h, n, sp.f + i, sp.dtype);
         else
-            k.store(sp.f + i, n, h, dtype);
+            k.store(sp.f + i, n, h, sp.dtype);
     });
 }
 
-// x_dtype (OutDtype): the dtype of x, y and, with the LoRA term, of A, B, bias and h. A half dtype
-// is computed in float32: its tensors are converted into float32 buffers inside this call and the
-// outputs rounded once into y and h, so a half-precision layer is one call with no torch op between
-// its pieces (after a parallel torch op, torch's OpenMP threads spin on the cores the kernel's
-// threads want: see thread_pool.h). Several adapters (multi) take float32 alone.
+// x_dtype (OutDtype): the dtype of x and y; lora_dtype the dtype of A, B and h, bias_dtype the
+// bias's (-1: x_dtype; with a half x each may also be float32: PEFT keeps its adapters in float32
+// on a 16-bit model). A half dtype is computed in float32: its tensors are converted into float32
+// buffers inside this call and the outputs rounded once into y (and h), so a half-precision layer
+// is one call with no torch op between its pieces (after a parallel torch op, torch's OpenMP
+// threads spin on the cores the kernel's threads want: see thread_pool.h); float32 tensors are
+// read where they are. Several adapters (multi) take float32 alone.
 void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool transpose, const std::string& isa,
                 int threads, const std::optional<LoraArgs>& lora_args, const std::optional<MultiArgs>& multi,
-                int x_dtype) {
+                int x_dtype, int lora_dtype, int bias_dtype) {
+    if (lora_dtype == -1) lora_dtype = x_dtype;
+    if (bias_dtype == -1) bias_dtype = x_dtype;
+    if ((lora_dtype != x_dtype && lora_dtype != lorakern::kFloat32) ||
+        (bias_dtype != x_dtype && bias_dtype != lorakern::kFloat32))
+        throw std::invalid_argument("lora_dtype and bias_dtype must be x_dtype or 0 (float32)");
     const Nf4Weight w = make_weight(wa);
     const cpu::Kernels k = kernels_for(isa);
     cpu::LoraTerm lora{};
@@ -200,9 +209,11 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
     if (multi) throw std::invalid_argument("several adapters take float32 tensors (x_dtype 0)");
     if (M < 0) throw std::invalid_argument("M must be >= 0");
     const int64_t k_in = transpose ? w.rows : w.cols, n_out = transpose ? w.cols : w.rows;
-    const int64_t a_n = lora_args ? lora.r * (lora.pool > 0 ? w.cols / lora.pool : w.cols) : 0;
-    const int64_t b_n = lora_args ? w.rows * lora.r : 0, bias_n = lora.bias ? w.rows : 0;
-    const int64_t h_n = lora_args ? M * lora.r : 0;
+    const bool half_lora = lora_dtype != lorakern::kFloat32, half_bias = bias_dtype != lorakern::kFloat32;
+    const int64_t a_n = lora_args && half_lora ? lora.r * (lora.pool > 0 ? w.cols / lora.pool : w.cols) : 0;
+    const int64_t b_n = lora_args && half_lora ? w.rows * lora.r : 0;
+    const int64_t bias_n = lora.bias && half_bias ? w.rows : 0;
+    const int64_t h_n = lora_args && half_lora ? M * lora.r : 0;
     std::unique_ptr<float[]> buf(new float[M * k_in + M * n_out + a_n + b_n + bias_n + h_n]);
     float* xf = buf.get();
     float* yf = xf + M * k_in;
@@ -210,22 +221,24 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
     float* bf = af + a_n;
     float* biasf = bf + b_n;
     float* hf = biasf + bias_n;
-    std::vector<HalfSpan> in{{reinterpret_cast<const void*>(x), xf, M * k_in}};
-    std::vector<HalfSpan> out{{reinterpret_cast<const void*>(y), yf, M * n_out}};
-    if (lora_args) {
-        in.push_back({lora.A, af, a_n});
-        in.push_back({lora.B, bf, b_n});
-        if (lora.bias) in.push_back({lora.bias, biasf, bias_n});
-        out.push_back({lora.h, hf, h_n});
+    std::vector<HalfSpan> in{{reinterpret_cast<const void*>(x), xf, M * k_in, x_dtype}};
+    std::vector<HalfSpan> out{{reinterpret_cast<const void*>(y), yf, M * n_out, x_dtype}};
+    if (lora_args && half_lora) {
+        in.push_back({lora.A, af, a_n, lora_dtype});
+        in.push_back({lora.B, bf, b_n, lora_dtype});
+        out.push_back({lora.h, hf, h_n, lora_dtype});
         lora.A = af;
         lora.B = bf;
-        lora.bias = lora.bias ? biasf : nullptr;
         lora.h = hf;
     }
+    if (lora.bias && half_bias) {
+        in.push_back({lora.bias, biasf, bias_n, bias_dtype});
+        lora.bias = biasf;
+    }
     py::gil_scoped_release nogil;
-    convert_spans(k, in, x_dtype, true, threads);
+    convert_spans(k, in, true, threads);
     k.matmul(w, xf, M, yf, transpose, lora_args ? &lora : nullptr, threads);
-    convert_spans(k, out, x_dtype, false, threads);
+    convert_spans(k, out, false, threads);
 }
 
 // y [M, N] += each row's adapter term (MultiArgs: n adapters, the largest rank r_max), x [M, K]
@@ -330,7 +343,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");
     m.def("cpu_matmul", &cpu_matmul, py::arg("weight"), py::arg("x"), py::arg("M"), py::arg("y"), py::arg("transpose"),
-          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none(), py::arg("x_dtype") = 0);
+          py::arg("isa"), py::arg("threads"), py::arg("lora") = py::none(), py::arg("multi") = py::none(), py::arg("x_dtype") = 0,
+          py::arg("lora_dtype") = -1, py::arg("bias_dtype") = -1);
 #ifdef LORAKERN_WITH_CUDA
     m.attr("with_cuda") = true;
     m.def("cuda_dequantize", &cuda_dequantize);

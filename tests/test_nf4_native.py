@@ -214,6 +214,14 @@ def test_half_precision_call_is_the_float32_call_rounded(isa, dtype):
                                             B.float(), 0.7)
         assert y.dtype == h.dtype == dtype, where
         assert torch.equal(y, y32.to(dtype)) and torch.equal(h, h32.to(dtype)), where
+        # A float32 adapter and / or bias beside the half x (PEFT's on a 16-bit model): read as
+        # they are, h in float32, y the float32 call's rounded once.
+        for fp32_adapter, fp32_bias in ((True, False), (False, True), (True, True)):
+            A_, B_ = (A.float(), B.float()) if fp32_adapter else (A, B)
+            bias_ = None if bias is None else (bias.float() if fp32_bias else bias)
+            ym, hm = native.cpu_qlora_forward(x, w, bias_, A_, B_, 0.7)
+            assert ym.dtype == dtype and hm.dtype == A_.dtype, where
+            assert torch.equal(ym, y32.to(dtype)) and torch.equal(hm, h32.to(hm.dtype)), where
         if big and dtype == torch.float16:
             assert y.isinf().any(), where  # the case must reach float16's overflow
         for transpose in (False, True):
@@ -221,6 +229,21 @@ def test_half_precision_call_is_the_float32_call_rounded(isa, dtype):
             got = native.cpu_matmul(xt, w, transpose)
             assert got.dtype == dtype and torch.equal(got, native.cpu_matmul(xt.float(), w, transpose).to(dtype)), (
                 f"{where} transpose={transpose}")
+
+
+def test_adapter_and_bias_dtypes_are_checked():
+    """The native call takes an adapter and a bias of x's dtype, or float32 beside a half x; any
+    other pairing raises (naming the arguments) instead of reading the bytes as another dtype."""
+    w = NF4Weight.quantize(torch.randn(32, 64), 32)
+    x = torch.randn(2, 64)
+    y, h = torch.empty(2, 32), torch.empty(2, 4)
+    A, B = torch.randn(4, 64), torch.randn(32, 4)
+    lora = (A.data_ptr(), B.data_ptr(), 0, 1.0, 4, h.data_ptr(), 0)
+    args = (native.weight_args(w, 32, 64), x.data_ptr(), 2, y.data_ptr(), False, "scalar", 1, lora)
+    for kwargs in (dict(x_dtype=0, lora_dtype=1), dict(x_dtype=0, bias_dtype=2), dict(x_dtype=1, lora_dtype=2),
+                   dict(x_dtype=2, bias_dtype=1)):
+        with pytest.raises(ValueError, match="lora_dtype and bias_dtype"):
+            native.extension().cpu_matmul(*args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

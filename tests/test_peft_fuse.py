@@ -558,52 +558,67 @@ def test_hotswap_adapter_on_a_fused_model(tmp_path, dtype):
         torch.testing.assert_close(fused(x, adapter_names=names), served(x, adapter_names=names), **tol)
 
 
-def test_bnb_decode_in_bfloat16_keeps_the_adapters_cast(monkeypatch):
-    """bfloat16 x on float32 adapters (PEFT's default on a 16-bit model) and bias (bitsandbytes
-    keeps the base's bias in its dtype): serving, they are cast on every call into buffers kept
-    per layer, so the kernel call is kept too (one checked call, then the plan on the same
-    addresses); in-place changes, also through ``.data`` (which leaves the version counter alone),
-    are followed; with grads the cast is made per call and the float32 adapters get their grads."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", ["float32", "x", None])
+def test_bnb_decode_in_half_reads_the_float32_adapter(monkeypatch, dtype, bias):
+    """A half x (bfloat16, float16) on float32 adapters (PEFT's default on a 16-bit model) and a
+    bias of either dtype (bitsandbytes keeps it in the base's original dtype), served on the CPU:
+    one native call reads them as they are (no cast): y is the float32 layer's output rounded
+    once, bit for bit; the first call is kept and serves the rest (lorakern/nf4/plan.py);
+    in-place changes, also through ``.data`` (which leaves the version counter alone), are
+    followed; with grads the checked op runs on per-call casts and the float32 adapters get their
+    grads."""
     bnb = pytest.importorskip("bitsandbytes")
     from lorakern import NF4Weight, qlora_linear
+    from lorakern.nf4 import plan
 
     calls = _served_by_op(monkeypatch, "qlora_linear")
-    net = nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4"))
-    net[0].load_state_dict(nn.Linear(128, 64).to(torch.bfloat16).state_dict())
+    first = []
+    real = plan.serve_mixed
+    monkeypatch.setattr(plan, "serve_mixed", lambda *a: first.append(1) or real(*a))
+    net = nn.Sequential(bnb.nn.Linear4bit(128, 64, bias=bias is not None, compute_dtype=dtype, quant_type="nf4"))
+    net[0].load_state_dict(nn.Linear(128, 64, bias=bias is not None).to(dtype).state_dict())
     net = net.to("cpu")
+    if bias == "x":
+        net[0].bias.data = net[0].bias.data.to(dtype)
     model = peft.get_peft_model(net, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0"],
                                                      init_lora_weights=False))
     fuse(model)
     model.eval()
     layer = model.base_model.model[0]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert A.dtype == B.dtype == layer.base_layer.bias.dtype == torch.float32
+    assert A.dtype == B.dtype == torch.float32
+    assert bias is None or layer.base_layer.bias.dtype == (dtype if bias == "x" else torch.float32)
 
-    def want(x):
+    def want(x):  # the float32 layer (the same native kernel at these rows), rounded once
         base = layer.base_layer
-        return qlora_linear(x, NF4Weight.from_bnb(base), base.bias.to(x.dtype), A.to(x.dtype), B.to(x.dtype),
-                            layer.scaling["default"], training=False)
+        b = None if base.bias is None else base.bias.float()
+        return qlora_linear(x.float(), NF4Weight.from_bnb(base), b, A, B, layer.scaling["default"],
+                            training=False).to(x.dtype)
 
     with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(3, 128).to(torch.bfloat16)
+        for shape in ((3, 128), (2, 5, 128), (1, 128)):
+            x = torch.randn(shape).to(dtype)
             assert torch.equal(model(x), want(x))
-        assert len(calls) == 1  # the first call through the op, then the plan on the kept copies
+        assert len(first) == 1 and not calls  # the first call, then the plan; never a cast
         B.mul_(2)  # in place, as an optimizer step or load_state_dict writes
-        x = torch.randn(2, 128).to(torch.bfloat16)
+        x = torch.randn(2, 128).to(dtype)
         assert torch.equal(model(x), want(x))
-        layer.base_layer.bias.add_(1.0)
-        x = torch.randn(2, 128).to(torch.bfloat16)
+        if bias is not None:
+            layer.base_layer.bias.add_(1.0)
+        x = torch.randn(2, 128).to(dtype)
         assert torch.equal(model(x), want(x))
         A.data.copy_(A.flip(1))  # as PEFT's hotswap_adapter writes: no version counter bump
-        x = torch.randn(2, 128).to(torch.bfloat16)
+        x = torch.randn(2, 128).to(dtype)
         assert torch.equal(model(x), want(x))
-        assert len(calls) == 1  # the plan served them all: the casts' buffers kept their addresses
-        # A batch naming its adapters per row keeps copies of its own (a pair, not the triple above).
-        mixed = model(x, adapter_names=["default", "default"])
+        assert len(first) == 1 and not calls
+        mixed = model(x, adapter_names=["default", "default"])  # the mixed batch: its own path, in bf16
         torch.testing.assert_close(mixed, want(x), rtol=1.6e-2, atol=1e-2)
         assert torch.equal(model(x), want(x))
-    x = torch.randn(2, 128).to(torch.bfloat16)
+        x = torch.randn(2, 64).to(dtype)  # the wrong width: the checked op says so
+        with pytest.raises(ValueError, match="x"):
+            model(x)
+    x = torch.randn(2, 128).to(dtype)
     model(x).float().sum().backward()
     assert A.grad is not None and B.grad is not None and A.grad.dtype == torch.float32
-    assert len(calls) == 2
+    assert len(first) == 1

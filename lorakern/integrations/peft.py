@@ -361,6 +361,19 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     scaling = layer.scaling[adapter]
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
+    if (is_bnb_linear4bit(base) and len(active) == 1 and magnitude is None and not (training and p > 0.0)
+            and x.dtype in (torch.float16, torch.bfloat16) and A.dtype == torch.float32 == B.dtype
+            and getattr(base, "compute_dtype", None) in (None, x.dtype)):
+        # PEFT's float32 adapter beside a half x, served on the CPU: one native call reads it as it
+        # is (the term in float32, as PEFT computes it), with no cast per call; the call is kept
+        # (lorakern/nf4/plan.py). Elsewhere (grads, dropout, CUDA, rows the kernel does not take)
+        # the adapter is cast to x's dtype below.
+        w = NF4Weight.from_bnb(base)
+        y = plan.decode(layer, x, w, base.bias, A, B, scaling, "auto")
+        if y is None and plan.mixed_call_takes(x, w, base.bias, A, B):
+            y = plan.serve_mixed(layer, x, w, base.bias, A, B, scaling)
+        if y is not None:
+            return y
     A, B, magnitude = _in_x_dtype(x, A, B, magnitude, layer=layer if len(active) == 1 else None, slot=("one", adapter))
     if is_gptq_linear(base):  # PEFT's QA-LoRA drops out only while the layer itself trains
         return qalora_linear(x, int4_of(base)[0], _bias_in_x_dtype(x, base), A, B, scaling, p,
@@ -394,7 +407,8 @@ def _in_x_dtype(x, A, *others, layer=None, slot=None):
     (:func:`_cast`), so that the CPU decode plan, keyed on the addresses it reads, serves the next
     call. bfloat16 x on fp32 adapters, 8 bitsandbytes 4096 x 4096 layers fused, Zen 4, 2 threads:
     1.08 ms a layer at M = 1 and 7.6 ms at M = 16 with a new cast per call, against 0.85 / 3.6 ms
-    for a bfloat16 ``FusedLoRALinear``."""
+    for a bfloat16 ``FusedLoRALinear``. (A bitsandbytes base served on the CPU reads the float32
+    adapter itself instead: see fused_lora_forward.)"""
     if A.dtype == x.dtype or autocast_dtype(x.device.type) is not None:
         return (A, *others)
     return _cast(x, (A, *others), layer, slot)

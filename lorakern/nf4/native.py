@@ -143,17 +143,20 @@ def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
 def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float, pool: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
-    ``[M, r]`` and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once. All of one
-    dtype (float32, or bfloat16 / float16: computed in float32 inside the call, y and h rounded
-    once) and contiguous (the caller checks). ``pool``: QA-LoRA's group size (``h`` from x averaged
-    over each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain LoRA."""
+    ``[M, r]`` (in A's dtype) and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once.
+    Contiguous, of x's dtype (float32, or bfloat16 / float16: computed in float32 inside the call,
+    y and h rounded once), except that with a half x the adapter (A and B) and the bias may each be
+    float32 instead, read as they are (the caller checks). ``pool``: QA-LoRA's group size (``h``
+    from x averaged over each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain
+    LoRA."""
     rows, cols = w.shape
     M, r = x.shape[0], lora_A.shape[0]
     y = x.new_empty(M, rows)
-    h = x.new_empty(M, r)
+    h = x.new_empty(M, r, dtype=lora_A.dtype)
     lora = (lora_A.data_ptr(), lora_B.data_ptr(), _ptr(bias), float(scaling), r, h.data_ptr(), int(pool))
     extension().cpu_matmul(weight_args(w, rows, cols), x.data_ptr(), M, y.data_ptr(), False, cpu_isa(),
-                           cpu_threads(), lora, x_dtype=OUT_DTYPES[x.dtype])
+                           cpu_threads(), lora, x_dtype=OUT_DTYPES[x.dtype], lora_dtype=OUT_DTYPES[lora_A.dtype],
+                           bias_dtype=-1 if bias is None else OUT_DTYPES[bias.dtype])
     return y, h
 
 

@@ -40,14 +40,19 @@ def _key(w, bias, A, B, scaling, backend) -> tuple:
 class DecodePlan:
     """The arguments of one layer's native CPU QLoRA call (see the module docstring)."""
 
-    __slots__ = ("key", "weight", "lora", "r", "out_features", "in_features")
+    __slots__ = ("key", "weight", "lora", "r", "out_features", "in_features", "x_dtype", "dtypes")
 
-    def __init__(self, key: tuple, w, bias, A, B, scaling):
+    def __init__(self, key: tuple, x_dtype: torch.dtype, w, bias, A, B, scaling):
         self.key = key
+        self.x_dtype = x_dtype
         self.out_features, self.in_features = w.shape
         self.r = A.shape[0]
         self.weight = native.weight_args(w, self.out_features, self.in_features)
         self.lora = (A.data_ptr(), B.data_ptr(), 0 if bias is None else bias.data_ptr(), float(scaling), self.r)
+        # x's, the adapter's and the bias's dtype codes for the call (the adapter and the bias
+        # float32 beside a half x only in a plan made by serve_mixed)
+        self.dtypes = dict(x_dtype=native.OUT_DTYPES[x_dtype], lora_dtype=native.OUT_DTYPES[A.dtype],
+                           bias_dtype=-1 if bias is None else native.OUT_DTYPES[bias.dtype])
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -66,9 +71,9 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    if torch.is_autocast_enabled("cpu") or x.dtype != A.dtype:
+    if torch.is_autocast_enabled("cpu"):
         return False
-    return cpu_call_takes(x, _rows(x))  # A, B, bias: their dtype and strides are in the key
+    return cpu_call_takes(x, _rows(x))  # A, B, bias: their dtype and strides are in the key; x's in the plan
 
 
 def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
@@ -77,15 +82,14 @@ def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, 
     or a fused PEFT layer's forward), or None when the plan cannot serve the call.
     ``train_dropout``: the call drops out (training with p > 0)."""
     plan = getattr(owner, "_decode_plan", None)  # None: an owner made without __init__
-    if (plan is None or not _call_allows(x, bias, A, B, train_dropout, magnitude) or x.shape[-1] != plan.in_features
-            or plan.key != _key(w, bias, A, B, scaling, backend)):
+    if (plan is None or x.dtype != plan.x_dtype or not _call_allows(x, bias, A, B, train_dropout, magnitude)
+            or x.shape[-1] != plan.in_features or plan.key != _key(w, bias, A, B, scaling, backend)):
         return None
     M = x.numel() // plan.in_features
     y = x.new_empty(*x.shape[:-1], plan.out_features)
-    h = x.new_empty(M, plan.r)  # x A^T, which the kernel writes (the checked path returns it for backward)
+    h = x.new_empty(M, plan.r, dtype=A.dtype)  # x A^T, which the kernel writes (the checked path returns it)
     native.extension().cpu_matmul(plan.weight, x.data_ptr(), M, y.data_ptr(), False, native.cpu_isa(),
-                                  native.cpu_threads(), (*plan.lora, h.data_ptr(), 0),
-                                  x_dtype=native.OUT_DTYPES[x.dtype])
+                                  native.cpu_threads(), (*plan.lora, h.data_ptr(), 0), **plan.dtypes)
     return y
 
 
@@ -100,7 +104,51 @@ def remember(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str
         return
     if not cpu_call_takes(x, _rows(x), bias, A, B):
         return
+    _keep(owner, x, w, bias, A, B, scaling, backend)
+
+
+def _keep(owner, x, w, bias, A, B, scaling, backend) -> None:
     key = _key(w, bias, A, B, scaling, backend)
     old = getattr(owner, "_decode_plan", None)
-    if old is None or old.key != key:
-        owner._decode_plan = DecodePlan(key, w, bias, A, B, scaling)
+    if old is None or old.key != key or old.x_dtype != x.dtype:
+        owner._decode_plan = DecodePlan(key, x.dtype, w, bias, A, B, scaling)
+
+
+def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
+    """Whether :func:`serve_mixed` takes the call: a half x on the CPU (float16 / bfloat16) with a
+    float32 adapter (PEFT's adapters on a 16-bit model) and a bias of x's dtype or float32, every
+    shape as the layer's (``A [r, in]``, ``B [out, r]``, ``bias [out]``, ``x [..., in]``), all
+    contiguous, the rows the one-call kernel takes, no grad needed, not under autocast or tracing.
+    Anything else goes to the checked op, which raises what is wrong."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() < 2:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or A.dtype != torch.float32 or B.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.dtype not in (x.dtype, torch.float32) or bias.shape != (w.shape[0],)
+                             or not bias.is_contiguous() or bias.device != x.device):
+        return False
+    r = A.shape[0]
+    if (A.dim() != 2 or B.dim() != 2 or r < 1 or A.shape[1] != w.shape[1] or B.shape != (w.shape[0], r)
+            or x.shape[-1] != w.shape[1] or not (A.is_contiguous() and B.is_contiguous())):
+        return False
+    if A.device != x.device or B.device != x.device or w.device != x.device or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.is_autocast_enabled("cpu") or native.unavailable_reason(w.device) is not None:
+        return False
+    return cpu_call_takes(x, _rows(x))
+
+
+def serve_mixed(owner, x: torch.Tensor, w, bias, A, B, scaling: float) -> torch.Tensor:
+    """``y = x W^T + bias + scaling (x A^T) B^T`` in x's dtype, in one native call reading the
+    float32 adapter (and bias) as they are (computed in float32, y rounded once), for a call
+    :func:`mixed_call_takes`; the call is kept on ``owner`` as a plan (:func:`decode` serves the
+    next ones). The term in float32, as PEFT computes it (x cast to the adapter's dtype), with no
+    cast of the adapter per call."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    y, _ = native.cpu_qlora_forward(x2d, w, bias, A, B, scaling)
+    _keep(owner, x, w, bias, A, B, scaling, "auto")
+    return y.view(*lead, w.shape[0])
