@@ -612,6 +612,9 @@ def test_bnb_decode_in_half_reads_the_float32_adapter(monkeypatch, dtype, bias):
         x = torch.randn(2, 128).to(dtype)
         assert torch.equal(model(x), want(x))
         assert len(first) == 1 and not calls
+        wide = torch.randn(3, 256).to(dtype)
+        # A strided x: a contiguous copy through the same call (not the plan, which reads x in place).
+        assert torch.equal(model(wide[:, ::2]), want(wide[:, ::2].contiguous())) and len(first) == 2
         mixed = model(x, adapter_names=["default", "default"])  # the mixed batch: its own path, in bf16
         torch.testing.assert_close(mixed, want(x), rtol=1.6e-2, atol=1e-2)
         assert torch.equal(model(x), want(x))
@@ -621,4 +624,4 @@ def test_bnb_decode_in_half_reads_the_float32_adapter(monkeypatch, dtype, bias):
     x = torch.randn(2, 128).to(dtype)
     model(x).float().sum().backward()
     assert A.grad is not None and B.grad is not None and A.grad.dtype == torch.float32
-    assert len(first) == 1
+    assert len(first) == 2

@@ -282,6 +282,42 @@ def test_every_argument_in_every_layout(backend, arg):
             assert (dl.double() - dl64).abs().max() < 1e-3 * max(1.0, dl64.abs().max().item()), f"d{arg} {what}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_strided_argument_gives_the_contiguous_bits(dtype):
+    """On the CPU (native backend) a strided, transposed or expanded x, bias, A or B gives the
+    same y, bit for bit, as the contiguous tensor, in eval and in training: the one-call kernel
+    takes a contiguous copy rather than a second path that rounds the base and the LoRA term apart
+    (it differed in the last bits). The grads come from torch's products on the tensors as given
+    (a transposed A takes another BLAS kernel), so they agree to float32 rounding."""
+    from helpers import LAYOUTS, layout_leaf, layout_view
+
+    names = ("x", "bias", "lora_A", "lora_B")
+    for M in (3, 40):
+        x, w, b, a, bb = qlora_inputs(M, 128, 24, 5, torch.float32)
+        plain = dict(zip(names, (t.to(dtype) for t in (x, b, a, bb))))
+        g = torch.randn(M, 24).to(dtype)
+
+        def run(args, grad, w=w, g=g):
+            leaves = [t.detach().requires_grad_(grad) for t in args]
+            y = qlora_linear(*leaves[:1], w, *leaves[1:], 1.3, backend="native")
+            if not grad:
+                return [y]
+            y.backward(g)
+            return [y.detach(), *(t.grad for t in leaves)]
+
+        for grad in (False, True):
+            for arg in names:
+                for layout in LAYOUTS:
+                    if layout == "transposed" and plain[arg].dim() != 2:
+                        continue
+                    view = layout_view(layout, layout_leaf(layout, plain[arg]), plain[arg].shape)
+                    got = run([view if n == arg else plain[n] for n in names], grad)
+                    want = run([view.contiguous() if n == arg else plain[n] for n in names], grad)
+                    assert torch.equal(got[0], want[0]), f"{dtype} M={M} {arg} {layout} grad={grad}"
+                    for u, v in zip(got[1:], want[1:]):  # torch's own products in the backward
+                        torch.testing.assert_close(u, v)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_merged_nf4_requantizes_the_merged_weight(double_quant):
     """``merged_nf4``: with a zero adapter the base's own bytes come back (NF4 of an NF4-decoded

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.bases import cpu_call_takes
+from ..backend import SMALL_M
+from ..ops.bases import cpu_call_takes, cpu_matmul_serves
 from . import native
 
 
@@ -117,9 +118,10 @@ def _keep(owner, x, w, bias, A, B, scaling, backend) -> None:
 def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
     """Whether :func:`serve_mixed` takes the call: a half x on the CPU (float16 / bfloat16) with a
     float32 adapter (PEFT's adapters on a 16-bit model) and a bias of x's dtype or float32, every
-    shape as the layer's (``A [r, in]``, ``B [out, r]``, ``bias [out]``, ``x [..., in]``), all
-    contiguous, the rows the one-call kernel takes, no grad needed, not under autocast or tracing.
-    Anything else goes to the checked op, which raises what is wrong."""
+    shape as the layer's (``A [r, in]``, ``B [out, r]``, ``bias [out]``, ``x [..., in]``), the
+    adapter and bias contiguous (x any layout), the rows the one-call kernel takes, no grad
+    needed, not under autocast or tracing. Anything else goes to the checked op, which raises
+    what is wrong."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() < 2:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or A.dtype != torch.float32 or B.dtype != torch.float32:
@@ -138,7 +140,8 @@ def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or native.unavailable_reason(w.device) is not None:
         return False
-    return cpu_call_takes(x, _rows(x))
+    rows = _rows(x)  # a strided x is copied by serve_mixed (the same call, the same bits)
+    return rows > 0 and (rows <= SMALL_M or cpu_matmul_serves(x, False))
 
 
 def serve_mixed(owner, x: torch.Tensor, w, bias, A, B, scaling: float) -> torch.Tensor:
@@ -148,7 +151,7 @@ def serve_mixed(owner, x: torch.Tensor, w, bias, A, B, scaling: float) -> torch.
     next ones). The term in float32, as PEFT computes it (x cast to the adapter's dtype), with no
     cast of the adapter per call."""
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y, _ = native.cpu_qlora_forward(x2d, w, bias, A, B, scaling)
     _keep(owner, x, w, bias, A, B, scaling, "auto")
     return y.view(*lead, w.shape[0])
