@@ -101,6 +101,8 @@ def remember(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str
     such calls."""
     if not _call_allows(x, bias, A, B, train_dropout, magnitude) or backend not in ("auto", "native"):
         return
+    if x.dtype != A.dtype:  # the checked op takes one dtype; a float32 adapter beside a half x: serve_mixed
+        return
     if w.device.type != "cpu" or native.unavailable_reason(w.device) is not None:
         return
     if not cpu_call_takes(x, _rows(x), bias, A, B):
