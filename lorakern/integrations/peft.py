@@ -468,8 +468,8 @@ def _buffers_fit(kept: tuple, sources: tuple, x) -> bool:
 
 
 def _bias_in_x_dtype(x, base):
-    """A bitsandbytes base's bias (kept in the weight's original dtype) in x's (the copy kept while
-    serving, as the adapters' in :func:`_in_x_dtype`)."""
+    """A bitsandbytes base's bias (kept in the weight's original dtype) in x's (serving, written
+    into a buffer kept per layer on every call, as the adapters' in :func:`_in_x_dtype`)."""
     if base.bias is None or base.bias.dtype == x.dtype:
         return base.bias
     return _cast(x, (base.bias,), base, "bias")[0]
