@@ -618,6 +618,8 @@ def test_bnb_decode_in_half_reads_the_float32_adapter(monkeypatch, dtype, bias):
         mixed = model(x, adapter_names=["default", "default"])  # the mixed batch: its own path, in bf16
         torch.testing.assert_close(mixed, want(x), rtol=1.6e-2, atol=1e-2)
         assert torch.equal(model(x), want(x))
+        empty = model(torch.randn(2, 0, 128).to(dtype))  # served by the op (bitsandbytes' own GEMV ends the process)
+        assert empty.shape == (2, 0, 64) and empty.dtype == dtype
         x = torch.randn(2, 64).to(dtype)  # the wrong width: the checked op says so
         with pytest.raises(ValueError, match="x"):
             model(x)
