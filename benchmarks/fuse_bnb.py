@@ -2,19 +2,24 @@
 model after ``lorakern.integrations.peft.fuse``.
 
     python benchmarks/fuse_bnb.py [--dtype bf16|fp16|fp32] [--layers 8] [--size 4096] [--rank 16]
+                                  [--out results.jsonl]
 
 ``--layers`` ``Linear4bit`` layers of ``size x size`` (compute dtype and input in ``--dtype``;
 PEFT keeps its adapters in float32, its default on a 16-bit model), eval, no grad, torch's
 thread count. For M = 1 and 16 rows the two models run in turn,
 round after round, each call over every layer (with 8 layers of 4096 x 4096 the NF4 weights,
 75 MB, pass the L3 of most CPUs, as in a decode loop); prints the median time per layer and the
-median of the rounds' fused / PEFT ratios. The outputs are checked against each other first.
+median of the rounds' fused / PEFT ratios (with ``--out``, one JSON line per M appended: the
+processor, ISA path, versions and commit beside the numbers). The outputs are checked against
+each other first.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import time
 
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
@@ -73,8 +79,18 @@ def main() -> None:
                             layer(x)
                     times[name].append((time.perf_counter() - start) / (5 * args.layers))
             ratio = statistics.median(f / p for f, p in zip(times["fused"], times["peft"]))
-            print(f"M={M:>2}: PEFT+bitsandbytes {statistics.median(times['peft']) * 1e3:.3f} ms a layer, "
-                  f"fused {statistics.median(times['fused']) * 1e3:.3f} ms, fused / PEFT {ratio:.2f}")
+            peft_ms, fused_ms = (statistics.median(times[k]) * 1e3 for k in ("peft", "fused"))
+            print(f"M={M:>2}: PEFT+bitsandbytes {peft_ms:.3f} ms a layer, fused {fused_ms:.3f} ms, "
+                  f"fused / PEFT {ratio:.2f}")
+            if args.out:
+                from lorakern.bench.records import environment
+
+                record = dict(op="fuse_bnb", M=M, in_features=args.size, out_features=args.size, r=args.rank,
+                              dtype=args.dtype, layers=args.layers, peft_ms=peft_ms, fused_ms=fused_ms,
+                              fused_over_peft=ratio, **environment(torch.device("cpu")))
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
