@@ -361,14 +361,14 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     scaling = layer.scaling[adapter]
     if len(active) > 1:
         (A, B), scaling, p = _summed(layer, active), 1.0, 0.0
-    if (is_bnb_linear4bit(base) and len(active) == 1 and magnitude is None and not (training and p > 0.0)
+    w = NF4Weight.from_bnb(base) if is_bnb_linear4bit(base) else None
+    if (w is not None and len(active) == 1 and magnitude is None and not (training and p > 0.0)
             and x.dtype in (torch.float16, torch.bfloat16) and A.dtype == torch.float32 == B.dtype
             and getattr(base, "compute_dtype", None) in (None, x.dtype)):
         # PEFT's float32 adapter beside a half x, served on the CPU: one native call reads it as it
         # is (the term in float32, as PEFT computes it), with no cast per call; the call is kept
         # (lorakern/nf4/plan.py). Elsewhere (grads, dropout, CUDA, rows the kernel does not take)
         # the adapter is cast to x's dtype below.
-        w = NF4Weight.from_bnb(base)
         y = plan.decode(layer, x, w, base.bias, A, B, scaling, "auto")
         if y is None and plan.mixed_call_takes(x, w, base.bias, A, B):
             y = plan.serve_mixed(layer, x, w, base.bias, A, B, scaling)
@@ -378,10 +378,10 @@ def fused_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if is_gptq_linear(base):  # PEFT's QA-LoRA drops out only while the layer itself trains
         return qalora_linear(x, int4_of(base)[0], _bias_in_x_dtype(x, base), A, B, scaling, p,
                              training=training and layer.training)
-    if is_bnb_linear4bit(base):
+    if w is not None:
         # bitsandbytes computes the base in its compute_dtype (x is cast to it) and returns x's
         # dtype, the LoRA term is PEFT's in x's dtype: qlora_linear's compute_dtype does both.
-        w, bias = NF4Weight.from_bnb(base), _bias_in_x_dtype(x, base)
+        bias = _bias_in_x_dtype(x, base)
         compute_dtype = getattr(base, "compute_dtype", None)
         call = (x, w, bias, A, B, scaling, "auto", training and p > 0.0, magnitude)
         same_dtype = compute_dtype is None or compute_dtype == x.dtype

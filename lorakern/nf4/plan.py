@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import SMALL_M
-from ..ops.bases import cpu_call_takes, cpu_matmul_serves
+from ..ops.bases import cpu_call_rows, cpu_call_takes
 from . import native
 
 
@@ -142,8 +141,7 @@ def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or native.unavailable_reason(w.device) is not None:
         return False
-    rows = _rows(x)  # a strided x is copied by serve_mixed (the same call, the same bits)
-    return rows > 0 and (rows <= SMALL_M or cpu_matmul_serves(x, False))
+    return cpu_call_rows(x, _rows(x))  # a strided x is copied by serve_mixed (the same call, the same bits)
 
 
 def serve_mixed(owner, x: torch.Tensor, w, bias, A, B, scaling: float) -> torch.Tensor:

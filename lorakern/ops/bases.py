@@ -143,9 +143,15 @@ def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
     7.3 / 3.7 / 4.3 ms. Half precision the same way: a bfloat16 / float16 layer (4096 x 4096,
     r = 16, 2 threads, Zen 4, cold) took 1.5x to 2x the float32 layer's time at M = 1 to 16 with
     the base in the kernel and the LoRA term and the conversions in torch."""
+    return cpu_call_rows(x, rows) and all(t is None or (t.dtype == x.dtype and t.is_contiguous())
+                                          for t in (x, *tensors))
+
+
+def cpu_call_rows(x: Tensor, rows: int) -> bool:
+    """x (any layout) on the CPU in a float dtype, with ``rows`` rows the one-call kernel takes: 1
+    to SMALL_M, or more where the native kernel serves the base (:func:`cpu_matmul_serves`)."""
     return (x.device.type == "cpu" and rows > 0 and x.dtype in FLOAT_DTYPES
-            and (rows <= SMALL_M or cpu_matmul_serves(x, False))
-            and all(t is None or (t.dtype == x.dtype and t.is_contiguous()) for t in (x, *tensors)))
+            and (rows <= SMALL_M or cpu_matmul_serves(x, False)))
 
 
 def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
