@@ -282,6 +282,57 @@ def test_long_rows_vs_float64(isa):
         assert_close_like_torch(f"h {where}", h, h64, x @ A.t(), torch.float32)
 
 
+_SLICE_SCRIPT = """
+import os, sys, torch
+from lorakern import NF4Weight
+from lorakern.nf4 import native
+torch.manual_seed(0)
+out = []
+for isa in native.extension().available_isas():
+    os.environ[native.ISA_ENV] = isa
+    for dq in (False, True):
+        w = NF4Weight.quantize(torch.randn(9, 45120) / 45120**0.5, 64, dq)
+        for M in (3, 5, 8, 10):
+            x = torch.randn(M, 45120)
+            out.append(native.cpu_matmul(x, w, False))
+            A, B = torch.randn(16, 45120) / 200, torch.randn(9, 16)
+            out.append(native.cpu_qlora_forward(x, w, torch.randn(9), A, B, 0.5)[0])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_the_l2_size_does_not_change_the_bits(tmp_path):
+    """From 3 rows of x the kernel walks the x panel in slices sized to the L2 cache (sysconf, or
+    $LORAKERN_CPU_L2_BYTES), while each row's sums restart at fixed columns: the smallest (64 KB)
+    and largest (512 KB) slices give the same bits, every ISA, over 45120 columns (several slices
+    either way, an unpaired last weight row, double quantization, the one-call LoRA term)."""
+    import os
+    import subprocess
+
+    results = []
+    for l2 in (1 << 16, 1 << 24):
+        path = tmp_path / f"l2_{l2}.pt"
+        env = dict(os.environ, LORAKERN_CPU_L2_BYTES=str(l2))
+        subprocess.run([sys.executable, "-c", _SLICE_SCRIPT, str(path)], env=env, check=True, timeout=HUNG_S)
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) > 0
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"result {i}: 64 KB and 512 KB panel slices differ"
+
+
+def test_long_rows_many_slices_vs_float64(isa):
+    """45120 columns (a 70B model's MLP width is 28672) at M = 3 to 10: several panel slices and
+    restarts of the sums on any L2 size, pairs of weight rows and an unpaired last one, within
+    torch's float32 error."""
+    for dq in (False, True):
+        w = NF4Weight.quantize(torch.randn(9, 45120) / 45120**0.5, 64, dq)
+        w64 = w.dequantize_reference(torch.float64)
+        for M in (3, 5, 8, 10):
+            x = torch.randn(M, 45120)
+            assert_close_like_torch(f"{isa} dq={dq} M={M}", native.cpu_matmul(x, w, False), x.double() @ w64.t(),
+                                    x @ w64.float().t(), torch.float32)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatch):
     """Above 16 rows the CPU's float32 x W^T is the native kernel too (AVX2 / AVX-512): 16-row tiles (the last one

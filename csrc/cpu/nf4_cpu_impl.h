@@ -23,7 +23,11 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size
+#endif
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -62,9 +66,36 @@ constexpr int64_t kPieceBlocks = 4;
 inline int64_t piece_blocks(int64_t blocks, int threads) {
     return std::max<int64_t>(1, std::min<int64_t>(kPieceBlocks, blocks / (8 * std::max(1, threads))));
 }
-// Columns of x per slice when MT > 2: the panel slice, MT x kb x 4 B, stays near 16 KB (L1 is
-// 48 KB); a multiple of 256 so blocks up to 256 never straddle a slice.
-constexpr int64_t slice_columns(int MT) { return 4096 / MT / 256 * 256 > 256 ? 4096 / MT / 256 * 256 : 256; }
+// MT > 2: a row's accumulators restart every sum_columns(MT) columns (16384 / MT rounded down to
+// a multiple of 256, so blocks up to 256 never straddle two), their sums added in column order: a
+// blocked sum. Against float64, relative to torch's float32 error (4096, 14336 and 45120 columns,
+// M = 3, 5, 8, AVX2 and AVX-512): 0.12x-0.93x; spans of 4096 / MT 0.09x-0.61x but a restart every
+// 512 columns at M = 8 (1.02x-1.15x the time of these spans, cold); no restart 0.18x-1.65x.
+constexpr int64_t sum_columns(int MT) { return 16384 / MT / 256 * 256 > 256 ? 16384 / MT / 256 * 256 : 256; }
+// Columns of the x panel that a row block's pairs walk before the next slice: a multiple of
+// sum_columns, the panel slice (MT x columns x 4 B) a quarter of the L2 (64 KB to 512 KB; 256 KB
+// on Zen 4's 1 MB; $LORAKERN_CPU_L2_BYTES overrides the size sysconf reports), so that it stays
+// there while the weight rows stream past in long runs. The speed, not the bits, depends on it
+// (the sums restart at the same columns). 4096 x 4096 and 14336 -> 4096, M = 3 to 8, 2 threads,
+// cold, Zen 4, interleaved, against the slices of 16 KB of panel (and spans of 4096 / MT) before,
+// which read each weight row in runs of 512 bytes at M = 4 (4096 x 4096, 4096 -> 14336 and 14336 ->
+// 4096, M = 3, 4, 6, 8): AVX2 0.74x-0.94x the time, AVX-512 0.68x-0.87x.
+inline int64_t panel_slice_bytes() {
+    static const int64_t bytes = [] {
+        int64_t l2 = 0;
+        if (const char* env = getenv("LORAKERN_CPU_L2_BYTES")) l2 = strtoll(env, nullptr, 10);
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        if (l2 <= 0) l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        if (l2 <= 0) l2 = int64_t{1} << 20;
+        return std::min<int64_t>(int64_t{512} << 10, std::max<int64_t>(int64_t{64} << 10, l2 / 4));
+    }();
+    return bytes;
+}
+inline int64_t panel_columns(int MT) {
+    const int64_t ks = sum_columns(MT);
+    return std::max<int64_t>(ks, panel_slice_bytes() / (4 * MT) / ks * ks);
+}
 constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
 
 // Element-by-element decode of W_flat[start:start+count) into float32: any alignment.
@@ -749,14 +780,14 @@ inline void finish_row(const V& v, typename V::vec* acc, bool first, bool last, 
     }
 }
 
-// Whether weight rows can go in pairs: whole blocks in every row and every slice of kb columns.
+// Whether weight rows can go in pairs: whole blocks in every row and every span of kb columns.
 inline bool pairs_fit(const Nf4Weight& w, int64_t kb) { return w.cols % w.blocksize == 0 && kb % w.blocksize == 0; }
 
 // y[m0:m0+MT, n0:n0+rows] for one tile of x rows (its panel: [K / 32][MT][32]). With MT > 2 the K
-// loop is cut into slices so the panel slice stays in L1 while kRowBlock weight rows stream past
-// it; each row's accumulators wait in `keep` between slices (as vectors: a horizontal sum per row
-// and slice cost ~30% at M = 16). Weight rows go in pairs where the blocks allow (K and the slice
-// multiples of the blocksize), else one at a time.
+// loop is cut into panel slices (panel_columns) that each pair of weight rows walks in turn, its
+// accumulators restarting every sum_columns and their sums waiting in `keep` (as vectors: a
+// horizontal sum per row and span cost ~30% at M = 16). Weight rows go in pairs where the blocks
+// allow (K and the span multiples of the blocksize), else one at a time.
 template <class V, class S, int MT>
 inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
                        const LoraTerm* lora, int64_t m0, float* y) {
@@ -765,28 +796,32 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
     constexpr int A = MT * AJ;
     using vec = typename V::vec;
     const int64_t K = w.cols, N = w.rows;
-    const int64_t kb = MT <= 2 ? K : slice_columns(MT);
-    const bool pairs = pairs_fit(w, kb);
-    vec keep[kRowBlock][A];  // unused when MT <= 2 (one slice)
+    const int64_t ks = MT <= 2 ? K : sum_columns(MT);
+    const int64_t kb = MT <= 2 ? K : panel_columns(MT);
+    const bool pairs = pairs_fit(w, ks);
+    vec keep[kRowBlock][A];  // unused when MT <= 2 (one span)
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
-        const int64_t klen = std::min(kb, K - k0);
-        const bool first = k0 == 0, last = k0 + kb >= K;
+        const int64_t k1 = std::min(K, k0 + kb);
         int64_t i = 0;
-        for (; pairs && i + 2 <= rows; i += 2) {
-            vec acc0[A], acc1[A];
-            for (int a = 0; a < A; ++a) acc0[a] = acc1[a] = v.zero();
-            segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc0, acc1);
-            finish_row<V, MT, AJ>(v, acc0, first, last, keep[i], lora, m0, n0 + i, N, y);
-            finish_row<V, MT, AJ>(v, acc1, first, last, keep[i + 1], lora, m0, n0 + i + 1, N, y);
-        }
-        for (; i < rows; ++i) {
-            vec acc[U * A];
-            for (int a = 0; a < U * A; ++a) acc[a] = v.zero();
-            segment<V, MT, U>(v, sc, w, (n0 + i) * K + k0, klen, panel + k0 * MT, acc);
-            for (int a = 0; a < A; ++a)
-                for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
-            finish_row<V, MT, AJ>(v, acc, first, last, keep[i], lora, m0, n0 + i, N, y);
-        }
+        for (; pairs && i + 2 <= rows; i += 2)
+            for (int64_t s = k0; s < k1; s += ks) {
+                const int64_t len = std::min(ks, k1 - s);
+                vec acc0[A], acc1[A];
+                for (int a = 0; a < A; ++a) acc0[a] = acc1[a] = v.zero();
+                segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + s, len, panel + s * MT, acc0, acc1);
+                finish_row<V, MT, AJ>(v, acc0, s == 0, s + ks >= K, keep[i], lora, m0, n0 + i, N, y);
+                finish_row<V, MT, AJ>(v, acc1, s == 0, s + ks >= K, keep[i + 1], lora, m0, n0 + i + 1, N, y);
+            }
+        for (; i < rows; ++i)
+            for (int64_t s = k0; s < k1; s += ks) {
+                const int64_t len = std::min(ks, k1 - s);
+                vec acc[U * A];
+                for (int a = 0; a < U * A; ++a) acc[a] = v.zero();
+                segment<V, MT, U>(v, sc, w, (n0 + i) * K + s, len, panel + s * MT, acc);
+                for (int a = 0; a < A; ++a)
+                    for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
+                finish_row<V, MT, AJ>(v, acc, s == 0, s + ks >= K, keep[i], lora, m0, n0 + i, N, y);
+            }
     }
 }
 
