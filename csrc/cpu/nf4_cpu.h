@@ -50,7 +50,7 @@ struct RowAdapter {
     float scaling;
 };
 
-inline RowAdapter row_adapter(const LoraTerm& t, int64_t m) {
+static inline RowAdapter row_adapter(const LoraTerm& t, int64_t m) {  // static: see LK_HD
     if (t.index == nullptr) return {t.A, t.B, t.r, t.scaling};
     const int64_t a = t.index[m];
     if (a < 0) return {nullptr, nullptr, 0, 0.0f};

@@ -10,7 +10,9 @@ namespace cpu {
 // out[j * ld + c] = B[c * ldb + j] for c < cols, j < r: whole 8 x 8 blocks as 8 loads, 24
 // shuffles and 8 stores (the scalar loop is one store per element: at decode, one row per adapter,
 // it was ~2/3 of the LoRA terms' time), the edges element by element.
-inline void transpose_panel_avx2(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) {
+// static: the AVX2 and AVX-512 files each keep their own copy (a shared one could carry AVX-512
+// instructions into the AVX2 path).
+static inline void transpose_panel_avx2(const float* B, int64_t ldb, int64_t cols, int64_t r, float* out, int64_t ld) {
     const int64_t c8 = cols / 8 * 8, j8 = r / 8 * 8;
     for (int64_t c = 0; c < c8; c += 8) {
         for (int64_t j = 0; j < j8; j += 8) {
