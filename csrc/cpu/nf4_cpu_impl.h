@@ -70,16 +70,17 @@ inline int64_t piece_blocks(int64_t blocks, int threads) {
 // a multiple of 256, so blocks up to 256 never straddle two), their sums added in column order: a
 // blocked sum. Against float64, relative to torch's float32 error (4096, 14336 and 45120 columns,
 // M = 3, 5, 8, AVX2 and AVX-512): 0.12x-0.93x; spans of 4096 / MT 0.09x-0.61x but a restart every
-// 512 columns at M = 8 (1.02x-1.15x the time of these spans, cold); no restart 0.18x-1.65x.
+// 512 columns at M = 8 (1.02x-1.26x the time of these spans at M = 3 to 8, cold); no restart
+// 0.18x-1.65x.
 constexpr int64_t sum_columns(int MT) { return 16384 / MT / 256 * 256 > 256 ? 16384 / MT / 256 * 256 : 256; }
 // Columns of the x panel that a row block's pairs walk before the next slice: a multiple of
 // sum_columns, the panel slice (MT x columns x 4 B) a quarter of the L2 (64 KB to 512 KB; 256 KB
 // on Zen 4's 1 MB; $LORAKERN_CPU_L2_BYTES overrides the size sysconf reports), so that it stays
 // there while the weight rows stream past in long runs. The speed, not the bits, depends on it
-// (the sums restart at the same columns). 4096 x 4096 and 14336 -> 4096, M = 3 to 8, 2 threads,
-// cold, Zen 4, interleaved, against the slices of 16 KB of panel (and spans of 4096 / MT) before,
-// which read each weight row in runs of 512 bytes at M = 4 (4096 x 4096, 4096 -> 14336 and 14336 ->
-// 4096, M = 3, 4, 6, 8): AVX2 0.74x-0.94x the time, AVX-512 0.68x-0.87x.
+// (the sums restart at the same columns). Against the slices of 16 KB of panel (and spans of
+// 4096 / MT) before, which read each weight row in runs of 512 bytes at M = 4: 4096 x 4096, 4096 ->
+// 14336 and 14336 -> 4096, M = 3, 4, 6, 8, 2 threads, cold, Zen 4, interleaved, AVX2 0.74x-0.94x
+// the time, AVX-512 0.68x-0.87x.
 inline int64_t panel_slice_bytes() {
     static const int64_t bytes = [] {
         int64_t l2 = 0;
