@@ -60,8 +60,9 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
-    """What the plan needs of this call and the layer's mode (the rest is in the key)."""
+def _mode_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
+    """The layer's mode and x's kind: not traced, a plain tensor of rank >= 2, no DoRA magnitude or
+    dropout in training, no grad needed, no autocast."""
     if torch.compiler.is_compiling():  # traced: the checked path's custom op
         return False
     if type(x) is not torch.Tensor or x.dim() < 2:
@@ -71,9 +72,13 @@ def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    return cpu_call_takes(x, _rows(x))  # A, B, bias: their dtype and strides are in the key; x's in the plan
+    return not torch.is_autocast_enabled("cpu")
+
+
+def _call_allows(x, bias, A, B, train_dropout: bool, magnitude) -> bool:
+    """What the plan needs of this call and the layer's mode (the rest is in the key)."""
+    return (_mode_allows(x, bias, A, B, train_dropout, magnitude)
+            and cpu_call_takes(x, _rows(x)))  # A, B, bias: their dtype and strides are in the key; x's in the plan
 
 
 def decode(owner, x: torch.Tensor, w, bias, A, B, scaling: float, backend: str, train_dropout: bool = False,
@@ -123,7 +128,7 @@ def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
     adapter and bias contiguous (x any layout), the rows the one-call kernel takes, no grad
     needed, not under autocast or tracing. Anything else goes to the checked op, which raises
     what is wrong."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() < 2:
+    if not _mode_allows(x, bias, A, B, False, None):
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or A.dtype != torch.float32 or B.dtype != torch.float32:
         return False
@@ -136,10 +141,7 @@ def mixed_call_takes(x: torch.Tensor, w, bias, A, B) -> bool:
         return False
     if A.device != x.device or B.device != x.device or w.device != x.device or x.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.is_autocast_enabled("cpu") or native.unavailable_reason(w.device) is not None:
+    if native.unavailable_reason(w.device) is not None:
         return False
     return cpu_call_rows(x, _rows(x))  # a strided x is copied by serve_mixed (the same call, the same bits)
 

@@ -128,12 +128,13 @@ def computes_in_float32(x: Tensor) -> bool:
             and not cpu_half_matmul_is_fast(x.dtype))
 
 
-def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
+def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None, contiguous: bool = True) -> bool:
     """Whether the one-call CPU QLoRA kernel (:meth:`NF4Base.fused_forward`) takes x with ``rows``
     rows and ``tensors`` (bias, A, B; None skipped): x on the CPU, all of x's dtype (float32, or
-    bfloat16 / float16, which the call computes in float32, rounding y and h once) and contiguous,
-    with 1 to SMALL_M rows or more where the native kernel serves the base
-    (:func:`cpu_matmul_serves`). lorakern/nf4/plan.py keeps calls it took.
+    bfloat16 / float16, which the call computes in float32, rounding y and h once) and contiguous
+    (unless ``contiguous`` is False: a caller that copies strided ones), with 1 to SMALL_M rows or
+    more where the native kernel serves the base (:func:`cpu_matmul_serves`). lorakern/nf4/plan.py
+    keeps calls it took.
 
     Above SMALL_M rows too, because a torch op between two native calls costs the next one a core:
     torch's OpenMP workers spin for a few ms after each parallel op (libgomp's default wait
@@ -143,7 +144,7 @@ def cpu_call_takes(x: Tensor, rows: int, *tensors: Tensor | None) -> bool:
     7.3 / 3.7 / 4.3 ms. Half precision the same way: a bfloat16 / float16 layer (4096 x 4096,
     r = 16, 2 threads, Zen 4, cold) took 1.5x to 2x the float32 layer's time at M = 1 to 16 with
     the base in the kernel and the LoRA term and the conversions in torch."""
-    return cpu_call_rows(x, rows) and all(t is None or (t.dtype == x.dtype and t.is_contiguous())
+    return cpu_call_rows(x, rows) and all(t is None or (t.dtype == x.dtype and (t.is_contiguous() or not contiguous))
                                           for t in (x, *tensors))
 
 
@@ -278,14 +279,14 @@ class NF4Base:
         matmuls, two transposes and an add after the base, each a dispatch on a 0.1-2 ms decode
         call; in the kernel it measured 0.343 ms against 0.329 ms for the base alone (M = 1,
         4096 x 4096)."""
-        if backend != "native" or adapter.dropout_p != 0.0 or x.device.type != "cpu":
+        if backend != "native" or adapter.dropout_p != 0.0:
+            return None
+        if not cpu_call_takes(x, x.shape[0], bias, adapter.lora_A, adapter.lora_B, contiguous=False):
             return None
         # Strided tensors (x a view of a wider activation, a transposed adapter) are copied: the
         # same one call, so the same bits, as for contiguous ones (the other path rounds the base
         # and the term apart); a copy of x [M, in] beside a pass over W.
         x, bias, A, B = (None if t is None else t.contiguous() for t in (x, bias, adapter.lora_A, adapter.lora_B))
-        if not cpu_call_takes(x, x.shape[0], bias, A, B):
-            return None
         return native.cpu_qlora_forward(x, self.w, bias, A, B, adapter.scaling)
 
 
