@@ -455,6 +455,20 @@ def test_openmp_team_is_found():
     assert native.extension().openmp_team_available()
 
 
+@pytest.mark.parametrize("value", ["1M", "-65536", "0", "abc", "2.5e5"])
+def test_l2_env_is_checked(monkeypatch, value):
+    """A malformed L2 size is an error naming the variable, before any kernel runs (the extension's
+    strtoll would read "1M" as 1 byte and size its slices by the 64 KB floor, silently); a
+    whole number of bytes is taken."""
+    w = NF4Weight.quantize(torch.randn(64, 256), 64)
+    x = torch.randn(3, 256)
+    monkeypatch.setenv(native.L2_ENV, value)
+    with pytest.raises(RuntimeError, match=f"LORAKERN_CPU_L2_BYTES='{value}': expected a whole number of bytes"):
+        nf4_matmul(x, w, backend="native")
+    monkeypatch.setenv(native.L2_ENV, "1048576")
+    torch.testing.assert_close(nf4_matmul(x, w, backend="native"), x @ w.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_team_env_is_checked(monkeypatch):
     """A team that is not one of the three, or OpenMP where it was not found, is an error naming
     the variable, before any kernel runs."""

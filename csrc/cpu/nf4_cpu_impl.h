@@ -84,7 +84,11 @@ constexpr int64_t sum_columns(int MT) { return 16384 / MT / 256 * 256 > 256 ? 16
 inline int64_t panel_slice_bytes() {
     static const int64_t bytes = [] {
         int64_t l2 = 0;
-        if (const char* env = getenv("LORAKERN_CPU_L2_BYTES")) l2 = strtoll(env, nullptr, 10);
+        if (const char* env = getenv("LORAKERN_CPU_L2_BYTES")) {  // whole bytes (the Python side rejects others)
+            char* end = nullptr;
+            l2 = strtoll(env, &end, 10);
+            if (end == env || *end != '\0') l2 = 0;
+        }
 #if defined(_SC_LEVEL2_CACHE_SIZE)
         if (l2 <= 0) l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif

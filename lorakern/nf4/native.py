@@ -15,6 +15,9 @@ import torch
 ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" (-vpshufb, -vpermps) or "avx512" (tests cover each path)
 TEAM_ENV = "LORAKERN_CPU_TEAM"  # "pool" (unset) or "openmp": csrc/cpu/thread_pool.h
 TEAMS = ("pool", "openmp")
+# The L2 size (bytes) that the tiles of 3 to 10 rows of x size their slices of x by: the speed, never
+# the result. The extension reads it once, at its first such call (csrc/cpu/nf4_cpu_impl.h).
+L2_ENV = "LORAKERN_CPU_L2_BYTES"
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -79,10 +82,14 @@ _team_set: list = [False]  # what the extension was last told (use_openmp_team);
 
 
 def cpu_threads() -> int:
-    """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_TEAM`` and
-    passing it on to the extension: which threads run a call's pieces beside the caller, ``pool``
-    (lorakern's own workers, the default) or ``openmp`` (torch's OpenMP team)."""
+    """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_L2_BYTES``
+    and ``$LORAKERN_CPU_TEAM`` and passing the team on to the extension: which threads run a call's
+    pieces beside the caller, ``pool`` (lorakern's own workers, the default) or ``openmp`` (torch's
+    OpenMP team)."""
     threads = torch.get_num_threads()
+    l2 = os.environ.get(L2_ENV)
+    if l2 and not (l2.isascii() and l2.isdigit() and int(l2) > 0):  # the extension would read "1M" as 1
+        raise RuntimeError(f"{L2_ENV}={l2!r}: expected a whole number of bytes, e.g. 1048576 for 1 MiB")
     team = os.environ.get(TEAM_ENV)
     openmp = team == "openmp"
     if openmp != _team_set[0]:
