@@ -146,6 +146,16 @@ struct Avx2Vec {
         out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
         out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
     }
+    // out[k] = code[q[k]] * a + off (two roundings, as block_scale), 8 at a time; returns how many.
+    int64_t nested_scales(const uint8_t* q, const float* code, float a, float off, int64_t n, float* out) const {
+        const __m256 va = _mm256_set1_ps(a), vo = _mm256_set1_ps(off);
+        int64_t k = 0;
+        for (; k + 8 <= n; k += 8) {
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)));
+            _mm256_storeu_ps(out + k, _mm256_add_ps(_mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), va), vo));
+        }
+        return k;
+    }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         for (int g = 0; g < 4; ++g) out[g] = _mm256_mul_ps(lookup32(indices8(p + 4 * g), {lut_lo, lut_hi}), scale);
     }

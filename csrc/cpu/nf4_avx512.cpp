@@ -49,6 +49,16 @@ struct Avx512Vec {
         out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), t);
         out[1] = _mm512_permutexvar_ps(d, t);
     }
+    // out[k] = code[q[k]] * a + off (two roundings, as block_scale), 16 at a time; returns how many.
+    int64_t nested_scales(const uint8_t* q, const float* code, float a, float off, int64_t n, float* out) const {
+        const __m512 va = _mm512_set1_ps(a), vo = _mm512_set1_ps(off);
+        int64_t k = 0;
+        for (; k + 16 <= n; k += 16) {
+            const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+            _mm512_storeu_ps(out + k, _mm512_add_ps(_mm512_mul_ps(_mm512_i32gather_ps(idx, code, 4), va), vo));
+        }
+        return k;
+    }
     void decode32(const uint8_t* p, vec scale, vec* out) const {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibble);
