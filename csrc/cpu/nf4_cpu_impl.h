@@ -1046,9 +1046,8 @@ inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
 
 // out[i - b0] = block_scale(w, i) for the double-quantized blocks b0..b1 (the same bits): per group
 // of 256 blocks its absmax and the offset loaded once, V's gathers where it has them (8 or 16
-// scales an instruction) and a scalar tail. The scalar loop of block_scale was 1.14x-1.22x the
-// plain-NF4 time at M = 1 on AVX2 (nf4 suite, Zen 4: a flat decode per row block, ~2.5 cycles
-// a scale against a walk of ~15 cycles a block row).
+// scales an instruction) and a scalar tail. Against a loop of block_scale, 4096 x 4096, 2 threads,
+// cold, Zen 4: AVX2 M = 3-8 0.97x-0.99x the time, AVX-512 M = 3-16 0.92x-0.98x.
 template <class V>
 inline void nested_scales_flat(const V& v, const Nf4Weight& w, int64_t b0, int64_t b1, float* out) {
     const uint8_t* q = static_cast<const uint8_t*>(w.absmax);
@@ -1069,12 +1068,14 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     const int64_t K = w.cols;
     const int sh = w.block_shift;
-    // Double quantization with M > 2, or on AVX2 at any M: each row block's scales are decoded once
-    // into a float array (a few instructions a block, against 16 x 2 x M FMAs a block) and the walk
-    // is the plain one. Walked through the per-group tables instead, M = 16 took 7% to 11% longer
-    // than without double quantization (the compiler spills a table register in that loop), and on
-    // AVX2 M = 1 and 2 took 1.5x and 1.6x as long (4096 x 4096, Zen 4); AVX-512 at M <= 2 runs the
-    // tables at the plain walk's speed (its 32 vector registers hold them).
+    // Double quantization with M > 2, or AVX2's permute lookup at any M: each row block's scales are
+    // decoded once into a float array (nested_scales_flat) and the walk is the plain one. Walked
+    // through the per-group tables instead, M = 16 took 7% to 11% longer than without double
+    // quantization (the compiler spills a table register in that loop), and AVX2's permute walk at
+    // M = 1 and 2 1.5x and 1.6x as long (4096 x 4096, Zen 4). At M <= 2 AVX-512 (32 vector registers)
+    // and AVX2's byte lookup (the scale a broadcast after the block's sums) read the tables: the
+    // flat array took the byte lookup at M = 1 to 1.14x-1.22x the plain-NF4 time (nf4 suite), the
+    // tables 1.02x-1.05x.
     const bool flat = S::kNested && (M > 2 || (V::W < 16 && !(V::kScaleAfter && M <= 2)));
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
     const auto block = [&](const V& v, int64_t b) {
