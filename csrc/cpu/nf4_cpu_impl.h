@@ -1053,8 +1053,9 @@ inline void nested_scales_flat(const V& v, const Nf4Weight& w, int64_t b0, int64
     const uint8_t* q = static_cast<const uint8_t*>(w.absmax);
     const float off = *w.offset;
     for (int64_t i = b0; i <= b1;) {
-        const int64_t end = std::min(b1 + 1, ((i >> 8) + 1) << 8);  // this group's last block + 1
-        const float a = w.nested_absmax[i >> 8];
+        const int64_t g = NestedScales::group_of(i);
+        const int64_t end = std::min(b1 + 1, (g + 1) * kNestedBlocksize);  // past this group's last block
+        const float a = w.nested_absmax[g];
         int64_t k = i + v.nested_scales(q + i, w.nested_code, a, off, end - i, out + (i - b0));
         for (; k < end; ++k) out[k - b0] = add_rn(mul_rn(w.nested_code[q[k]], a), off);
         i = end;
