@@ -79,6 +79,24 @@ def test_matmul_vs_float64(isa, dtype, double_quant, transpose):
             _check_matmul(w, x, transpose, dtype, f"{isa} {(out_f, in_f, bs)} M={M} T={transpose}")
 
 
+def test_double_quant_gives_the_bits_of_its_decoded_scales(isa):
+    """Double quantization changes where a block's scale comes from (a per-group table read as the
+    walk enters the group, or an array decoded per row block with gathers), never the sums: the
+    product with the double-quantized weight has the bits of the product with the same packed bytes
+    and the decoded float32 scales as plain absmax, at every tile size and past 16 rows, both ways,
+    on every ISA. Groups of 256 blocks straddle rows (1088 columns: 17 blocks a row) and row blocks
+    of 16 rows, rows hold fractions of a block (320 columns, blocksize 128), and last groups are short."""
+    for out_f, in_f, bs in ((40, 1088, 64), (33, 320, 128), (9, 14336, 64), (37, 4160, 64)):
+        dq = NF4Weight.quantize(torch.randn(out_f, in_f) / in_f**0.5, bs, double_quant=True)
+        plain = NF4Weight(dq.packed, dq.absmax_float(), dq.shape, dq.dtype, bs)
+        for transpose in (False, True):
+            for M in (*range(1, 17), 40):
+                x = torch.randn(M, out_f if transpose else in_f)
+                got = nf4_matmul(x, dq, transpose=transpose, backend="native")
+                want = nf4_matmul(x, plain, transpose=transpose, backend="native")
+                assert torch.equal(got, want), f"{isa} {(out_f, in_f, bs)} M={M} transpose={transpose}"
+
+
 def test_matmul_empty_3d_and_noncontiguous():
     w = NF4Weight.quantize(torch.randn(24, 128), 64)
     assert nf4_matmul(torch.randn(0, 128), w, backend="native").shape == (0, 24)
