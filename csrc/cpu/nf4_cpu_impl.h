@@ -433,10 +433,13 @@ inline void h_piece(const V& v, const float* x, int64_t ldx, const int64_t* rows
 
 // h = x A^T [M, r] (and scaled_h = scaling * h), before any output: one dot product of length K
 // per (m, j) up to kTermRows rows, register tiles (h_piece) above (r x K x M FMAs: 64K at r = 16,
-// M = 1, K = 4096, ~1% of the decode; below 1M FMAs the caller does them alone, a hand-off to the
-// workers would cost more). Several adapters: rows of
-// different adapters read different A's from memory (8 rows of 8 fp32 adapters, r = 16, K = 4096:
-// 2 MiB, where one adapter's 256 KiB stays in cache), so the workers join from 256K FMAs.
+// M = 1, K = 4096). The workers join from 16K FMAs (64 KiB of A at M = 1): in a decode loop each
+// layer's A comes from memory (a model's adapters are far more than the L3), and one thread
+// reading it before the base product starts was most of the layer's cost over nf4_matmul's (M = 1,
+// 1024 x 4096, 2 threads, 16 cold layers: +68 us). Against the caller alone below 1M FMAs (256K with
+// several adapters), interleaved, Zen 4, M = 1: 1024 x 4096 AVX2 0.96x-0.98x the time, AVX-512
+// 0.83x; 1024 x 14336 AVX2 0.94x, AVX-512 0.94x; 4096 x 4096 0.97x-0.99x; the same layer hot
+// 0.93x-1.0x; M = 4 and 16 0.99x.
 template <class V>
 inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, int threads) {
     if (lora == nullptr) return;
@@ -450,8 +453,7 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
         for (int64_t k = 0; k < G; ++k) s += x[row * G + k];
         pooled[row] = s * (static_cast<float>(groups) / static_cast<float>(G));
     }
-    const int64_t alone_below = lora->index != nullptr ? int64_t{1} << 18 : int64_t{1} << 20;
-    const int team = n * K >= alone_below ? threads : 1;
+    const int team = n * K >= (int64_t{1} << 14) ? threads : 1;
     if (lora->index == nullptr && G == 0 && M > kTermRows) {
         // Register tiles (h_piece) over pieces of kTermRows rows x kHRanks ranks: one dot per
         // (m, j) is bound by L2 reads (~12 GFMA/s a Zen 4 core); at M = 256, r = 256, K = 4096
