@@ -453,7 +453,7 @@ inline void lora_h(const LoraTerm* lora, const float* x, int64_t M, int64_t K, i
         for (int64_t k = 0; k < G; ++k) s += x[row * G + k];
         pooled[row] = s * (static_cast<float>(groups) / static_cast<float>(G));
     }
-    const int team = n * K >= (int64_t{1} << 14) ? threads : 1;
+    const int team = n * (G > 0 ? groups : K) >= (int64_t{1} << 14) ? threads : 1;  // FMAs (A's floats at M = 1)
     if (lora->index == nullptr && G == 0 && M > kTermRows) {
         // Register tiles (h_piece) over pieces of kTermRows rows x kHRanks ranks: one dot per
         // (m, j) is bound by L2 reads (~12 GFMA/s a Zen 4 core); at M = 256, r = 256, K = 4096
