@@ -203,6 +203,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="nested_code: expected a contiguous tensor of shape"):
         NF4Weight(good.packed, good.absmax, good.shape, good.dtype, 64, good.nested_absmax,
                   good.nested_code[:10], good.offset)
+    strided = torch.stack([good.nested_code, good.nested_code], 1)[:, 0]  # the right shape, every other float
+    with pytest.raises(ValueError, match=r"nested_code: .* got shape \(256,\), strides \(2,\) \(not contiguous\)"):
+        NF4Weight(good.packed, good.absmax, good.shape, good.dtype, 64, good.nested_absmax, strided, good.offset)
+    with pytest.raises(ValueError, match=r"absmax: .* got shape \(8,\), strides \(2,\) \(not contiguous\)"):
+        NF4Weight(good.packed, torch.stack([good.absmax, good.absmax], 1)[:, 0], good.shape, good.dtype, 64,
+                  good.nested_absmax, good.nested_code, good.offset)
     sd = good.state_dict()
     sd["weight.quant_map"] = sd["weight.quant_map"] * 2
     with pytest.raises(ValueError, match="quant_map is not the NF4 code"):

@@ -28,6 +28,11 @@ from .reference import (
 _QS_KEY = "quant_state.bitsandbytes__nf4"  # bitsandbytes packs the non-tensor items here
 
 
+def _layout(t: torch.Tensor) -> str:
+    """``shape (...)``, with the strides when the tensor is not contiguous (for error messages)."""
+    return f"shape {tuple(t.shape)}" + ("" if t.is_contiguous() else f", strides {t.stride()} (not contiguous)")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -181,7 +186,7 @@ class NF4Weight:
         if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8:
             raise TypeError(f"packed: expected a uint8 tensor, got {getattr(p, 'dtype', type(p).__name__)}")
         if p.dim() != 1 or not p.is_contiguous():
-            raise ValueError(f"packed: expected a contiguous 1-D tensor, got shape {tuple(p.shape)}")
+            raise ValueError(f"packed: expected a contiguous 1-D tensor, got {_layout(p)}")
         if p.numel() != -(-self.numel // 2):
             raise ValueError(f"packed: expected {-(-self.numel // 2)} bytes for shape {tuple(self.shape)}, "
                              f"got {p.numel()}")
@@ -192,7 +197,7 @@ class NF4Weight:
                             f"got {getattr(a, 'dtype', type(a).__name__)}")
         if a.dim() != 1 or a.numel() != self.n_blocks or not a.is_contiguous():
             raise ValueError(f"absmax: expected a contiguous 1-D tensor of {self.n_blocks} blocks "
-                             f"(numel {self.numel} / blocksize {self.blocksize}), got shape {tuple(a.shape)}")
+                             f"(numel {self.numel} / blocksize {self.blocksize}), got {_layout(a)}")
         tensors = {"absmax": a}
         if self.double_quant:
             n2 = -(-self.n_blocks // NESTED_BLOCKSIZE)
@@ -203,7 +208,7 @@ class NF4Weight:
                     raise TypeError(f"{name}: expected a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
                 if tuple(t.shape) != shape or not t.is_contiguous():
                     raise ValueError(f"{name}: expected a contiguous tensor of shape {list(shape)}, "
-                                     f"got {tuple(t.shape)}")
+                                     f"got {_layout(t)}")
                 tensors[name] = t
         elif self.nested_code is not None or self.offset is not None:
             raise ValueError("nested_code / offset given without nested_absmax")
