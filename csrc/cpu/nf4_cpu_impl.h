@@ -1077,8 +1077,8 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     // quantization (the compiler spills a table register in that loop), and AVX2's permute walk at
     // M = 1 and 2 1.5x and 1.6x as long (4096 x 4096, Zen 4). At M <= 2 AVX-512 (32 vector registers)
     // and AVX2's byte lookup (the scale a broadcast after the block's sums) read the tables: the
-    // flat array took the byte lookup at M = 1 to 1.14x-1.22x the plain-NF4 time (nf4 suite), the
-    // tables 1.02x-1.05x.
+    // flat array took the byte lookup's layer at M = 1 to 1.06x-1.22x the plain-NF4 time (nf4 suite,
+    // four shapes), the tables 0.99x-1.05x.
     const bool flat = S::kNested && (M > 2 || (V::W < 16 && !(V::kScaleAfter && M <= 2)));
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
     const auto block = [&](const V& v, int64_t b) {
