@@ -1179,6 +1179,12 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
         const bool fast = len == kTChunk && K % 32 == 0;
         for (int64_t n = 0; n < N; ++n) {
             const int64_t f = n * K + k0;
+            // The same 128 bytes 8 rows down: a task reads 128 bytes a row, K / 2 bytes apart, which
+            // the hardware prefetchers did not follow; each row waited for memory. 4096 x 4096, 2
+            // threads, 4 cold weights, interleaved, Zen 4 AVX2: M = 1 0.33x the time, M = 4 0.58x,
+            // M = 16 0.90x (4 rows ahead 0.34x / 0.53x / 0.97x, 16 rows 0.40x / 0.59x / 1.09x).
+            __builtin_prefetch(w.packed + (f + 8 * K) / 2);
+            __builtin_prefetch(w.packed + (f + 8 * K) / 2 + 64);
             if (fast) {
                 for (int64_t s = 0; s < kTChunk; s += 32) {
                     typename V::vec wv[32 / V::W];
