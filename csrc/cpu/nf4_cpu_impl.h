@@ -102,6 +102,11 @@ inline int64_t panel_columns(int MT) {
     return std::max<int64_t>(ks, panel_slice_bytes() / (4 * MT) / ks * ks);
 }
 constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
+// Rows of W the transposed product's sums run over before they are added to the span's total:
+// one sum per output over all N rows was 4.9x the bound the tests hold it to (2x torch's float32
+// error against float64: M = 8, N = 4096 to 45120, every ISA); spans of 256 rows 0.25x (512 0.31x,
+// 1024 0.64x), at the same speed (4096 x 4096, M = 1 to 16, interleaved).
+constexpr int64_t kTSumRows = 256;
 
 // Element-by-element decode of W_flat[start:start+count) into float32: any alignment.
 inline void decode_generic(const Nf4Weight& w, int64_t start, int64_t count, float* out) {
@@ -1172,7 +1177,8 @@ inline void prefetch_block_scale(const Nf4Weight& w, int64_t b) {
 }
 
 // y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
-// decoding that row segment once and adding x[m, n] * segment into M accumulators.
+// decoding that row segment once and adding x[m, n] * segment into M accumulators, which restart
+// every kTSumRows rows (their sums added in row order).
 template <class V>
 void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
@@ -1180,12 +1186,13 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
     parallel_for(chunks, threads, [&](int64_t c) {
         V v(w.code);
         thread_local std::vector<float> acc_buf;
-        acc_buf.resize(std::max<size_t>(acc_buf.size(), M * kTChunk));
+        acc_buf.resize(std::max<size_t>(acc_buf.size(), 2 * M * kTChunk));
         float* acc = acc_buf.data();
+        float* total = acc + M * kTChunk;  // the sums of the finished spans of kTSumRows rows
         float seg[kTChunk];
         const int64_t k0 = c * kTChunk;
         const int64_t len = std::min(kTChunk, K - k0);
-        std::fill(acc, acc + M * kTChunk, 0.0f);
+        std::fill(acc, acc + 2 * M * kTChunk, 0.0f);
         const bool fast = len == kTChunk && K % 32 == 0;
         for (int64_t n = 0; n < N; ++n) {
             const int64_t f = n * K + k0;
@@ -1215,8 +1222,13 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
                 for (; k + V::W <= len; k += V::W) v.store(am + k, v.fmadd(xm, v.load(seg + k), v.load(am + k)));
                 for (; k < len; ++k) am[k] += x[m * N + n] * seg[k];
             }
+            if ((n + 1) % kTSumRows == 0 && n + 1 < N) {
+                for (int64_t i = 0; i < M * kTChunk; ++i) total[i] += acc[i];
+                std::fill(acc, acc + M * kTChunk, 0.0f);
+            }
         }
-        for (int64_t m = 0; m < M; ++m) memcpy(y + m * K + k0, acc + m * kTChunk, len * sizeof(float));
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < len; ++k) y[m * K + k0 + k] = total[m * kTChunk + k] + acc[m * kTChunk + k];
     });
 }
 
