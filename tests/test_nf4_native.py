@@ -353,16 +353,38 @@ def test_long_rows_many_slices_vs_float64(isa):
 
 def test_transposed_product_over_many_weight_rows_vs_float64(isa):
     """dY W (the QLoRA backward's dx) sums over all out_features rows of W: 4096, 14336 (a Llama
-    MLP) and 45120, M = 1 to 16, within 2x torch's float32 error. One running sum per output over
-    the rows was 8x-10x torch's error at M = 8 from 4096 rows; the sums now restart every 256 rows
-    (spans ending mid-span: 4096 + 100 rows)."""
+    MLP) and 45120, M = 1 to 32 (the rows the kernel takes), within 2x torch's float32 error. One
+    running sum per output over the rows was 8x-10x torch's error at M = 8 from 4096 rows; the sums
+    now restart every 256 rows (spans ending mid-span: 4096 + 100 rows)."""
     for rows in (4196, 14336, 45120):
         w = NF4Weight.quantize(torch.randn(rows, 256) / rows**0.5, 64, rows == 4196)
         w32 = w.dequantize_reference(torch.float32)
-        for M in (1, 2, 8, 16):
+        for M in (1, 2, 8, 16, 32):
             x = torch.randn(M, rows)
             assert_close_like_torch(f"{isa} rows={rows} M={M}", native.cpu_matmul(x, w, True),
                                     x.double() @ w32.double(), x @ w32, torch.float32)
+
+
+def test_transposed_product_rows_the_kernel_takes(isa, monkeypatch):
+    """dY W: the native kernel up to TRANSPOSED_ROWS rows of dY (float32 or half dY, AVX2 / AVX-512,
+    in_features % 32 == 0), W decoded in row tiles for torch's GEMM above, and within 2x torch's
+    error both ways (NF4 and QA-LoRA's INT4 base)."""
+    from lorakern import INT4Weight
+    from lorakern.ops.bases import TRANSPOSED_ROWS, INT4Base, NF4Base
+
+    calls, real = [], native.cpu_matmul
+    monkeypatch.setattr(native, "cpu_matmul", lambda *a: calls.append(a[2]) or real(*a))
+    nf4 = NF4Weight.quantize(torch.randn(70, 96) / 70**0.5, 32)
+    int4 = INT4Weight.quantize(torch.randn(70, 96) / 70**0.5, 32)
+    for base, w32 in ((NF4Base(nf4), nf4.dequantize_reference(torch.float32)),
+                      (INT4Base(int4), int4.dequantize(torch.float32))):
+        for M in (SMALL_M + 1, TRANSPOSED_ROWS, TRANSPOSED_ROWS + 1):
+            dy = torch.randn(M, 70)
+            calls.clear()
+            got = base.matmul(dy, True)
+            assert calls == ([True] if isa != "scalar" and M <= TRANSPOSED_ROWS else []), (isa, M)
+            assert_close_like_torch(f"{isa} {type(base).__name__} M={M}", got, dy.double() @ w32.double(),
+                                    dy @ w32, torch.float32)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -155,7 +155,15 @@ def cpu_call_rows(x: Tensor, rows: int) -> bool:
             and (rows <= SMALL_M or cpu_matmul_serves(x, False)))
 
 
-def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
+# Rows of dY up to which the native kernel takes the transposed product dY W (each task keeps M x 256
+# float32 sums in L1; past 16 rows the tiled path decodes all of W however few the rows). Native /
+# tiled time, 2 threads, cold, Zen 4: 4096 x 4096 M = 17 0.68x (AVX2) / 0.77x (AVX-512), 24 0.72x /
+# 0.68x, 32 0.82x / 0.88x, 48 1.49x / 1.51x; 14336 x 4096 and 4096 x 14336 M = 17 0.60x-0.65x, 32
+# 0.85x-0.86x.
+TRANSPOSED_ROWS = 32
+
+
+def cpu_matmul_serves(x: Tensor, transpose: bool, in_features: int | None = None) -> bool:
     """Whether the native CPU kernel takes ``x W^T`` above SMALL_M rows: float32 x on the CPU (or
     bfloat16 / float16 x where :func:`computes_in_float32`: converted inside the call). Its
     16-row micro-tiles run the FMAs near the CPU's peak with each slice of W decoded once per 16
@@ -164,13 +172,16 @@ def cpu_matmul_serves(x: Tensor, transpose: bool) -> bool:
     native / tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 ->
     1024 0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256
     0.90x. bfloat16 / float16 x where torch's half-precision GEMM is faster keep the tiled path,
-    as do x W (the backward), whose
-    native kernel is written for a few rows, in_features not a multiple of 32 (the kernel's
+    as do x W (the backward) above TRANSPOSED_ROWS rows (its native kernel keeps M x 256 sums per
+    task), in_features not a multiple of 32 (the kernel's
     element-wise path, a dot product per output: 3.0x the tiled time at 4096 x 4100, M = 64) and
     CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the CPU's baseline:
-    1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
-    return (x.device.type == "cpu" and not transpose and (x.dtype == torch.float32 or computes_in_float32(x))
-            and x.shape[-1] % 32 == 0 and native.unavailable_reason(x.device) is None
+    1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512). With ``transpose`` (x is
+    dY [M, out], ``in_features`` W's columns): up to TRANSPOSED_ROWS rows."""
+    k = x.shape[-1] if not transpose else in_features
+    return (x.device.type == "cpu" and (not transpose or x.shape[0] <= TRANSPOSED_ROWS)
+            and (x.dtype == torch.float32 or computes_in_float32(x))
+            and k is not None and k % 32 == 0 and native.unavailable_reason(x.device) is None
             and native.cpu_isa() != "scalar")
 
 
@@ -239,7 +250,7 @@ class NF4Base:
         M = x.shape[0]
         if M == 0:
             return x.new_empty(0, in_features if transpose else out_features)
-        if M <= SMALL_M or cpu_matmul_serves(x, transpose):
+        if M <= SMALL_M or cpu_matmul_serves(x, transpose, in_features):
             if x.device.type == "cpu":  # (a half x is computed in float32 inside the call)
                 return native.cpu_matmul(x, self.w, transpose)
             if not transpose:
@@ -374,7 +385,7 @@ class INT4Base:
             return x @ full if transpose else x @ full.t()
         if not (x.device.type == "cpu" and self._native_decodes(x.dtype)):
             return tiled_matmul(x, transpose, self.shape, lambda r0, n: self.w.dequantize_rows(r0, n, x.dtype))
-        if backend != "reference" and cpu_matmul_serves(x, transpose):
+        if backend != "reference" and cpu_matmul_serves(x, transpose, cols):
             return self._native_matmul(x, transpose)
         view, buf = self.w.native_view(), torch.empty(tile_rows(n_rows, cols) * cols, dtype=x.dtype)
         return tiled_matmul(x, transpose, self.shape, lambda r0, n: native.dequantize_into(
