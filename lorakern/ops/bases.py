@@ -193,9 +193,9 @@ class NF4Base:
         M <= SMALL_M: fused dequant-matmul reading the 4-bit bytes directly (memory-bound: ~4.5 bits
             per weight read instead of 16 or 32);
         M >  SMALL_M: compute-bound. x W^T in float32 on the CPU: the same native kernel, whose
-            16-row micro-tiles share each decoded slice of W (:func:`cpu_matmul_serves`); elsewhere
-            row tiles of W dequantized into one reused buffer and torch's matmul (cuBLAS / the CPU
-            BLAS) does the FLOPs.
+            16-row micro-tiles share each decoded slice of W (:func:`cpu_matmul_serves`), and x W up
+            to TRANSPOSED_ROWS rows; elsewhere row tiles of W dequantized into one reused buffer and
+            torch's matmul (cuBLAS / the CPU BLAS) does the FLOPs.
     """
 
     __slots__ = ("w", "shape")
