@@ -116,6 +116,10 @@ LK_HD_ALWAYS float add_rn(float a, float b) {
 #endif
 }
 
+// a * b + c, rounded after the multiply and again after the add (never one fma): how the references
+// compute INT4's code * scale + shift and double quantization's code2 * absmax2 + offset.
+LK_HD_ALWAYS float mul_add_rn(float a, float b, float c) { return add_rn(mul_rn(a, b), c); }
+
 // The float32 scale of block b.
 LK_HD_ALWAYS float block_scale(const Nf4Weight& w, int64_t b) {
 #if !defined(__CUDACC__)
@@ -123,7 +127,7 @@ LK_HD_ALWAYS float block_scale(const Nf4Weight& w, int64_t b) {
 #endif
     if (w.nested_absmax == nullptr) return static_cast<const float*>(w.absmax)[b * w.scale_stride];
     const uint8_t q = static_cast<const uint8_t*>(w.absmax)[b];
-    return add_rn(mul_rn(w.nested_code[q], w.nested_absmax[b >> 8]), *w.offset);  // b / 256
+    return mul_add_rn(w.nested_code[q], w.nested_absmax[b >> 8], *w.offset);  // b / 256
 }
 
 // The float32 scale of the block holding flattened element f.

@@ -146,7 +146,7 @@ struct Avx2Vec {
         out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
         out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
     }
-    // out[k] = code[q[k]] * a + off (two roundings, as block_scale), 8 at a time; returns how many.
+    // out[k] = code[q[k]] * a + off (mul_add_rn: two roundings, as block_scale), 8 at a time; returns how many.
     int64_t nested_scales(const uint8_t* q, const float* code, float a, float off, int64_t n, float* out) const {
         const __m256 va = _mm256_set1_ps(a), vo = _mm256_set1_ps(off);
         int64_t k = 0;

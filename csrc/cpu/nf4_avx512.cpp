@@ -49,7 +49,7 @@ struct Avx512Vec {
         out[0] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), t);
         out[1] = _mm512_permutexvar_ps(d, t);
     }
-    // out[k] = code[q[k]] * a + off (two roundings, as block_scale), 16 at a time; returns how many.
+    // out[k] = code[q[k]] * a + off (mul_add_rn: two roundings, as block_scale), 16 at a time; returns how many.
     int64_t nested_scales(const uint8_t* q, const float* code, float a, float off, int64_t n, float* out) const {
         const __m512 va = _mm512_set1_ps(a), vo = _mm512_set1_ps(off);
         int64_t k = 0;

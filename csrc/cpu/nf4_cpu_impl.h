@@ -246,7 +246,7 @@ struct NestedScales {
         const float a = w.nested_absmax[g], off = *w.offset;
         const float* __restrict code = w.nested_code;
         float* __restrict out = scales;
-        for (int i = 0; i < 256; ++i) out[i] = add_rn(mul_rn(code[i], a), off);
+        for (int i = 0; i < 256; ++i) out[i] = mul_add_rn(code[i], a, off);
     }
     int64_t group_end(int64_t b) const { return (group_of(b) + 1) * kNestedBlocksize; }
     bool plain() const { return true; }
@@ -1064,7 +1064,7 @@ inline void nested_scales_flat(const V& v, const Nf4Weight& w, int64_t b0, int64
         const int64_t end = std::min(b1 + 1, (g + 1) * kNestedBlocksize);  // past this group's last block
         const float a = w.nested_absmax[g];
         int64_t k = i + v.nested_scales(q + i, w.nested_code, a, off, end - i, out + (i - b0));
-        for (; k < end; ++k) out[k - b0] = add_rn(mul_rn(w.nested_code[q[k]], a), off);
+        for (; k < end; ++k) out[k - b0] = mul_add_rn(w.nested_code[q[k]], a, off);
         i = end;
     }
 }
@@ -1084,7 +1084,8 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     // and AVX2's byte lookup (the scale a broadcast after the block's sums) read the tables: the
     // flat array took the byte lookup's layer at M = 1 to 1.06x-1.22x the plain-NF4 time (nf4 suite,
     // four shapes), the tables 0.99x-1.05x.
-    const bool flat = S::kNested && (M > 2 || (V::W < 16 && !(V::kScaleAfter && M <= 2)));
+    const bool tables = M <= 2 && (V::W >= 16 || V::kScaleAfter);  // the walks that read the group tables
+    const bool flat = S::kNested && !tables;
     lora_h<V>(lora, x, M, K, threads);  // h is complete before any output
     const auto block = [&](const V& v, int64_t b) {
         const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, N - n0);

@@ -64,7 +64,7 @@ template <Decode D>
 __device__ __forceinline__ float decode_one(float code, float scale, float shift) {
     if (D == kScaled) return mul_rn(code, scale);
     if (D == kAffineFma) return fmaf(code, scale, shift);
-    return add_rn(mul_rn(code, scale), shift);
+    return mul_add_rn(code, scale, shift);
 }
 
 // The INT4 shift of the block holding flattened element f (0, unread, for NF4).
