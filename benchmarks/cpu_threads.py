@@ -1,17 +1,18 @@
-"""Thread scaling of the native CPU NF4 matmul, on a quiet machine and beside one busy process.
+"""Thread scaling of the native CPU NF4 matmul: quiet, beside one busy process, after a torch op.
 
     python benchmarks/cpu_threads.py [--isa avx2|avx2-vpshufb|avx2-vpermps|avx512|scalar] [--out results.jsonl]
 
 For M = 1 and 16 (4096 x 4096, cold weights: 8 copies rotate past the L3) and 1 and 2 threads,
-the median time of ``lorakern.nf4_matmul``, first alone, then with a Python spin loop running in
-another process (as a data loader or tokenizer would), then each call after an RMSNorm-like torch
-op on x, as inside a model (torch runs it on its OpenMP threads from 32768 elements, M >= 8 here,
-and those threads spin for a few ms after it on the cores the native kernel wants). With 2
-threads, each team that can run the kernel's pieces beside the caller ($LORAKERN_CPU_TEAM:
-lorakern's own pool, the default, and torch's OpenMP team); beside them, fp32 ``F.linear`` on 8
-dense copies with 2 threads under the same load. All are timed in turn, round after round, and
-the speedups are medians of the rounds' ratios. Prints a table; with ``--out`` appends one JSON
-line per measurement (processor and ISA path included).
+the median time of ``lorakern.nf4_matmul``: alone; with a Python spin loop running in another
+process (as a data loader or tokenizer would); each call after an RMSNorm-like torch op on x, as
+inside a model (torch runs it on its OpenMP threads from 32768 elements, M >= 8 here, and those
+threads spin for a few ms after it on the cores the native kernel wants); and both, the op and
+the busy process. With 2 threads, each team that can run the kernel's pieces beside the caller
+($LORAKERN_CPU_TEAM: lorakern's own pool, torch's OpenMP team, and ``auto``, the default, which
+picks per loop); beside them, fp32 ``F.linear`` on 8 dense copies with 2 threads under the same
+load (after the same op). A call's time includes the op's. All are timed in turn, round after
+round, and the speedups are medians of the rounds' ratios. Prints a table; with ``--out``
+appends one JSON line per measurement (processor and ISA path included).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-LOADS = ("quiet", "one busy process", "after a torch op")
+LOADS = ("quiet", "one busy process", "after a torch op", "after a torch op, one busy process")
 
 
 def mean_ms(fn, calls: int) -> float:
@@ -44,7 +45,7 @@ def mean_ms(fn, calls: int) -> float:
 
 
 ROUNDS = 7
-TEAMS = ("pool", "openmp")
+TEAMS = ("pool", "openmp", "auto")
 
 
 def main(argv=None) -> int:
@@ -68,14 +69,14 @@ def main(argv=None) -> int:
     previous, recs = torch.get_num_threads(), []
     try:
         for load in LOADS:
-            spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if load == "one busy process" else None
+            spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if "busy" in load else None
             try:
                 time.sleep(0.2)
                 for M in (1, 16):
                     # The three timings of a round back to back, ROUNDS rounds: a slow spell of the
                     # machine falls on all three, and each ratio is the median of the rounds' ratios.
                     x = torch.randn(M, 4096)
-                    pre = rms_norm if load == "after a torch op" else (lambda t: t)
+                    pre = rms_norm if load.startswith("after a torch op") else (lambda t: t)
                     def nf4(i, x=x, pre=pre):
                         return lorakern.nf4_matmul(pre(x), weights[i % 8])
 
@@ -111,19 +112,21 @@ def main(argv=None) -> int:
         torch.set_num_threads(previous)
         os.environ.pop(native.TEAM_ENV, None)
     print(f"{env['device_name']}, {env['date'][:10]}, commit {env['commit']}")
-    print(f"{'load':>17} {'M':>3} {'1 thread ms':>12}" + "".join(f" {'2t ' + t:>10} {'x':>5}" for t in TEAMS)
-          + f" {'fp32 2t ms':>11} {'fp32/pool':>10}   (x: speedup over 1 thread; ratios: medians over rounds)")
+    print(f"{'load':>34} {'M':>3} {'1 thread ms':>12}" + "".join(f" {'2t ' + t:>10} {'x':>5}" for t in TEAMS)
+          + f" {'fp32 2t ms':>11} {'fp32/' + native.DEFAULT_TEAM:>10}"
+          + "   (x: speedup over 1 thread; ratios: medians over rounds)")
     for load in LOADS:
         for M in (1, 16):
             def find(threads, op, team=None, load=load, M=M):
                 return next(r for r in recs if r["load"] == load and r["M"] == M and r["threads"] == threads
                             and r["op"] == op and r.get("team") == team)
 
-            one, fp32, pool = find(1, "nf4_matmul", "pool"), find(2, "fp32_linear"), find(2, "nf4_matmul", "pool")
+            one, fp32, default = (find(1, "nf4_matmul", "pool"), find(2, "fp32_linear"),
+                                  find(2, "nf4_matmul", native.DEFAULT_TEAM))
             cols = "".join(f" {r['median_ms']:>10.3f} {r['speedup_vs_1_thread']:>5.2f}"
                            for r in (find(2, "nf4_matmul", t) for t in TEAMS))
-            print(f"{load:>17} {M:>3} {one['median_ms']:>12.3f}{cols} {fp32['median_ms']:>11.3f} "
-                  f"{pool['fp32_over_nf4']:>10.2f}")
+            print(f"{load:>34} {M:>3} {one['median_ms']:>12.3f}{cols} {fp32['median_ms']:>11.3f} "
+                  f"{default['fp32_over_nf4']:>10.2f}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:

@@ -329,8 +329,10 @@ PYBIND11_MODULE(_C, m) {
           "CPU paths this machine can run, slowest first (the last is the default; \"avx2\" names the later avx2-*)");
     m.def("openmp_team_available", &lorakern::cpu::openmp_team_available,
           "whether torch's OpenMP runtime was found (LORAKERN_CPU_TEAM=openmp runs loops on its threads)");
-    m.def("use_openmp_team", &lorakern::cpu::use_openmp_team,
-          "run the CPU loops that follow on torch's OpenMP team (True, where available) or lorakern's pool");
+    m.def(
+        "use_team", [](int team) { lorakern::cpu::use_team(static_cast<lorakern::cpu::Team>(team)); },
+        "the team of the CPU loops that follow: 0 lorakern's pool, 1 torch's OpenMP team (where available), 2 the "
+        "OpenMP team while its threads spin and the pool otherwise");
     m.def(
         "cpu_team_loops",
         [] {

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -324,7 +327,6 @@ def test_the_l2_size_does_not_change_the_bits(tmp_path):
     $LORAKERN_CPU_L2_BYTES), while each row's sums restart at fixed columns: the smallest (64 KB)
     and largest (512 KB) slices give the same bits, every ISA, over 45120 columns (several slices
     either way, an unpaired last weight row, double quantization, the one-call LoRA term)."""
-    import os
     import subprocess
 
     results = []
@@ -476,12 +478,13 @@ def _use_team(team, monkeypatch):
     monkeypatch.setenv(native.TEAM_ENV, team)
 
 
-@pytest.mark.parametrize("team", ["pool", "openmp"])
+@pytest.mark.parametrize("team", native.TEAMS)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_every_thread_count_gives_the_same_bits(isa, double_quant, team, monkeypatch):
     """Each output is computed by one piece, whoever takes it: 1, 2 and 3 threads (more than this
     machine may have cores) give the same bits, on shapes with many pieces of every loop, with
-    lorakern's pool or torch's OpenMP team; and the team asked for runs the loops."""
+    lorakern's pool, torch's OpenMP team or the choice between them; and the team asked for runs
+    the loops."""
     _use_team(team, monkeypatch)
     C = native.extension()
     previous = torch.get_num_threads()
@@ -498,7 +501,68 @@ def test_every_thread_count_gives_the_same_bits(isa, double_quant, team, monkeyp
     finally:
         torch.set_num_threads(previous)
     ran = [after - b for after, b in zip(C.cpu_team_loops(), before)]
-    assert (ran[1] > 0, ran[2] > 0) == (team == "pool", team == "openmp"), ran
+    if team == "auto":
+        assert ran[1] + ran[2] > 0, ran
+    else:
+        assert (ran[1] > 0, ran[2] > 0) == (team == "pool", team == "openmp"), ran
+
+
+def _spinning_threads() -> list[int]:
+    """This process's threads other than the caller in state R (running or runnable)."""
+    me = threading.get_native_id()
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended
+            continue
+        if int(tid) != me and stat[stat.rindex(")") + 2] == "R":
+            out.append(int(tid))
+    return out
+
+
+def test_auto_team_follows_torchs_openmp_threads(monkeypatch):
+    """$LORAKERN_CPU_TEAM=auto (the default): right after a parallel torch op, while torch's OpenMP
+    workers spin, a call's loops run on that team; once they sleep, on lorakern's pool. The
+    machine decides when a worker spins or is preempted, so each side is tried until it is seen
+    (20 times at most); an auto team that never picks one side fails."""
+    if not (sys.platform.startswith("linux") and native.extension().openmp_team_available()):
+        pytest.skip("torch's OpenMP runtime not found in this process")
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("torch's OpenMP workers do not spin then sleep here (wait policy set, or one core)")
+    monkeypatch.delenv(native.TEAM_ENV, raising=False)
+    assert native.DEFAULT_TEAM == "auto"
+    C = native.extension()
+    w = NF4Weight.quantize(torch.randn(512, 2048), 64)
+    x, big = torch.randn(16, 2048), torch.randn(1 << 20)
+    previous = torch.get_num_threads()
+    seen = {"openmp": False, "pool": False}
+    try:
+        torch.set_num_threads(2)
+        nf4_matmul(x, w)  # the first call records the team's workers
+        for _ in range(20):
+            big.mul_(1.0)  # 1M elements: torch runs it on its OpenMP threads, which then spin
+            before = C.cpu_team_loops()
+            nf4_matmul(x, w)
+            ran = [after - b for after, b in zip(C.cpu_team_loops(), before)]
+            if ran[2] > 0:
+                seen["openmp"] = True
+                break
+        deadline = time.monotonic() + HUNG_S
+        for _ in range(20):
+            while _spinning_threads():  # libgomp's workers spin a few ms, lorakern's 50 us
+                assert time.monotonic() < deadline, f"threads {_spinning_threads()} never slept"
+                time.sleep(0.002)
+            before = C.cpu_team_loops()
+            nf4_matmul(x, w)
+            ran = [after - b for after, b in zip(C.cpu_team_loops(), before)]
+            if ran[1] > 0 and ran[2] == 0:
+                seen["pool"] = True
+                break
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == {"openmp": True, "pool": True}, seen
 
 
 def test_openmp_team_is_found():
@@ -639,7 +703,6 @@ def test_concurrent_callers_share_the_pool():
 
 
 def _child_matmul(conn, packed, absmax, x):
-    import os
 
     os.environ.pop(native.TEAM_ENV, None)  # the child's own choice
     w = NF4Weight(packed, absmax, [64, 256], torch.float32, 64)

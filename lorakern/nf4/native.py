@@ -13,8 +13,9 @@ import struct
 import torch
 
 ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" (-vpshufb, -vpermps) or "avx512" (tests cover each path)
-TEAM_ENV = "LORAKERN_CPU_TEAM"  # "pool" (unset) or "openmp": csrc/cpu/thread_pool.h
-TEAMS = ("pool", "openmp")
+TEAM_ENV = "LORAKERN_CPU_TEAM"  # csrc/cpu/thread_pool.h
+TEAMS = ("pool", "openmp", "auto")  # in the extension's order (cpu::Team)
+DEFAULT_TEAM = "auto"
 # The L2 size (bytes) that the tiles of 3 to 10 rows of x size their slices of x by: the speed, never
 # the result. The extension reads it once, at its first such call (csrc/cpu/nf4_cpu_impl.h).
 L2_ENV = "LORAKERN_CPU_L2_BYTES"
@@ -78,31 +79,30 @@ def cpu_isa() -> str:
     return have[-1]
 
 
-_team_set: list = [False]  # what the extension was last told (use_openmp_team); a plain list so torch.compile traces it
+_team_set: list = [None]  # what the extension was last told (use_team); a plain list so torch.compile traces it
 
 
 def cpu_threads() -> int:
     """The thread count for a native CPU call (torch's), after checking ``$LORAKERN_CPU_L2_BYTES``
     and ``$LORAKERN_CPU_TEAM`` and passing the team on to the extension: which threads run a call's
-    pieces beside the caller, ``pool`` (lorakern's own workers, the default) or ``openmp`` (torch's
-    OpenMP team)."""
+    pieces beside the caller, ``pool`` (lorakern's own workers), ``openmp`` (torch's OpenMP team)
+    or ``auto`` (the default: each loop on the OpenMP team while its threads are spinning after a
+    torch op, on the pool otherwise)."""
     threads = torch.get_num_threads()
     l2 = os.environ.get(L2_ENV)
     if l2 and not (l2.isascii() and l2.isdigit() and int(l2) > 0):  # the extension would read "1M" as 1
         raise RuntimeError(f"{L2_ENV}={l2!r}: expected a whole number of bytes, e.g. 1048576 for 1 MiB")
-    team = os.environ.get(TEAM_ENV)
-    openmp = team == "openmp"
-    if openmp != _team_set[0]:
-        extension().use_openmp_team(openmp)
-        _team_set[0] = openmp
-    if team:
+    team = os.environ.get(TEAM_ENV) or DEFAULT_TEAM
+    if team != _team_set[0]:
         if team not in TEAMS:
             raise RuntimeError(f"{TEAM_ENV}={team!r}: expected one of {list(TEAMS)}")
-        if team == "openmp" and threads > 1 and not extension().openmp_team_available():
-            raise RuntimeError(f"{TEAM_ENV}=openmp: torch's OpenMP runtime is not usable here: not found in this "
-                               f"process (torch.backends.openmp.is_available() = "
-                               f"{torch.backends.openmp.is_available()}), or this is a child after fork(), where "
-                               "OpenMP would wait for the parent's threads; unset it to use lorakern's own pool")
+        extension().use_team(TEAMS.index(team))
+        _team_set[0] = team
+    if team == "openmp" and threads > 1 and not extension().openmp_team_available():
+        raise RuntimeError(f"{TEAM_ENV}=openmp: torch's OpenMP runtime is not usable here: not found in this "
+                           f"process (torch.backends.openmp.is_available() = "
+                           f"{torch.backends.openmp.is_available()}), or this is a child after fork(), where "
+                           "OpenMP would wait for the parent's threads; unset it to use lorakern's own pool")
     return threads
 
 
