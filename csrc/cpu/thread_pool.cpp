@@ -106,7 +106,11 @@ int current_tid() {
 // time slice (ms): beside a busy process the OpenMP team took 0.4 ms at the median and 0.8-2.4
 // ms on average a call where the pool took 0.8 ms steadily (M = 1, 4096 x 4096, 2 threads, Zen 4).
 // So: the team while each worker is spinning (state R) and has not been preempted since the
-// last look (its nonvoluntary_ctxt_switches unchanged), the pool otherwise. A worker whose CPU
+// last look (its nonvoluntary_ctxt_switches unchanged), the pool otherwise. With a preempted
+// worker the team, the caller alone and the pool each measured worst somewhere (after an op
+// beside a busy process, M = 16, speedup over 1 thread: pool 0.83x, alone 0.49-0.52x; with the
+// team there, beside the busy process alone M = 1: 0.59-0.95x, the team's spinning kept up by
+// its own regions; AVX2, benchmarks/cpu_threads.py, two runs each). A worker whose CPU
 // time has not moved since the last look is asleep: one clock read (~0.3 us), no /proc read;
 // /proc/self/task/<tid>/status (~5 us) only after it has run. The workers are those of the last
 // region this thread ran on the team with the same thread count (every OpenMP loop records them);
@@ -125,7 +129,7 @@ struct TeamProbe {
     int count = 0;
     Worker workers[kMaxProbed];
 
-    enum State { kUnknown, kSpinning, kContended, kIdle };
+    enum State { kUnknown, kSpinning, kIdle };
     State state(int team_threads) {
         if (threads != team_threads) return kUnknown;
 #if defined(__linux__)
@@ -146,11 +150,7 @@ struct TeamProbe {
             const char* nv = strstr(buf, "\nnonvoluntary_ctxt_switches:\t");
             if (st == nullptr || nv == nullptr) return kIdle;
             const int64_t preempted = strtoll(nv + 29, nullptr, 10);
-            if (st[8] != 'R') {
-                result = kIdle;
-            } else if (preempted != w.preempted && result == kSpinning) {
-                result = kContended;
-            }
+            if (st[8] != 'R' || preempted != w.preempted) result = kIdle;
             w.preempted = preempted;  // every worker looked at: each keeps its count
         }
         return result;
@@ -202,15 +202,7 @@ class Pool {
         }
         const Team team = static_cast<Team>(g_team.load(std::memory_order_relaxed));
         OpenMPParallel openmp = team == Team::kPool ? nullptr : torch_openmp();
-        if (openmp != nullptr && team == Team::kAuto) {
-            const TeamProbe::State state = t_probe.state(threads);
-            if (state == TeamProbe::kContended) {  // a pool worker would fight the spinning one for its core
-                g_loops[0].fetch_add(1, std::memory_order_relaxed);
-                for (int64_t i = 0; i < n; ++i) fn(i);
-                return;
-            }
-            if (state == TeamProbe::kIdle) openmp = nullptr;
-        }
+        if (openmp != nullptr && team == Team::kAuto && t_probe.state(threads) == TeamProbe::kIdle) openmp = nullptr;
         fn_ = &fn;
         done_.store(0, std::memory_order_relaxed);
         const uint64_t epoch = (epoch_ + 1) & 0xFFFF;

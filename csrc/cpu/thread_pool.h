@@ -17,9 +17,8 @@
 //   activation over >= 32768 elements, so from M = 8 at 4096 features) torch's idle OpenMP
 //   threads spin for a few ms on the cores the pool's workers want, and a pool worker gets half a
 //   core: 2 threads as slow as 1. The spinning threads are the OpenMP team: it starts at once.
-// - "auto": the OpenMP team while its workers spin on cores of their own, the caller alone while
-//   they spin but have been preempted (another process wants their cores: a pool worker would be
-//   a third thread on two cores), the pool while they sleep (TeamProbe in thread_pool.cpp).
+// - "auto": the OpenMP team while its workers spin on cores of their own (not preempted since the
+//   last look), the pool otherwise (TeamProbe in thread_pool.cpp).
 // Zen 4, 2 threads, AVX2, 4096 x 4096, cold, 2-thread speedup over 1 thread, three runs
 // (benchmarks/cpu_threads.py, results ...-197912b-threads-teams.jsonl): after a torch op, M = 16,
 // pool 0.96-1.00x, OpenMP 1.72-1.75x; beside a busy process, pool 0.98-1.07x at M = 1 and

@@ -87,7 +87,7 @@ def cpu_threads() -> int:
     and ``$LORAKERN_CPU_TEAM`` and passing the team on to the extension: which threads run a call's
     pieces beside the caller, ``pool`` (lorakern's own workers), ``openmp`` (torch's OpenMP team)
     or ``auto`` (the default: each loop on the OpenMP team while its threads are spinning after a
-    torch op, on the pool otherwise)."""
+    torch op on cores of their own, on the pool otherwise)."""
     threads = torch.get_num_threads()
     l2 = os.environ.get(L2_ENV)
     if l2 and not (l2.isascii() and l2.isdigit() and int(l2) > 0):  # the extension would read "1M" as 1
