@@ -122,42 +122,82 @@ struct TeamProbe {
         int tid;
         clockid_t clock;     // its CPU-time clock
         int64_t cpu_ns;      // at the last look
-        int64_t preempted;   // nonvoluntary_ctxt_switches at the last look
+        int64_t seen_ns;     // the last look (CLOCK_MONOTONIC)
+        int64_t slept;       // voluntary_ctxt_switches at the last look
         int fd;              // its /proc status, -1 where there is none
     };
     int threads = 0;  // the region's thread count the workers were recorded for (0: none)
     int count = 0;
     Worker workers[kMaxProbed];
 
-    enum State { kUnknown, kSpinning, kIdle };
-    State state(int team_threads) {
+    enum State { kUnknown, kAsleep, kSpinning, kShared };
+    // The workers' state now: kShared when all spin and one of them, spinning since the last
+    // look (no sleep in between), ran less than 3/4 of the time since (its core shared).
+    State look(int team_threads) {
         if (threads != team_threads) return kUnknown;
 #if defined(__linux__)
-        State result = count > 0 ? kSpinning : kIdle;
+        timespec now_ts;
+        clock_gettime(CLOCK_MONOTONIC, &now_ts);
+        const int64_t now = int64_t{now_ts.tv_sec} * 1000000000 + now_ts.tv_nsec;
+        State result = count > 0 ? kSpinning : kAsleep;
         for (int i = 0; i < count; ++i) {
             Worker& w = workers[i];
-            if (w.fd < 0) return kIdle;  // no /proc: the pool
+            if (w.fd < 0) return kAsleep;  // no /proc: the pool
             timespec ts;
             if (clock_gettime(w.clock, &ts) != 0) return kUnknown;  // the worker is gone: record again
             const int64_t cpu = int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
-            if (cpu == w.cpu_ns) return kIdle;  // asleep since the last look
+            const int64_t ran = cpu - w.cpu_ns, since = now - w.seen_ns;
             w.cpu_ns = cpu;
+            w.seen_ns = now;
+            if (ran == 0) {  // asleep since the last look
+                result = kAsleep;
+                continue;
+            }
             char buf[2048];
             const ssize_t got = pread(w.fd, buf, sizeof(buf) - 1, 0);
             if (got <= 0) return kUnknown;
             buf[got] = 0;
             const char* st = strstr(buf, "\nState:\t");
-            const char* nv = strstr(buf, "\nnonvoluntary_ctxt_switches:\t");
-            if (st == nullptr || nv == nullptr) return kIdle;
-            const int64_t preempted = strtoll(nv + 29, nullptr, 10);
-            if (st[8] != 'R' || preempted != w.preempted) result = kIdle;
-            w.preempted = preempted;  // every worker looked at: each keeps its count
+            const char* vol = strstr(buf, "\nvoluntary_ctxt_switches:\t");
+            if (st == nullptr || vol == nullptr) return kAsleep;
+            const int64_t slept = strtoll(vol + 25, nullptr, 10);
+            const bool awake_since = slept == w.slept;
+            w.slept = slept;
+            if (st[8] != 'R') {
+                result = kAsleep;
+            } else if (awake_since && 4 * ran < 3 * since && result == kSpinning) {
+                result = kShared;
+            }
         }
         return result;
 #else
-        return kIdle;
+        return kAsleep;
 #endif
     }
+
+    // Whether the next loop runs on the team. A pool worker shares a spinning OpenMP worker's core
+    // itself, so a shared core counts only when the last loop ran on the team: then another
+    // process wants that core, and a region's end waits now and then for a time slice of it
+    // (beside a busy process, M = 1: ~3 regions of 0.55 ms, then one of 2-3.4 ms). It sends the
+    // next kSkip loops that find the team spinning to the pool: beside a busy process the team's
+    // spinning, no longer kept up by its own regions, ends, and its workers sleep (the pool from
+    // then on, until a torch op wakes them); after torch ops on a machine without one, a stray
+    // shared look costs kSkip loops on the pool.
+    static constexpr int kSkip = 64;
+    bool use_team(int team_threads) {
+        const State state = look(team_threads);
+        bool team = state == kUnknown || state == kSpinning || (state == kShared && !last_on_team);
+        if (state == kShared && last_on_team) skip = kSkip;
+        if (team && skip > 0 && state != kUnknown) {
+            --skip;
+            team = false;
+        }
+        last_on_team = team;
+        return team;
+    }
+    bool last_on_team = false;
+    int skip = 0;  // loops that find the team spinning still to send to the pool
+
     void record(int team_threads, const int* tids, const clockid_t* clocks, int n) {
         n = std::min(n, kMaxProbed);
         bool same = team_threads == threads && n == count;
@@ -168,7 +208,7 @@ struct TeamProbe {
         count = n;
         for (int i = 0; i < n; ++i) {
             Worker& w = workers[i];
-            w = Worker{tids[i], clocks[i], -1, -1, -1};
+            w = Worker{tids[i], clocks[i], -1, 0, -1, -1};
 #if defined(__linux__)
             if (clocks[i] == kNoClock) continue;  // fd -1: the pool
             char path[64];
@@ -202,7 +242,7 @@ class Pool {
         }
         const Team team = static_cast<Team>(g_team.load(std::memory_order_relaxed));
         OpenMPParallel openmp = team == Team::kPool ? nullptr : torch_openmp();
-        if (openmp != nullptr && team == Team::kAuto && t_probe.state(threads) == TeamProbe::kIdle) openmp = nullptr;
+        if (openmp != nullptr && team == Team::kAuto && !t_probe.use_team(threads)) openmp = nullptr;
         fn_ = &fn;
         done_.store(0, std::memory_order_relaxed);
         const uint64_t epoch = (epoch_ + 1) & 0xFFFF;
