@@ -710,7 +710,7 @@ def _child_matmul(conn, packed, absmax, x):
     conn.send(nf4_matmul(x, w, backend="native").tolist())  # plain lists: no shared-memory handles
 
 
-@pytest.mark.parametrize("team", ["pool", "openmp"])
+@pytest.mark.parametrize("team", native.TEAMS)
 def test_kernels_run_in_a_forked_child(team, monkeypatch):
     """A child forked after the pool's or OpenMP's threads started (a DataLoader worker) has none
     of them: its calls still complete, on a pool it starts itself (libgomp would wait there for
