@@ -102,19 +102,17 @@ int current_tid() {
 // libgomp keeps one team per thread that starts regions, and its idle workers spin for a few ms
 // after each region (torch's ops included) before they sleep. While they spin, a region starts at
 // once and a pool worker would get half a core; but a region's end barrier waits for every
-// worker, and one that shares its core with another process is preempted now and then for a
-// time slice (ms): beside a busy process the OpenMP team took 0.4 ms at the median and 0.8-2.4
-// ms on average a call where the pool took 0.8 ms steadily (M = 1, 4096 x 4096, 2 threads, Zen 4).
-// So: the team while each worker is spinning (state R) and has not been preempted since the
-// last look (its nonvoluntary_ctxt_switches unchanged), the pool otherwise. With a preempted
-// worker the team, the caller alone and the pool each measured worst somewhere (after an op
-// beside a busy process, M = 16, speedup over 1 thread: pool 0.83x, alone 0.49-0.52x; with the
-// team there, beside the busy process alone M = 1: 0.59-0.95x, the team's spinning kept up by
-// its own regions; AVX2, benchmarks/cpu_threads.py, two runs each). A worker whose CPU
-// time has not moved since the last look is asleep: one clock read (~0.3 us), no /proc read;
-// /proc/self/task/<tid>/status (~5 us) only after it has run. The workers are those of the last
-// region this thread ran on the team with the same thread count (every OpenMP loop records them);
-// none recorded: unknown, and the loop runs on the team, which records them.
+// worker, and one that shares its core with another process loses it now and then for a time
+// slice: beside a busy process the OpenMP team took 0.55 ms for ~3 calls, then 2-3.4 ms for one,
+// where the pool took ~1 ms steadily (M = 1, 4096 x 4096, 2 threads, AVX2, Zen 4). So a look at
+// each worker before a loop: its CPU clock unchanged since the last look, it is asleep (one clock
+// read, ~0.3 us); else /proc/self/task/<tid>/status (~5 us): its state (R: running or runnable)
+// and whether it slept since (voluntary_ctxt_switches); awake all along but on a CPU for less than
+// 3/4 of the time since, its core is shared. (Counting its preemptions instead sent loops to the
+// pool on a machine with nothing else running: kernel threads preempt a spinning worker for
+// microseconds, often.) The workers are those of the last region this thread ran on the team with
+// the same thread count (every OpenMP loop records them); none recorded: unknown, and the loop
+// runs on the team, which records them.
 constexpr int kMaxProbed = 64;
 const clockid_t kNoClock = static_cast<clockid_t>(-1);
 struct TeamProbe {
@@ -179,15 +177,20 @@ struct TeamProbe {
     // itself, so a shared core counts only when the last loop ran on the team: then another
     // process wants that core, and a region's end waits now and then for a time slice of it
     // (beside a busy process, M = 1: ~3 regions of 0.55 ms, then one of 2-3.4 ms). It sends the
-    // next kSkip loops that find the team spinning to the pool: beside a busy process the team's
+    // next kSkip loops that find the team awake to the pool: beside a busy process the team's
     // spinning, no longer kept up by its own regions, ends, and its workers sleep (the pool from
     // then on, until a torch op wakes them); after torch ops on a machine without one, a stray
-    // shared look costs kSkip loops on the pool.
+    // shared look costs at most kSkip loops on the pool. Measured with the pool, the caller alone
+    // and the team after a shared look (benchmarks/cpu_threads.py, AVX2, two runs each, speedup
+    // over 1 thread): after a torch op beside a busy process, M = 16, 0.83x / 0.49-0.52x / -;
+    // beside the busy process alone, M = 1, - / - / 0.59-0.95x (the team's own regions keeping
+    // its workers spinning on the shared core).
     static constexpr int kSkip = 64;
     bool use_team(int team_threads) {
         const State state = look(team_threads);
         bool team = state == kUnknown || state == kSpinning || (state == kShared && !last_on_team);
         if (state == kShared && last_on_team) skip = kSkip;
+        if (state == kAsleep) skip = 0;  // what woke them next is news
         if (team && skip > 0 && state != kUnknown) {
             --skip;
             team = false;
