@@ -128,9 +128,10 @@ struct TeamProbe {
     int count = 0;
     Worker workers[kMaxProbed];
 
-    enum State { kUnknown, kAsleep, kSpinning, kShared };
-    // The workers' state now: kShared when all spin and one of them, spinning since the last
-    // look (no sleep in between), ran less than 3/4 of the time since (its core shared).
+    enum State { kUnknown, kAsleep, kWoke, kSpinning, kShared };
+    // The workers' state now: kWoke when all spin and one of them slept since the last look;
+    // kShared when all spin and one of them, awake since the last look, ran less than 3/4 of the
+    // time since (its core shared).
     State look(int team_threads) {
         if (threads != team_threads) return kUnknown;
 #if defined(__linux__)
@@ -163,6 +164,8 @@ struct TeamProbe {
             w.slept = slept;
             if (st[8] != 'R') {
                 result = kAsleep;
+            } else if (!awake_since && result != kAsleep) {
+                result = kWoke;  // spinning again after a sleep: woken by a region since (torch's)
             } else if (awake_since && 4 * ran < 3 * since && result == kSpinning) {
                 result = kShared;
             }
@@ -177,20 +180,20 @@ struct TeamProbe {
     // itself, so a shared core counts only when the last loop ran on the team: then another
     // process wants that core, and a region's end waits now and then for a time slice of it
     // (beside a busy process, M = 1: ~3 regions of 0.55 ms, then one of 2-3.4 ms). It sends the
-    // next kSkip loops that find the team awake to the pool: beside a busy process the team's
-    // spinning, no longer kept up by its own regions, ends, and its workers sleep (the pool from
-    // then on, until a torch op wakes them); after torch ops on a machine without one, a stray
-    // shared look costs at most kSkip loops on the pool. Measured with the pool, the caller alone
+    // next kSkip loops that find the team awake (and not woken again) to the pool: beside a busy
+    // process the team's spinning, no longer kept up by its own regions, ends, and its workers
+    // sleep (the pool from then on, until a torch op wakes them); after torch ops on a machine
+    // without one, a stray shared look costs at most kSkip loops on the pool. Measured with the pool, the caller alone
     // and the team after a shared look (benchmarks/cpu_threads.py, AVX2, two runs each, speedup
     // over 1 thread): after a torch op beside a busy process, M = 16, 0.83x / 0.49-0.52x / -;
     // beside the busy process alone, M = 1, - / - / 0.59-0.95x (the team's own regions keeping
     // its workers spinning on the shared core).
-    static constexpr int kSkip = 64;
+    static constexpr int kSkip = 16;
     bool use_team(int team_threads) {
         const State state = look(team_threads);
-        bool team = state == kUnknown || state == kSpinning || (state == kShared && !last_on_team);
+        bool team = state == kUnknown || state == kWoke || state == kSpinning || (state == kShared && !last_on_team);
         if (state == kShared && last_on_team) skip = kSkip;
-        if (state == kAsleep) skip = 0;  // what woke them next is news
+        if (state == kAsleep || state == kWoke) skip = 0;  // what woke them is news
         if (team && skip > 0 && state != kUnknown) {
             --skip;
             team = false;
