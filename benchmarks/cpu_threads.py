@@ -11,7 +11,7 @@ the busy process. With 2 threads, each team that can run the kernel's pieces bes
 ($LORAKERN_CPU_TEAM: lorakern's own pool, torch's OpenMP team, and ``auto``, the default, which
 picks per loop); beside them, fp32 ``F.linear`` on 8 dense copies with 2 threads under the same
 load (after the same op). A call's time includes the op's. All are timed in turn, round after
-round, and the speedups are medians of the rounds' ratios. Prints a table; with ``--out``
+round, each from rest (50 ms apart), and the speedups are medians of the rounds' ratios. Prints a table; with ``--out``
 appends one JSON line per measurement (processor and ISA path included).
 """
 
@@ -91,8 +91,10 @@ def main(argv=None) -> int:
                             os.environ[native.TEAM_ENV] = team or "pool"
                             step(0)
                             times[(threads, op, team)].append(mean_ms(step, calls[op]))
-                            if op == "fp32_linear":
-                                time.sleep(0.1)  # torch's OpenMP workers spin after a call: let them sleep
+                            # OpenMP workers (torch's, or the kernels' on the openmp team) spin for
+                            # a few ms after a call: each step starts with them asleep, not in the
+                            # state the step before left them in
+                            time.sleep(0.05)
                     one, fp32 = times[(1, "nf4_matmul", "pool")], times[(2, "fp32_linear", None)]
                     for (threads, op, team), ts in times.items():
                         rec = {"op": op, "M": M, "in_features": 4096, "out_features": 4096, "threads": threads,
