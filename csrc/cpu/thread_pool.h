@@ -17,8 +17,11 @@
 //   activation over >= 32768 elements, so from M = 8 at 4096 features) torch's idle OpenMP
 //   threads spin for a few ms on the cores the pool's workers want, and a pool worker gets half a
 //   core: 2 threads as slow as 1. The spinning threads are the OpenMP team: it starts at once.
-// - "auto": the OpenMP team while its workers spin on cores of their own (not preempted since the
-//   last look), the pool otherwise (TeamProbe in thread_pool.cpp).
+// - "auto": the OpenMP team while its workers spin on cores of their own, the pool otherwise
+//   (TeamProbe in thread_pool.cpp). Five runs at f25892b (three AVX2, two AVX-512; results
+//   ...-f25892b-threads-auto.jsonl, each step from rest), 2-thread speedup over 1 thread: after
+//   a torch op, M = 16, 1.76-1.96x (pool 0.97-1.23x, OpenMP 1.68-2.00x); quiet 1.50-1.95x (pool
+//   1.64-1.97x); beside a busy process 0.88-1.15x (pool 0.95-1.04x, OpenMP 0.38-0.79x).
 // Zen 4, 2 threads, AVX2, 4096 x 4096, cold, 2-thread speedup over 1 thread, three runs
 // (benchmarks/cpu_threads.py, results ...-197912b-threads-teams.jsonl): after a torch op, M = 16,
 // pool 0.96-1.00x, OpenMP 1.72-1.75x; beside a busy process, pool 0.98-1.07x at M = 1 and
