@@ -11,8 +11,8 @@ the busy process. With 2 threads, each team that can run the kernel's pieces bes
 ($LORAKERN_CPU_TEAM: lorakern's own pool, torch's OpenMP team, and ``auto``, the default, which
 picks per loop); beside them, fp32 ``F.linear`` on 8 dense copies with 2 threads under the same
 load (after the same op). A call's time includes the op's. All are timed in turn, round after
-round, each from rest (50 ms apart), and the speedups are medians of the rounds' ratios. Prints a table; with ``--out``
-appends one JSON line per measurement (processor and ISA path included).
+round, each from rest (50 ms apart), and the speedups are medians of the rounds' ratios. Prints a
+table; with ``--out`` appends one JSON line per measurement (processor and ISA path included).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
             try:
                 time.sleep(0.2)
                 for M in (1, 16):
-                    # The three timings of a round back to back, ROUNDS rounds: a slow spell of the
-                    # machine falls on all three, and each ratio is the median of the rounds' ratios.
+                    # The timings of a round back to back, ROUNDS rounds: a slow spell of the
+                    # machine falls on all of them, and each ratio is the median of the rounds' ratios.
                     x = torch.randn(M, 4096)
                     pre = rms_norm if load.startswith("after a torch op") else (lambda t: t)
                     def nf4(i, x=x, pre=pre):
