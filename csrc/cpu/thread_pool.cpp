@@ -116,6 +116,12 @@ int current_tid() {
 // runs on the team, which records them.
 constexpr int kMaxProbed = 64;
 const clockid_t kNoClock = static_cast<clockid_t>(-1);
+
+// Clock c's time in ns, -1 where it cannot be read (a thread's CPU clock after the thread ended).
+int64_t clock_ns(clockid_t c) {
+    timespec ts;
+    return clock_gettime(c, &ts) != 0 ? -1 : int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
 struct TeamProbe {
     struct Worker {
         int tid;
@@ -136,16 +142,13 @@ struct TeamProbe {
     State look(int team_threads) {
         if (threads != team_threads) return kUnknown;
 #if defined(__linux__)
-        timespec now_ts;
-        clock_gettime(CLOCK_MONOTONIC, &now_ts);
-        const int64_t now = int64_t{now_ts.tv_sec} * 1000000000 + now_ts.tv_nsec;
+        const int64_t now = clock_ns(CLOCK_MONOTONIC);
         State result = count > 0 ? kSpinning : kAsleep;
         for (int i = 0; i < count; ++i) {
             Worker& w = workers[i];
             if (w.fd < 0) return kAsleep;  // no /proc: the pool
-            timespec ts;
-            if (clock_gettime(w.clock, &ts) != 0) return kUnknown;  // the worker is gone: record again
-            const int64_t cpu = int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+            const int64_t cpu = clock_ns(w.clock);
+            if (cpu < 0) return kUnknown;  // the worker is gone: record again
             const int64_t ran = cpu - w.cpu_ns, since = now - w.seen_ns;
             w.cpu_ns = cpu;
             w.seen_ns = now;
@@ -192,10 +195,12 @@ struct TeamProbe {
     static constexpr int kSkip = 16;
     bool use_team(int team_threads) {
         const State state = look(team_threads);
-        bool team = state == kUnknown || state == kWoke || state == kSpinning || (state == kShared && !last_on_team);
-        if (state == kShared && last_on_team) skip = kSkip;
+        bool team = state != kAsleep;
         if (state == kAsleep || state == kWoke) skip = 0;  // what woke them is news
-        if (team && skip > 0 && state != kUnknown) {
+        if (state == kShared && last_on_team) {
+            skip = kSkip;
+            team = false;
+        } else if (team && skip > 0 && state != kUnknown) {
             --skip;
             team = false;
         }

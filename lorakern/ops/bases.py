@@ -157,10 +157,9 @@ def cpu_call_rows(x: Tensor, rows: int) -> bool:
 
 # Rows of dY up to which the native kernel takes the transposed product dY W (each task keeps M x 256
 # float32 sums and their spans' totals, 64 KB at 32 rows; past 16 rows the tiled path decodes all of
-# W however few the rows). Native /
-# tiled time, 2 threads, cold, Zen 4: 4096 x 4096 M = 17 0.68x (AVX2) / 0.77x (AVX-512), 24 0.72x /
-# 0.68x, 32 0.82x / 0.88x, 48 1.49x / 1.51x; 14336 x 4096 and 4096 x 14336 M = 17 0.60x-0.65x, 32
-# 0.85x-0.86x.
+# W however few the rows). Native / tiled time, 2 threads, cold, Zen 4: 4096 x 4096 M = 17 0.68x
+# (AVX2) / 0.77x (AVX-512), 24 0.72x / 0.68x, 32 0.82x / 0.88x, 48 1.49x / 1.51x; 14336 x 4096 and
+# 4096 x 14336 M = 17 0.60x-0.65x, 32 0.85x-0.86x.
 TRANSPOSED_ROWS = 32
 
 
