@@ -15,6 +15,7 @@ from helpers import HUNG_S, assert_close_like_torch
 from lorakern import NF4Weight, nf4_dequantize, nf4_matmul
 from lorakern.backend import SMALL_M
 from lorakern.nf4 import native
+from lorakern.ops.bases import computes_in_float32
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (out, in, blocksize): in a multiple of 32 (the vector fast path; 96 an odd number of 64-blocks),
@@ -307,6 +308,7 @@ _SLICE_SCRIPT = """
 import os, sys, torch
 from lorakern import NF4Weight
 from lorakern.nf4 import native
+from lorakern.ops.bases import computes_in_float32
 torch.manual_seed(0)
 out = []
 for isa in native.extension().available_isas():
@@ -355,38 +357,46 @@ def test_long_rows_many_slices_vs_float64(isa):
 
 def test_transposed_product_over_many_weight_rows_vs_float64(isa):
     """dY W (the QLoRA backward's dx) sums over all out_features rows of W: 4096, 14336 (a Llama
-    MLP) and 45120, M = 1 to 32 (the rows the kernel takes), within 2x torch's float32 error. One
-    running sum per output over the rows was 8x-10x torch's error at M = 8 from 4096 rows; the sums
-    now restart every 256 rows (spans ending mid-span: 4096 + 100 rows)."""
+    MLP) and 45120, within 2x torch's float32 error. One running sum per output over the rows was
+    8x-10x torch's error at M = 8 from 4096 rows; the sums now restart every 256 rows (spans ending
+    mid-span: 4096 + 100 rows; groups of 64 rows ending mid-group). Rows of dY: 1 to 16 (tiles
+    decoding in the loop up to 8 rows, 2 on AVX2), tiles of 8 or 3 with a short last one (9, 23, 40),
+    and past 256 rows (300: two passes over W, the second of 44 rows)."""
     for rows in (4196, 14336, 45120):
         w = NF4Weight.quantize(torch.randn(rows, 256) / rows**0.5, 64, rows == 4196)
         w32 = w.dequantize_reference(torch.float32)
-        for M in (1, 2, 8, 16, 32):
+        for M in (1, 2, 3, 8, 9, 16, 23, 40) + ((300,) if rows == 4196 else ()):
             x = torch.randn(M, rows)
             assert_close_like_torch(f"{isa} rows={rows} M={M}", native.cpu_matmul(x, w, True),
                                     x.double() @ w32.double(), x @ w32, torch.float32)
 
 
 def test_transposed_product_rows_the_kernel_takes(isa, monkeypatch):
-    """dY W: the native kernel up to TRANSPOSED_ROWS rows of dY (float32 or half dY, AVX2 / AVX-512,
-    in_features % 32 == 0), W decoded in row tiles for torch's GEMM above, and within 2x torch's
-    error both ways (NF4 and QA-LoRA's INT4 base)."""
+    """dY W: the native kernel at any number of rows of dY (float32 or half dY, AVX2 / AVX-512,
+    in_features % 32 == 0), as x W^T; W decoded in row tiles for torch's GEMM on the scalar build
+    and where in_features is not a multiple of 32; within 2x torch's error both ways (NF4 and
+    QA-LoRA's INT4 base)."""
     from lorakern import INT4Weight
-    from lorakern.ops.bases import TRANSPOSED_ROWS, INT4Base, NF4Base
+    from lorakern.ops.bases import INT4Base, NF4Base
 
     calls, real = [], native.cpu_matmul
     monkeypatch.setattr(native, "cpu_matmul", lambda *a: calls.append(a[2]) or real(*a))
     nf4 = NF4Weight.quantize(torch.randn(70, 96) / 70**0.5, 32)
     int4 = INT4Weight.quantize(torch.randn(70, 96) / 70**0.5, 32)
-    for base, w32 in ((NF4Base(nf4), nf4.dequantize_reference(torch.float32)),
-                      (INT4Base(int4), int4.dequantize(torch.float32))):
-        for M in (SMALL_M + 1, TRANSPOSED_ROWS, TRANSPOSED_ROWS + 1):
-            dy = torch.randn(M, 70)
-            calls.clear()
-            got = base.matmul(dy, True)
-            assert calls == ([True] if isa != "scalar" and M <= TRANSPOSED_ROWS else []), (isa, M)
-            assert_close_like_torch(f"{isa} {type(base).__name__} M={M}", got, dy.double() @ w32.double(),
-                                    dy @ w32, torch.float32)
+    odd = NF4Weight.quantize(torch.randn(70, 100) / 70**0.5, 64)  # 100 columns: no INT4 (groups of 32-128 columns)
+    for cols, base, w32 in ((96, NF4Base(nf4), nf4.dequantize_reference(torch.float32)),
+                            (96, INT4Base(int4), int4.dequantize(torch.float32)),
+                            (100, NF4Base(odd), odd.dequantize_reference(torch.float32))):
+        for M in (SMALL_M + 1, 40, 300):
+            for dtype in (torch.float32, torch.bfloat16):
+                dy = torch.randn(M, 70).to(dtype)
+                calls.clear()
+                got = base.matmul(dy, True)
+                half_fast = dtype != torch.float32 and not computes_in_float32(dy)
+                takes = isa != "scalar" and cols % 32 == 0 and not half_fast
+                assert calls == ([True] if takes else []), (isa, cols, M, dtype)
+                assert_close_like_torch(f"{isa} {type(base).__name__} cols={cols} M={M} {dtype}", got,
+                                        dy.double() @ w32.double(), dy @ w32.to(dtype), dtype)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

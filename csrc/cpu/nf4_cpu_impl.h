@@ -1177,11 +1177,12 @@ inline void prefetch_block_scale(const Nf4Weight& w, int64_t b) {
         __builtin_prefetch(static_cast<const float*>(w.absmax) + b * w.scale_stride);
 }
 
-// y [M, K] = x [M, N] @ W: each task owns kTChunk output columns and walks all N rows of W,
-// decoding that row segment once and adding x[m, n] * segment into M accumulators, which restart
-// every kTSumRows rows (their sums added in row order).
+// y [M, K] = x [M, N] @ W for any K (the element-wise decode where a chunk is not whole 32-steps):
+// each task owns kTChunk output columns and walks all N rows of W, decoding that row segment once
+// and adding x[m, n] * segment into M accumulators, which restart every kTSumRows rows (their sums
+// added in row order).
 template <class V>
-void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
+void matmul_t_any(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
     const int64_t chunks = (K + kTChunk - 1) / kTChunk;
     parallel_for(chunks, threads, [&](int64_t c) {
@@ -1194,28 +1195,8 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
         const int64_t k0 = c * kTChunk;
         const int64_t len = std::min(kTChunk, K - k0);
         std::fill(acc, acc + 2 * M * kTChunk, 0.0f);
-        const bool fast = len == kTChunk && K % 32 == 0;
         for (int64_t n = 0; n < N; ++n) {
-            const int64_t f = n * K + k0;
-            // The same 128 bytes 8 rows down, and their scales: a task reads 128 bytes a row, K / 2
-            // bytes apart, which the hardware prefetchers did not follow; each row waited for memory.
-            // 4096 x 4096, 2 threads, 4 cold weights, interleaved, Zen 4: the bytes alone, AVX2 M = 1
-            // 0.33x the time, M = 4 0.58x, M = 16 0.90x (AVX-512 0.40x / 0.52x / 0.96x; 4 rows ahead
-            // 0.34x / 0.53x / 0.97x, 16 rows 0.40x / 0.59x / 1.09x); the scales too, against the bytes
-            // alone, 0.84x / 0.78x / 0.81x (double quantization 0.91x / 0.81x).
-            __builtin_prefetch(w.packed + (f + 8 * K) / 2);
-            __builtin_prefetch(w.packed + (f + 8 * K) / 2 + 64);
-            prefetch_block_scale(w, (f + 8 * K) >> w.block_shift);
-            if (fast) {
-                for (int64_t s = 0; s < kTChunk; s += 32) {
-                    typename V::vec wv[32 / V::W];
-                    v.decode32(w.packed + (f + s) / 2, v.set1(scale_of(w, f + s)), wv);
-                    if (w.shift) shift_all(v, wv, block_shift_value(w, (f + s) >> w.block_shift));
-                    for (int j = 0; j < 32 / V::W; ++j) v.store(seg + s + j * V::W, wv[j]);
-                }
-            } else {
-                decode_generic(w, f, len, seg);
-            }
+            decode_generic(w, n * K + k0, len, seg);
             for (int64_t m = 0; m < M; ++m) {
                 const typename V::vec xm = v.set1(x[m * N + n]);
                 float* am = acc + m * kTChunk;
@@ -1230,6 +1211,145 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
         }
         for (int64_t m = 0; m < M; ++m)
             for (int64_t k = 0; k < len; ++k) y[m * K + k0 + k] = total[m * kTChunk + k] + acc[m * kTChunk + k];
+    });
+}
+
+// Rows of x sharing one decoded 32-step of W in the transposed product's register tile (MT x 32
+// accumulators): AVX-512 8 (16 zmm of sums, 2 of weights, the table), AVX2 2 (8 ymm of sums, 4
+// of weights, the byte planes), the scalar build 4.
+template <class V>
+constexpr int t_rows() {
+    return V::W == 1 ? 4 : V::kRegs >= 32 ? 8 : 2;
+}
+// The same for tiles that read the decoded weights from the L1 buffer (more than t_rows rows of
+// x): no decode in the loop, so AVX2 fits 3 rows (12 ymm of sums, the weights read by the FMAs).
+// 4096 x 4096, 2 threads, cold, Zen 4, against 2 rows: M = 17 0.85x the time, 64 and 256 0.78x
+// (4 rows: 1.18x-1.23x, spilled); AVX-512 at 12 rows instead of 8: 1.04x-1.14x, at 6 the same.
+template <class V>
+constexpr int t_rows_loaded() {
+    return V::W == 1 ? 4 : V::kRegs >= 32 ? 8 : 3;
+}
+// Weight rows a task decodes before moving to the next 32 columns: 64 rows x 128 bytes (8 KB) of
+// the chunk stay in L1 while its 8 steps of 32 columns are walked one after the other.
+constexpr int64_t kTGroupRows = 64;
+constexpr int64_t kTRowsPerPass = 256;  // rows of x a pass over W serves (see matmul_t)
+
+// acc[m * kTChunk + i] (m < MT, i < 32, i in V's split lane order) += x[m * N + n] * w_n[i] for the
+// rows n < rows, w_n from row(n, wv): the sums held in registers across the rows.
+template <class V, int MT, class Row>
+__attribute__((always_inline)) inline void t_tile(const V& v, const float* x, int64_t N, int64_t rows, float* acc,
+                                                  Row&& row) {
+    constexpr int J = 32 / V::W;
+    using vec = typename V::vec;
+    vec a[MT][J];
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < J; ++j) a[m][j] = v.load(acc + m * kTChunk + j * V::W);
+    for (int64_t n = 0; n < rows; ++n) {
+        vec wv[J];
+        row(n, wv);
+        for (int m = 0; m < MT; ++m) {
+            const vec b = v.set1(x[m * N + n]);
+            for (int j = 0; j < J; ++j) a[m][j] = v.fmadd(b, wv[j], a[m][j]);
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < J; ++j) v.store(acc + m * kTChunk + j * V::W, a[m][j]);
+}
+
+// t_tile for mt (1 .. t_rows) rows of x.
+template <class V, int MT = t_rows<V>(), class Row>
+__attribute__((always_inline)) inline void t_tile_rows(const V& v, int mt, const float* x, int64_t N, int64_t rows,
+                                                       float* acc, Row&& row) {
+    if constexpr (MT > 1) {
+        if (mt < MT) return t_tile_rows<V, MT - 1>(v, mt, x, N, rows, acc, row);
+    }
+    t_tile<V, MT>(v, x, N, rows, acc, row);
+}
+
+// y [M, K] = x [M, N] @ W with K a multiple of 32: each task owns kTChunk output columns (whole
+// 32-steps, each inside one block) and walks all N rows of W in groups of kTGroupRows rows; per
+// group and 32-step the rows of x go in register tiles of t_rows: x[m, n] broadcast times the
+// step's 32 decoded weights into MT x 32 sums. Up to t_rows rows of x the step is decoded inside the
+// tile's loop; above, once into an L1 buffer that every tile reads. Each sum restarts every
+// kTSumRows rows and the spans' sums are added in row order, the same operations on each output
+// as matmul_t_any (the same bits). The decode gives V's split lane order, put back when y is
+// written. Against matmul_t_any (decode the chunk's 256 columns of a row into a buffer, then for
+// each row of x a load, an FMA and a store of every 8 or 16 sums: two stores per weight and row),
+// 4096 x 4096, 2 threads, 8 cold weights, interleaved, Zen 4: see TRANSPOSED_ROWS (ops/bases.py).
+template <class V>
+void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
+    const int64_t N = w.rows, K = w.cols;
+    if (K % 32 != 0) return matmul_t_any<V>(w, x, M, y, threads);
+    if (M > kTRowsPerPass) {
+        // Passes over W for kTRowsPerPass rows of x each: a task's sums (2 x M x 256 floats) stay
+        // in L2 (256 KB at 256 rows), for one more read of W per pass. 4096 x 4096, 2 threads,
+        // Zen 4, time against the dequantized tiles' (torch's GEMM): all 1024 rows in one pass
+        // 1.05x (AVX-512) and 1.17x (AVX2).
+        for (int64_t m0 = 0; m0 < M; m0 += kTRowsPerPass)
+            matmul_t<V>(w, x + m0 * N, std::min(kTRowsPerPass, M - m0), y + m0 * K, threads);
+        return;
+    }
+    constexpr int J = 32 / V::W, MT = t_rows<V>();
+    using vec = typename V::vec;
+    const int64_t chunks = (K + kTChunk - 1) / kTChunk;
+    parallel_for(chunks, threads, [&](int64_t c) {
+        V v(w.code);
+        thread_local std::vector<float> acc_buf;
+        acc_buf.resize(std::max<size_t>(acc_buf.size(), 2 * M * kTChunk));
+        float* acc = acc_buf.data();
+        float* total = acc + M * kTChunk;  // the sums of the finished spans of kTSumRows rows
+        alignas(64) float wbuf[kTGroupRows * 32];  // a group's decoded 32-step, above MT rows of x
+        const int64_t k0 = c * kTChunk;
+        const int64_t steps = std::min(kTChunk, K - k0) / 32;
+        std::fill(acc, acc + 2 * M * kTChunk, 0.0f);
+        for (int64_t n0 = 0; n0 < N; n0 += kTGroupRows) {
+            const int64_t rows = std::min(kTGroupRows, N - n0);
+            for (int64_t s = 0; s < steps; ++s) {
+                const int64_t f0 = n0 * K + k0 + 32 * s;  // row n0's first weight of the step
+                const auto decode = [&](int64_t n, vec* wv) __attribute__((always_inline)) {
+                    const int64_t f = f0 + n * K;
+                    // The next group's rows, spread over this group's decodes: every 4th decode
+                    // prefetches one of the 128 lines (2 a row) the next group reads, and the
+                    // row's scales with its first line. A task reads 128 bytes a row, K / 2 bytes
+                    // apart, which the hardware prefetchers did not follow.
+                    const int64_t i = s * kTGroupRows + n;
+                    if ((i & 3) == 0) {
+                        const int64_t line = i >> 2, fa = (n0 + kTGroupRows + (line >> 1)) * K + k0;
+                        __builtin_prefetch(w.packed + fa / 2 + 64 * (line & 1));
+                        if ((line & 1) == 0) prefetch_block_scale(w, fa >> w.block_shift);
+                    }
+                    v.decode32_split(w.packed + f / 2, v.scaled(scale_of(w, f)), wv);
+                    if (w.shift) shift_all(v, wv, block_shift_value(w, f >> w.block_shift));
+                };
+                float* acc_s = acc + 32 * s;
+                if (M <= MT) {
+                    t_tile_rows<V>(v, static_cast<int>(M), x + n0, N, rows, acc_s, decode);
+                    continue;
+                }
+                for (int64_t n = 0; n < rows; ++n) {
+                    vec wv[J];
+                    decode(n, wv);
+                    for (int j = 0; j < J; ++j) v.store(wbuf + n * 32 + j * V::W, wv[j]);
+                }
+                const auto load = [&](int64_t n, vec* wv) __attribute__((always_inline)) {
+                    for (int j = 0; j < J; ++j) wv[j] = v.load(wbuf + n * 32 + j * V::W);
+                };
+                constexpr int MB = t_rows_loaded<V>();
+                for (int64_t m0 = 0; m0 < M; m0 += MB)
+                    t_tile_rows<V, MB>(v, static_cast<int>(std::min<int64_t>(MB, M - m0)), x + m0 * N + n0, N, rows,
+                                       acc_s + m0 * kTChunk, load);
+            }
+            const int64_t done = n0 + rows;
+            if (done % kTSumRows == 0 || done == N) {
+                for (int64_t i = 0; i < M * kTChunk; ++i) total[i] += acc[i];
+                std::fill(acc, acc + M * kTChunk, 0.0f);
+            }
+        }
+        int src[32];  // the output column of each split lane
+        for (int i = 0; i < 32; ++i) src[i] = V::lane_source(i);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t s = 0; s < steps; ++s)
+                for (int i = 0; i < 32; ++i) y[m * K + k0 + 32 * s + src[i]] = total[m * kTChunk + 32 * s + i];
     });
 }
 
