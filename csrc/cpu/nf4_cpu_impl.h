@@ -101,7 +101,7 @@ inline int64_t panel_columns(int MT) {
     const int64_t ks = sum_columns(MT);
     return std::max<int64_t>(ks, panel_slice_bytes() / (4 * MT) / ks * ks);
 }
-constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 acc at M=16)
+constexpr int64_t kTChunk = 256;  // columns per task in the transposed product (16 KB of fp32 sums at M=16)
 // Rows of W the transposed product's sums run over before they are added to the span's total:
 // one sum per output over all N rows was 4.9x the bound the tests hold it to (2x torch's float32
 // error against float64: M = 8, N = 4096 to 45120, every ISA); spans of 256 rows 0.25x (512 0.31x,
@@ -1273,9 +1273,15 @@ __attribute__((always_inline)) inline void t_tile_rows(const V& v, int mt, const
 // tile's loop; above, once into an L1 buffer that every tile reads. Each sum restarts every
 // kTSumRows rows and the spans' sums are added in row order, the same operations on each output
 // as matmul_t_any (the same bits). The decode gives V's split lane order, put back when y is
-// written. Against matmul_t_any (decode the chunk's 256 columns of a row into a buffer, then for
-// each row of x a load, an FMA and a store of every 8 or 16 sums: two stores per weight and row),
-// 4096 x 4096, 2 threads, 8 cold weights, interleaved, Zen 4: see TRANSPOSED_ROWS (ops/bases.py).
+// written. Against matmul_t_any's loop (decode the chunk's 256 columns of a row into a buffer,
+// then for each row of x a load, an FMA and a store of every 8 or 16 sums: two stores per weight
+// and row), 4096 x 4096, 2 threads, 8 cold weights, interleaved, Zen 4: AVX-512 M = 1 0.87x the
+// time, 2 0.69x, 4 0.53x, 16 0.46x, 32 0.37x; AVX2 0.72x / 0.58x / 0.54x / 0.31x / 0.28x. From 64
+// rows on it takes the time of x W^T of the same size (1.00x-1.02x); at M = 1 still ~2x it (1.1 ms
+// against 0.5): a task reads 128 bytes of each weight row, 2 KB apart, and from memory that runs
+// slower than whole rows (hot, one weight in L3: 1.6x x W^T's time). Wider tasks read more of each
+// row (1024 columns: M = 1 0.66x the time) but leave 4 tasks for 2 threads at 4096 columns, too
+// few to share with a busy process (see parallel_for).
 template <class V>
 void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
