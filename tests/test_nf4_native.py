@@ -461,9 +461,9 @@ def test_many_rows_in_the_native_kernel_vs_float64(isa, double_quant, monkeypatc
 def _native_results(w, seed=0):
     """Everything the CPU kernels compute on ``w``: whole dequantizes, a dequantize from inside a
     row (what the tiled matmul above SMALL_M decodes; its GEMM is torch's, whose sums may follow the
-    thread count), the fused matmul in both directions and above 16 rows, and the one-call QLoRA
-    forward at 16 rows (h one dot per (m, j)) and at 70 (h in register tiles, the term after each
-    chunk's base)."""
+    thread count), the fused matmul in both directions and above 16 rows (dY W past 256 rows), and
+    the one-call QLoRA forward at 16 rows (h one dot per (m, j)) and at 70 (h in register tiles,
+    the term after each chunk's base)."""
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = w.shape
     got = [nf4_dequantize(w, dt, backend="native") for dt in (torch.float32, torch.bfloat16)]
@@ -473,6 +473,7 @@ def _native_results(w, seed=0):
             got.append(nf4_matmul(torch.randn(M, out_f if transpose else in_f, generator=g), w, transpose,
                                   backend="native"))
     got.append(native.cpu_matmul(torch.randn(70, in_f, generator=g), w, False))
+    got.append(native.cpu_matmul(torch.randn(300, out_f, generator=g), w, True))  # dY W: 8-row tiles, 2 passes
     A, B = torch.randn(64, in_f, generator=g), torch.randn(out_f, 64, generator=g)
     for M in (SMALL_M, 70):
         x = torch.randn(M, in_f, generator=g)
