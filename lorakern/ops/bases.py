@@ -194,7 +194,7 @@ class NF4Base:
 
     __slots__ = ("w", "shape")
     # Past SMALL_M rows the native kernel's cost grows with M (4096 x 4096, 2 Zen 4 cores, cold:
-    # ~0.65 ms at M = 1, ~4 ms at M = 16, ~6.5 ms at M = 17 to 32, ~12 ms at M = 64).
+    # ~0.65 ms at M = 1, ~3.5 ms at M = 16, ~3.6 ms at 17, ~6 ms at 32, ~12 ms at M = 64).
     shared_rows = SMALL_M
 
     def __init__(self, w):
