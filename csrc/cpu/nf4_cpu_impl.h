@@ -1184,6 +1184,21 @@ inline void prefetch_block_scale(const Nf4Weight& w, int64_t b) {
         __builtin_prefetch(static_cast<const float*>(w.absmax) + b * w.scale_stride);
 }
 
+// A transposed-product task's sums, zeroed: [M][kTChunk] for the running span of kTSumRows rows,
+// then [M][kTChunk] for the finished spans' total (per thread, reused across calls).
+inline float* t_sums(int64_t M) {
+    thread_local std::vector<float> buf;
+    buf.resize(std::max<size_t>(buf.size(), 2 * M * kTChunk));
+    std::fill(buf.begin(), buf.begin() + 2 * M * kTChunk, 0.0f);
+    return buf.data();
+}
+// The end of a span: its sums added to the total (spans in row order), the running sums restarted.
+inline void t_end_span(float* acc, int64_t M) {
+    float* total = acc + M * kTChunk;
+    for (int64_t i = 0; i < M * kTChunk; ++i) total[i] += acc[i];
+    std::fill(acc, acc + M * kTChunk, 0.0f);
+}
+
 // y [M, K] = x [M, N] @ W for any K (the element-wise decode where a chunk is not whole 32-steps):
 // each task owns kTChunk output columns and walks all N rows of W, decoding that row segment once
 // and adding x[m, n] * segment into M accumulators, which restart every kTSumRows rows (their sums
@@ -1194,14 +1209,11 @@ void matmul_t_any(const Nf4Weight& w, const float* x, int64_t M, float* y, int t
     const int64_t chunks = (K + kTChunk - 1) / kTChunk;
     parallel_for(chunks, threads, [&](int64_t c) {
         V v(w.code);
-        thread_local std::vector<float> acc_buf;
-        acc_buf.resize(std::max<size_t>(acc_buf.size(), 2 * M * kTChunk));
-        float* acc = acc_buf.data();
-        float* total = acc + M * kTChunk;  // the sums of the finished spans of kTSumRows rows
+        float* acc = t_sums(M);
+        float* total = acc + M * kTChunk;
         float seg[kTChunk];
         const int64_t k0 = c * kTChunk;
         const int64_t len = std::min(kTChunk, K - k0);
-        std::fill(acc, acc + 2 * M * kTChunk, 0.0f);
         for (int64_t n = 0; n < N; ++n) {
             decode_generic(w, n * K + k0, len, seg);
             for (int64_t m = 0; m < M; ++m) {
@@ -1211,10 +1223,7 @@ void matmul_t_any(const Nf4Weight& w, const float* x, int64_t M, float* y, int t
                 for (; k + V::W <= len; k += V::W) v.store(am + k, v.fmadd(xm, v.load(seg + k), v.load(am + k)));
                 for (; k < len; ++k) am[k] += x[m * N + n] * seg[k];
             }
-            if ((n + 1) % kTSumRows == 0 && n + 1 < N) {
-                for (int64_t i = 0; i < M * kTChunk; ++i) total[i] += acc[i];
-                std::fill(acc, acc + M * kTChunk, 0.0f);
-            }
+            if ((n + 1) % kTSumRows == 0 && n + 1 < N) t_end_span(acc, M);
         }
         for (int64_t m = 0; m < M; ++m)
             for (int64_t k = 0; k < len; ++k) y[m * K + k0 + k] = total[m * kTChunk + k] + acc[m * kTChunk + k];
@@ -1307,14 +1316,11 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
     const int64_t chunks = (K + kTChunk - 1) / kTChunk;
     parallel_for(chunks, threads, [&](int64_t c) {
         V v(w.code);
-        thread_local std::vector<float> acc_buf;
-        acc_buf.resize(std::max<size_t>(acc_buf.size(), 2 * M * kTChunk));
-        float* acc = acc_buf.data();
-        float* total = acc + M * kTChunk;  // the sums of the finished spans of kTSumRows rows
+        float* acc = t_sums(M);
+        const float* total = acc + M * kTChunk;
         alignas(64) float wbuf[kTGroupRows * 32];  // a group's decoded 32-step, above MT rows of x
         const int64_t k0 = c * kTChunk;
         const int64_t steps = std::min(kTChunk, K - k0) / 32;
-        std::fill(acc, acc + 2 * M * kTChunk, 0.0f);
         for (int64_t n0 = 0; n0 < N; n0 += kTGroupRows) {
             const int64_t rows = std::min(kTGroupRows, N - n0);
             for (int64_t s = 0; s < steps; ++s) {
@@ -1353,10 +1359,7 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
                                        acc_s + m0 * kTChunk, load);
             }
             const int64_t done = n0 + rows;
-            if (done % kTSumRows == 0 || done == N) {
-                for (int64_t i = 0; i < M * kTChunk; ++i) total[i] += acc[i];
-                std::fill(acc, acc + M * kTChunk, 0.0f);
-            }
+            if (done % kTSumRows == 0 || done == N) t_end_span(acc, M);
         }
         int src[32];  // the output column of each split lane
         for (int i = 0; i < 32; ++i) src[i] = V::lane_source(i);
