@@ -372,10 +372,10 @@ def test_transposed_product_over_many_weight_rows_vs_float64(isa):
 
 
 def test_transposed_product_rows_the_kernel_takes(isa, monkeypatch):
-    """dY W: the native kernel at any number of rows of dY (float32 or half dY, AVX2 / AVX-512,
-    in_features % 32 == 0), as x W^T; W decoded in row tiles for torch's GEMM on the scalar build
-    and where in_features is not a multiple of 32; within 2x torch's error both ways (NF4 and
-    QA-LoRA's INT4 base)."""
+    """dY W: the native kernel at any number of rows of dY (float32, or half dY where the CPU's half
+    GEMM is slower: converted inside the call; AVX2 / AVX-512, in_features % 32 == 0), as x W^T; W
+    decoded in row tiles for torch's GEMM on the scalar build and where in_features is not a
+    multiple of 32; within 2x torch's error both ways (NF4 and QA-LoRA's INT4 base)."""
     from lorakern import INT4Weight
     from lorakern.ops.bases import INT4Base, NF4Base
 
@@ -388,7 +388,7 @@ def test_transposed_product_rows_the_kernel_takes(isa, monkeypatch):
                             (96, INT4Base(int4), int4.dequantize(torch.float32)),
                             (100, NF4Base(odd), odd.dequantize_reference(torch.float32))):
         for M in (SMALL_M + 1, 40, 300):
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 dy = torch.randn(M, 70).to(dtype)
                 calls.clear()
                 got = base.matmul(dy, True)
