@@ -207,9 +207,19 @@ def run(shapes, providers, compute_dtype, device, min_run_time, progress=True) -
                 bar.update(1)
         deqs = {}
         for provider, (modules, _) in built.items():
+            if provider == "bnb":
+                # bitsandbytes regroups a Linear4bit for its CPU GEMV at the first eval forward on a
+                # CPU with AVX512-BF16, its absmax rounded to bfloat16, and from then on decodes it
+                # to bfloat16 only (half the bytes of a float32 decode): its decode is timed on
+                # copies that have run no forward, so that every provider writes the suite's dtype.
+                modules = [make_linear(provider, k, n, compute_dtype, device) for _ in modules]
             parts = [dequantize_step(provider, m, compute_dtype) for m in modules]
-            if parts[0] is not None:
-                deqs[provider] = rotating(parts)
+            if parts[0] is None:
+                continue
+            got = parts[0]().dtype
+            if got != compute_dtype:
+                raise RuntimeError(f"nf4 suite: {provider}'s dequantize wrote {got}, not the suite's {compute_dtype}")
+            deqs[provider] = rotating(parts)
         rounds = rounds_of.setdefault(("nf4_dequantize", 0), {})
         for provider, (med, q20, q80) in interleaved(deqs, device, min_run_time, rounds).items():
             common = built[provider][1]
