@@ -166,8 +166,7 @@ def cpu_matmul_serves(x: Tensor, transpose: bool, in_features: int | None = None
     0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256 0.90x.
     ``x W`` (the backward's dx; register tiles of 8 rows of dY, 3 on AVX2, over each decoded
     32-column step): 4096 x 4096, M = 17 0.33x, 64 0.52x, 256 0.78x, 512 0.78x, 1024 0.89x, 2048
-    0.96x (AVX2 0.12x at 17 against a slow tiled case there, 0.80x at 256, 0.95x-0.98x at 1024 and
-    2048); 14336 x 4096 and 4096 x 14336 at M = 17 0.12x / 0.21x, 256 0.60x / 0.74x, 512 0.78x /
+    0.96x (AVX2 0.80x at 256, 0.95x-0.98x at 1024 and 2048); 14336 x 4096 and 4096 x 14336 at M = 17 0.12x / 0.21x, 256 0.60x / 0.74x, 512 0.78x /
     0.77x; from 64 rows the time of ``x W^T`` of the same size (within 3%). bfloat16 / float16 x where
     torch's half-precision GEMM is faster keep the tiled path, as do in_features not a multiple of
     32 (the kernel's element-wise path, a dot product per output: 3.0x the tiled time at 4096 x
