@@ -156,22 +156,23 @@ def cpu_call_rows(x: Tensor, rows: int) -> bool:
 
 
 def cpu_matmul_serves(x: Tensor, transpose: bool, in_features: int | None = None) -> bool:
-    """Whether the native CPU kernel takes ``x W^T`` (or, with ``transpose``, ``x W``: x is dY
-    [M, out], ``in_features`` W's columns) above SMALL_M rows: float32 x on the CPU (or bfloat16 /
+    """Whether the native CPU kernel takes ``x W^T`` (or, with ``transpose``, ``x W``: x is dY [M,
+    out], ``in_features`` W's columns) above SMALL_M rows: float32 x on the CPU (or bfloat16 /
     float16 x where :func:`computes_in_float32`: converted inside the call). Its 16-row micro-tiles
     run the FMAs near the CPU's peak with each slice of W decoded once per 16 to 256 rows;
     dequantizing W into tiles for torch's GEMM costs a write and a read of 4 bytes a weight.
     ``nf4_matmul`` at 4096 x 4096, 2 threads, Zen 4 (AVX-512), cold weights, interleaved, native /
-    tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 -> 1024
-    0.89x, 4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256 0.90x.
-    ``x W`` (the backward's dx; register tiles of 8 rows of dY, 3 on AVX2, over each decoded
-    32-column step): 4096 x 4096, M = 17 0.33x, 64 0.52x, 256 0.78x, 512 0.78x, 1024 0.89x, 2048
-    0.96x (AVX2 0.80x at 256, 0.95x-0.98x at 1024 and 2048); 14336 x 4096 and 4096 x 14336 at M = 17 0.12x / 0.21x, 256 0.60x / 0.74x, 512 0.78x /
-    0.77x; from 64 rows the time of ``x W^T`` of the same size (within 3%). bfloat16 / float16 x where
-    torch's half-precision GEMM is faster keep the tiled path, as do in_features not a multiple of
-    32 (the kernel's element-wise path, a dot product per output: 3.0x the tiled time at 4096 x
-    4100, M = 64) and CPUs without AVX2 (the plain C++ build, vectorized by the compiler for the
-    CPU's baseline: 1.5x the tiled time at M = 256 with SSE2 beside the BLAS's AVX-512)."""
+    tiled time: M = 17 0.33x, 32 0.36x, 64 0.23x, 256 0.68x, 1024 0.77x; M = 256 4096 -> 1024 0.89x,
+    4096 -> 14336 0.78x, 14336 -> 4096 0.73x; the AVX2 path at 4096 x 4096, M = 256 0.90x. ``x W``
+    (the backward's dx; register tiles of 8 rows of dY, 3 on AVX2, over each decoded 32-column
+    step): 4096 x 4096, M = 17 0.33x, 64 0.52x, 256 0.78x, 512 0.78x, 1024 0.89x, 2048 0.96x (AVX2
+    0.80x at 256, 0.95x-0.98x at 1024 and 2048); 14336 x 4096 and 4096 x 14336 at M = 17 0.12x /
+    0.21x, 256 0.60x / 0.74x, 512 0.78x / 0.77x; from 64 rows the time of ``x W^T`` of the same size
+    (within 3%). bfloat16 / float16 x where torch's half-precision GEMM is faster keep the tiled
+    path, as do in_features not a multiple of 32 (the kernel's element-wise path, a dot product per
+    output: 3.0x the tiled time at 4096 x 4100, M = 64) and CPUs without AVX2 (the plain C++ build,
+    vectorized by the compiler for the CPU's baseline: 1.5x the tiled time at M = 256 with SSE2
+    beside the BLAS's AVX-512)."""
     k = x.shape[-1] if not transpose else in_features
     return (x.device.type == "cpu" and (x.dtype == torch.float32 or computes_in_float32(x))
             and k is not None and k % 32 == 0 and native.unavailable_reason(x.device) is None
