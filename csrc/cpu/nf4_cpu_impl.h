@@ -881,12 +881,21 @@ inline int64_t chunk_rows(int64_t M, int64_t K) {
     return std::min(M, std::max<int64_t>(kXRows, std::min<int64_t>(256, fit)));
 }
 
+// The weight index (0-31) at each position of V's split lane order within a 32-step.
+template <class V>
+struct LaneSources {
+    int at[32];
+    LaneSources() {
+        for (int p = 0; p < 32; ++p) at[p] = V::lane_source(p);
+    }
+};
+
 // x [M, K] -> tiles of 16 rows, each [K][16] (x's columns in V's split lane order within each 32,
 // as the decode gives them; the last tile's rows past M zero).
 template <class V>
 inline void pack_x_columns(const float* x, int64_t M, int64_t K, float* out) {
-    int src[32];
-    for (int p = 0; p < 32; ++p) src[p] = V::lane_source(p);
+    const LaneSources<V> lanes;
+    const int* src = lanes.at;
     for (int64_t m0 = 0; m0 < M; m0 += kXRows, x += kXRows * K, out += kXRows * K) {
         const int64_t mt = std::min<int64_t>(kXRows, M - m0);
         for (int64_t c = 0; c < K / 32; ++c)
@@ -1003,8 +1012,8 @@ inline void rows_block_broadcast(const V& v, S& sc, const Nf4Weight& w, int64_t 
 // every 32-chunk in V's split lane order, so a step reads one contiguous run of x.
 template <class V>
 inline void pack_x(const float* x, int64_t M, int64_t K, float* out) {
-    int src[32];
-    for (int p = 0; p < 32; ++p) src[p] = V::lane_source(p);
+    const LaneSources<V> lanes;
+    const int* src = lanes.at;
     for (int64_t m0 = 0; m0 < M; m0 += kMTile) {
         const int64_t mt = std::min<int64_t>(kMTile, M - m0);
         float* panel = out + m0 * K;
@@ -1361,11 +1370,10 @@ void matmul_t(const Nf4Weight& w, const float* x, int64_t M, float* y, int threa
             const int64_t done = n0 + rows;
             if (done % kTSumRows == 0 || done == N) t_end_span(acc, M);
         }
-        int src[32];  // the output column of each split lane
-        for (int i = 0; i < 32; ++i) src[i] = V::lane_source(i);
+        const LaneSources<V> src;  // the output column of each split lane
         for (int64_t m = 0; m < M; ++m)
             for (int64_t s = 0; s < steps; ++s)
-                for (int i = 0; i < 32; ++i) y[m * K + k0 + 32 * s + src[i]] = total[m * kTChunk + 32 * s + i];
+                for (int i = 0; i < 32; ++i) y[m * K + k0 + 32 * s + src.at[i]] = total[m * kTChunk + 32 * s + i];
     });
 }
 

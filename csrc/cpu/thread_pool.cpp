@@ -187,9 +187,9 @@ struct TeamProbe {
     // next kSkip loops that find the team awake (and not woken again) to the pool: beside a busy
     // process the team's spinning, no longer kept up by its own regions, ends, and its workers
     // sleep (the pool from then on, until a torch op wakes them); after torch ops on a machine
-    // without one, a stray shared look costs at most kSkip loops on the pool. Measured with the pool, the caller alone
-    // and the team after a shared look (benchmarks/cpu_threads.py, AVX2, two runs each, speedup
-    // over 1 thread): after a torch op beside a busy process, M = 16, 0.83x / 0.49-0.52x / -;
+    // without one, a stray shared look costs at most kSkip loops on the pool. Measured with the
+    // pool, the caller alone and the team after a shared look (benchmarks/cpu_threads.py, AVX2,
+    // two runs each, speedup over 1 thread): after a torch op beside a busy process, M = 16, 0.83x / 0.49-0.52x / -;
     // beside the busy process alone, M = 1, - / - / 0.59-0.95x (the team's own regions keeping
     // its workers spinning on the shared core).
     static constexpr int kSkip = 16;
@@ -290,8 +290,8 @@ class Pool {
         uint64_t epoch;
         int caller;
         std::atomic<int> seen{0};
-        int tids[kMaxProbed];
-        clockid_t clocks[kMaxProbed];
+        int tids[kMaxProbed]{};
+        clockid_t clocks[kMaxProbed]{};
     };
 
     // The pool's loop: the caller and threads - 1 workers.
