@@ -308,7 +308,6 @@ _SLICE_SCRIPT = """
 import os, sys, torch
 from lorakern import NF4Weight
 from lorakern.nf4 import native
-from lorakern.ops.bases import computes_in_float32
 torch.manual_seed(0)
 out = []
 for isa in native.extension().available_isas():
@@ -360,12 +359,12 @@ def test_transposed_product_over_many_weight_rows_vs_float64(isa):
     MLP) and 45120, within 2x torch's float32 error. One running sum per output over the rows was
     8x-10x torch's error at M = 8 from 4096 rows; the sums now restart every 256 rows (spans ending
     mid-span: 4096 + 100 rows; groups of 64 rows ending mid-group). Rows of dY: 1 to 16 (tiles
-    decoding in the loop up to 8 rows, 2 on AVX2), tiles of 8 or 3 with a short last one (9, 23, 40),
+    decoding in the loop up to 8 rows, 2 on AVX2), tiles of 8 or 3, some with a short last one (9, 23, 32, 40),
     and past 256 rows (300: two passes over W, the second of 44 rows)."""
     for rows in (4196, 14336, 45120):
         w = NF4Weight.quantize(torch.randn(rows, 256) / rows**0.5, 64, rows == 4196)
         w32 = w.dequantize_reference(torch.float32)
-        for M in (1, 2, 3, 8, 9, 16, 23, 40) + ((300,) if rows == 4196 else ()):
+        for M in (1, 2, 3, 8, 9, 16, 23, 32, 40) + ((300,) if rows == 4196 else ()):
             x = torch.randn(M, rows)
             assert_close_like_torch(f"{isa} rows={rows} M={M}", native.cpu_matmul(x, w, True),
                                     x.double() @ w32.double(), x @ w32, torch.float32)
@@ -387,7 +386,7 @@ def test_transposed_product_rows_the_kernel_takes(isa, monkeypatch):
     for cols, base, w32 in ((96, NF4Base(nf4), nf4.dequantize_reference(torch.float32)),
                             (96, INT4Base(int4), int4.dequantize(torch.float32)),
                             (100, NF4Base(odd), odd.dequantize_reference(torch.float32))):
-        for M in (SMALL_M + 1, 40, 300):
+        for M in (SMALL_M + 1, 32, 40, 300):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 dy = torch.randn(M, 70).to(dtype)
                 calls.clear()
