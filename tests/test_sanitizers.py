@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every test file that calls the CPU kernels (the Triton ones excluded: they never reach _C).
-NATIVE_TESTS = ["test_nf4_native.py", "test_int4.py", "test_multi.py", "test_qlora.py", "test_dropout.py",
-                "test_dora.py"]
+NATIVE_TESTS = ["test_nf4_native.py", "test_nf4_bf16.py", "test_int4.py", "test_multi.py", "test_qlora.py",
+                "test_dropout.py", "test_dora.py"]
 
 
 def _runtime(cxx: str, name: str) -> str | None:

@@ -75,21 +75,33 @@ using LoraTermsFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, 
 using LoadFn = void (*)(const void* src, int64_t n, float* dst, int dtype);
 using StoreFn = void (*)(const float* src, int64_t n, void* dst, int dtype);
 
+// y [M, rows] = x [M, cols] @ W^T in bfloat16 dot products (+ the LoRA term when lora is non-null):
+// x bfloat16 (raw bits) and xf, the same rows as float32 (the LoRA term's h reads them), row-major
+// and contiguous; y float32. Each weight is its float32 value (what the float32 kernels multiply
+// by) rounded to bfloat16, as a dequantize to bfloat16 gives it; products summed in float32. For
+// 1 <= M <= kBf16Rows and cols % 32 == 0; null where the CPU has no AVX512-BF16.
+constexpr int64_t kBf16Rows = 16;
+using MatmulBf16Fn = void (*)(const Nf4Weight& w, const uint16_t* x, const float* xf, int64_t M, float* y,
+                              const LoraTerm* lora, int threads);
+
 struct Kernels {
     DequantizeFn dequantize;
     MatmulFn matmul;
     LoraTermsFn lora_terms;
     LoadFn load;
     StoreFn store;
+    MatmulBf16Fn matmul_bf16;
 };
 
 Kernels scalar_kernels();
 Kernels avx2_kernels();          // vpshufb lookup ("avx2-vpshufb")
 Kernels avx2_permute_kernels();  // vpermps lookup ("avx2-vpermps")
 Kernels avx512_kernels();
+Kernels avx512_bf16_kernels();  // avx512_kernels() and matmul_bf16 (AVX512-BF16's vdpbf16ps)
 
 bool cpu_has_avx2();
 bool cpu_has_avx512();
+bool cpu_has_avx512_bf16();
 bool cpu_is_amd();
 
 }  // namespace cpu

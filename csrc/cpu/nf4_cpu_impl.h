@@ -1389,7 +1389,7 @@ void matmul(const Nf4Weight& w, const float* x, int64_t M, float* y, bool transp
 
 template <class V>
 Kernels kernels() {
-    return Kernels{&dequantize<V>, &matmul<V>, &lora_terms<V>, &load_converted, &store_converted};
+    return Kernels{&dequantize<V>, &matmul<V>, &lora_terms<V>, &load_converted, &store_converted, nullptr};
 }
 
 }  // namespace

@@ -8,10 +8,12 @@ namespace cpu {
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 bool cpu_is_amd() { return __builtin_cpu_is("amd"); }
+bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
 bool cpu_is_amd() { return false; }
+bool cpu_has_avx512_bf16() { return false; }
 #endif
 
 }  // namespace cpu
