@@ -148,9 +148,15 @@ def dequantize_step(provider: str, module: nn.Module, compute_dtype):
         w = module.weight_nf4
         return lambda: w.dequantize(compute_dtype)
     if provider == "bnb":
+        import copy
+
         import bitsandbytes.functional as F
 
-        data, qs = module.weight.data, module.weight.quant_state
+        # Its decode writes the quant state's dtype: the float32 the weight was quantized from
+        # (load_state_dict copies into Linear4bit's float32 parameter), so a state naming the
+        # suite's dtype, as the layer's bfloat16 compute uses, makes it write that directly.
+        data, qs = module.weight.data, copy.copy(module.weight.quant_state)
+        qs.dtype = compute_dtype
         return lambda: F.dequantize_4bit(data, qs)
     return None
 

@@ -12,7 +12,8 @@ import struct
 
 import torch
 
-ISA_ENV = "LORAKERN_CPU_ISA"  # force "scalar", "avx2" (-vpshufb, -vpermps) or "avx512" (tests cover each path)
+# force "scalar", "avx2" (-vpshufb, -vpermps), "avx512" or "avx512-bf16" (tests cover each path)
+ISA_ENV = "LORAKERN_CPU_ISA"
 TEAM_ENV = "LORAKERN_CPU_TEAM"  # csrc/cpu/thread_pool.h
 TEAMS = ("pool", "openmp", "auto")  # in the extension's order (cpu::Team)
 DEFAULT_TEAM = "auto"
@@ -66,7 +67,8 @@ def _isas() -> list[str]:
 
 def cpu_isa() -> str:
     """The CPU path to use: ``$LORAKERN_CPU_ISA`` if set (must be available; "avx2" names this CPU's
-    AVX2 lookup, ``avx2-vpshufb`` on AMD and ``avx2-vpermps`` elsewhere), else the widest one."""
+    AVX2 lookup, ``avx2-vpshufb`` on AMD and ``avx2-vpermps`` elsewhere), else the widest one
+    (``avx512-bf16``: ``avx512`` plus bfloat16 dot products, where the CPU has AVX512-BF16)."""
     have = _isas()
     forced = os.environ.get(ISA_ENV)
     if forced:
@@ -138,7 +140,8 @@ def dequantize_into(w, out: torch.Tensor, start: int = 0) -> torch.Tensor:
 def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
     """Fused dequant-matmul on the CPU: ``x [M, in] @ W^T`` or ``x [M, out] @ W`` in x's dtype
     (float32, bfloat16 or float16; a half x is computed in float32 inside the call and the result
-    rounded once)."""
+    rounded once, except a bfloat16 ``x W^T`` of 3 to 16 rows on the ``avx512-bf16`` path: bfloat16
+    dot products on the weights rounded to bfloat16, summed in float32)."""
     rows, cols = w.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[0], rows if not transpose else cols)
@@ -152,7 +155,8 @@ def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: tor
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
     ``[M, r]`` (in A's dtype) and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once.
     Contiguous, of x's dtype (float32, or bfloat16 / float16: computed in float32 inside the call,
-    y and h rounded once), except that with a half x the adapter (A and B) and the bias may each be
+    y and h rounded once; the base of a bfloat16 x of 3 to 16 rows on the ``avx512-bf16`` path in
+    bfloat16 dot products, see ``cpu_matmul``), except that with a half x the adapter (A and B) and the bias may each be
     float32 instead, read as they are (the caller checks). ``pool``: QA-LoRA's group size (``h``
     from x averaged over each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain
     LoRA."""
