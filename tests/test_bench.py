@@ -57,6 +57,23 @@ def test_cli_variant_suites(tmp_path, capsys, suite):
     assert "x fused" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nf4_suite_dequantizes_to_its_dtype(dtype):
+    """Every dequantize the suite times writes the suite's dtype (bitsandbytes' included: its
+    weight is quantized from float32, and its decode follows the quant state's dtype)."""
+    pytest.importorskip("bitsandbytes")
+    cpu = torch.device("cpu")
+    for provider in ("nf4", "bnb"):
+        module = nf4_suite.make_linear(provider, 128, 64, dtype, cpu)
+        out = nf4_suite.dequantize_step(provider, module, dtype)()
+        assert out.dtype == dtype and out.shape == (64, 128), provider
+        if provider == "bnb":
+            import bitsandbytes.functional as F
+
+            full = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert full.dtype == torch.float32 and torch.equal(out, full.to(dtype))
+
+
 def test_cli_quick_nf4_suite(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     rc = cli.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--suite", "nf4",

@@ -79,8 +79,20 @@ using StoreFn = void (*)(const float* src, int64_t n, void* dst, int dtype);
 // x bfloat16 (raw bits) and xf, the same rows as float32 (the LoRA term's h reads them), row-major
 // and contiguous; y float32. Each weight is its float32 value (what the float32 kernels multiply
 // by) rounded to bfloat16, as a dequantize to bfloat16 gives it; products summed in float32. For
-// 1 <= M <= kBf16Rows and cols % 32 == 0; null where the CPU has no AVX512-BF16.
+// the rows bf16_takes() names; null where the CPU has no AVX512-BF16.
 constexpr int64_t kBf16Rows = 16;
+constexpr int64_t kBf16Chunk = 128;
+// Whether the weight is whole 128-column chunks of blocks of >= 64 columns: the walk of 1 to 4
+// rows that decodes a chunk from one load (nf4_avx512.cpp). (static: a copy per ISA's file.)
+static inline bool bf16_chunks(const Nf4Weight& w) {
+    return w.cols % kBf16Chunk == 0 && w.blocksize >= 64 && w.cols % w.blocksize == 0;
+}
+// The rows matmul_bf16 takes: 1 to 16, cols % 32 == 0 and blocks of >= 32 columns (a step of 32
+// in one block); 1 and 2 rows only on the chunk walk, where it is faster than the float32 kernels
+// (the other walk is not: 4096 x 4096, 2 threads, cold, M = 1 1.08x-1.18x their time, 2 ~1.0x).
+static inline bool bf16_takes(const Nf4Weight& w, int64_t M) {
+    return M >= 1 && M <= kBf16Rows && w.cols % 32 == 0 && w.blocksize >= 32 && (M >= 3 || bf16_chunks(w));
+}
 using MatmulBf16Fn = void (*)(const Nf4Weight& w, const uint16_t* x, const float* xf, int64_t M, float* y,
                               const LoraTerm* lora, int threads);
 
