@@ -140,8 +140,9 @@ def dequantize_into(w, out: torch.Tensor, start: int = 0) -> torch.Tensor:
 def cpu_matmul(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
     """Fused dequant-matmul on the CPU: ``x [M, in] @ W^T`` or ``x [M, out] @ W`` in x's dtype
     (float32, bfloat16 or float16; a half x is computed in float32 inside the call and the result
-    rounded once, except a bfloat16 ``x W^T`` of 3 to 16 rows on the ``avx512-bf16`` path: bfloat16
-    dot products on the weights rounded to bfloat16, summed in float32)."""
+    rounded once, except a bfloat16 ``x W^T`` of 1 to 16 rows on the ``avx512-bf16`` path (1 and 2
+    where ``in`` is a multiple of 128 and of the blocksize, blocksize >= 64): bfloat16 dot products
+    on the weights rounded to bfloat16, summed in float32)."""
     rows, cols = w.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[0], rows if not transpose else cols)
@@ -155,7 +156,7 @@ def cpu_qlora_forward(x: torch.Tensor, w, bias: torch.Tensor | None, lora_A: tor
     """The whole QLoRA forward in one call on the CPU for small M: ``(y, h)`` with ``h = x A^T``
     ``[M, r]`` (in A's dtype) and ``y = x W^T + bias + scaling h B^T`` ``[M, out]``, written once.
     Contiguous, of x's dtype (float32, or bfloat16 / float16: computed in float32 inside the call,
-    y and h rounded once; the base of a bfloat16 x of 3 to 16 rows on the ``avx512-bf16`` path in
+    y and h rounded once; the base of a bfloat16 x of 1 to 16 rows on the ``avx512-bf16`` path in
     bfloat16 dot products, see ``cpu_matmul``), except that with a half x the adapter (A and B) and the bias may each be
     float32 instead, read as they are (the caller checks). ``pool``: QA-LoRA's group size (``h``
     from x averaged over each group times ``cols / pool``, A ``[r, cols / pool]``), 0 for plain
