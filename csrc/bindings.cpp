@@ -239,8 +239,9 @@ void cpu_matmul(const WeightArgs& wa, uintptr_t x, int64_t M, uintptr_t y, bool 
     // bfloat16 dot products where the CPU has them (avx512-bf16) and take these rows: x is read as
     // it is, and its float32 copy only feeds the LoRA term's h. Against the float32 kernels on the
     // same bfloat16 x (4096 x 4096, 2 threads, 8 cold weights, interleaved, Zen 4): M = 1
-    // 0.95x-0.98x the time, 2 0.75x-0.79x, 3 0.62x, 4 0.64x, 8 0.54x, 12 0.60x, 16 0.56x.
-    const bool dots = x_dtype == lorakern::kBFloat16 && k.matmul_bf16 != nullptr && !transpose && cpu::bf16_takes(w, M);
+    // 0.93x-0.98x the time, 2 0.75x-0.79x, 3 0.62x, 4 0.59x, 8 0.54x-0.56x, 12 0.59x, 16 0.54x.
+    const bool dots =
+        x_dtype == lorakern::kBFloat16 && k.matmul_bf16 != nullptr && !transpose && cpu::bf16_takes(w, M);
     if (dots && !lora_args) in.erase(in.begin());
     py::gil_scoped_release nogil;
     convert_spans(k, in, true, threads);

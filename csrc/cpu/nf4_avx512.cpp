@@ -87,7 +87,8 @@ struct Avx512Vec {
 // decoded step among MT rows and each loaded step of x among NT rows; each output's 16 lane sums
 // are added at the end. 1 to 4 rows take another walk where the weight allows (chunk_tile), which
 // pairs the columns in other lanes: a row's bits depend on which walk M takes, never on the
-// thread count.
+// thread count. vdpbf16ps and the bfloat16 conversions take subnormal inputs as zero (x below
+// 1.2e-38 in magnitude, or a weight whose float32 value is).
 namespace bf16 {
 
 #define LK_BF16 __attribute__((target("avx512bf16,avx512bw,avx512f")))
