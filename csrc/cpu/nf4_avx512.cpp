@@ -290,40 +290,37 @@ std::array<S, sizeof...(I)> scales_for(const Nf4Weight& w, std::index_sequence<I
     return {{((void)I, S(w))...}};
 }
 
-// Weight rows [n0, n1) for MT rows of x: tiles of NT rows, then single rows.
-template <int MT, class S>
+// Weight rows [n0, n1) for MT rows of x: tiles of NT rows, then single rows; on the chunk walk
+// (kChunks: x from chunk_x, MT <= 4) or in steps of 32 (x as it is).
+template <bool kChunks, int MT, class S>
 void rows(const Avx512Vec& v, const Nf4Weight& w, int64_t n0, int64_t n1, const uint16_t* x, float* y,
           const float* bias) {
-    constexpr int NT = nt_for(MT);
+    constexpr int NT = kChunks ? chunk_nt(MT) : nt_for(MT);
     std::array<S, NT> sc = scales_for<S>(w, std::make_index_sequence<NT>());
+    const auto run = [&](auto nt, int64_t n) {
+        constexpr int kNT = decltype(nt)::value;
+        if constexpr (kChunks)
+            chunk_tile<MT, kNT>(v, sc.data(), w, n, x, y, bias);
+        else
+            tile<MT, kNT>(v, sc.data(), w, n, x, y, bias);
+    };
     int64_t n = n0;
-    for (; n + NT <= n1; n += NT) tile<MT, NT>(v, sc.data(), w, n, x, y, bias);
-    for (; n < n1; ++n) tile<MT, 1>(v, sc.data(), w, n, x, y, bias);
-}
-
-// The same over the chunk walk (xc from chunk_x; MT <= 4).
-template <int MT, class S>
-void chunk_rows(const Avx512Vec& v, const Nf4Weight& w, int64_t n0, int64_t n1, const uint16_t* xc, float* y,
-                const float* bias) {
-    constexpr int NT = chunk_nt(MT);
-    std::array<S, NT> sc = scales_for<S>(w, std::make_index_sequence<NT>());
-    int64_t n = n0;
-    for (; n + NT <= n1; n += NT) chunk_tile<MT, NT>(v, sc.data(), w, n, xc, y, bias);
-    for (; n < n1; ++n) chunk_tile<MT, 1>(v, sc.data(), w, n, xc, y, bias);
+    for (; n + NT <= n1; n += NT) run(std::integral_constant<int, NT>(), n);
+    for (; n < n1; ++n) run(std::integral_constant<int, 1>(), n);
 }
 
 template <class S>
 void rows_any(int64_t mt, const Avx512Vec& v, const Nf4Weight& w, int64_t n0, int64_t n1, const uint16_t* x,
               float* y, const float* bias) {
     switch (mt) {
-        case 1: return rows<1, S>(v, w, n0, n1, x, y, bias);
-        case 2: return rows<2, S>(v, w, n0, n1, x, y, bias);
-        case 3: return rows<3, S>(v, w, n0, n1, x, y, bias);
-        case 4: return rows<4, S>(v, w, n0, n1, x, y, bias);
-        case 5: return rows<5, S>(v, w, n0, n1, x, y, bias);
-        case 6: return rows<6, S>(v, w, n0, n1, x, y, bias);
-        case 7: return rows<7, S>(v, w, n0, n1, x, y, bias);
-        default: return rows<8, S>(v, w, n0, n1, x, y, bias);
+        case 1: return rows<false, 1, S>(v, w, n0, n1, x, y, bias);
+        case 2: return rows<false, 2, S>(v, w, n0, n1, x, y, bias);
+        case 3: return rows<false, 3, S>(v, w, n0, n1, x, y, bias);
+        case 4: return rows<false, 4, S>(v, w, n0, n1, x, y, bias);
+        case 5: return rows<false, 5, S>(v, w, n0, n1, x, y, bias);
+        case 6: return rows<false, 6, S>(v, w, n0, n1, x, y, bias);
+        case 7: return rows<false, 7, S>(v, w, n0, n1, x, y, bias);
+        default: return rows<false, 8, S>(v, w, n0, n1, x, y, bias);
     }
 }
 
@@ -343,10 +340,10 @@ void base(const Nf4Weight& w, const uint16_t* x, int64_t M, float* y, const floa
             const Avx512Vec v(w.code);
             const int64_t n0 = piece * per, n1 = std::min(N, n0 + per);
             switch (M) {
-                case 1: return chunk_rows<1, S>(v, w, n0, n1, xc, y, bias);
-                case 2: return chunk_rows<2, S>(v, w, n0, n1, xc, y, bias);
-                case 3: return chunk_rows<3, S>(v, w, n0, n1, xc, y, bias);
-                default: return chunk_rows<4, S>(v, w, n0, n1, xc, y, bias);
+                case 1: return rows<true, 1, S>(v, w, n0, n1, xc, y, bias);
+                case 2: return rows<true, 2, S>(v, w, n0, n1, xc, y, bias);
+                case 3: return rows<true, 3, S>(v, w, n0, n1, xc, y, bias);
+                default: return rows<true, 4, S>(v, w, n0, n1, xc, y, bias);
             }
         });
         return;
@@ -364,12 +361,7 @@ void matmul(const Nf4Weight& w, const uint16_t* x, const float* xf, int64_t M, f
     if (M <= 0) return;
     LoraTerm term;
     std::vector<float> scaled_h;
-    if (lora != nullptr) {
-        term = *lora;
-        scaled_h.resize(M * term.r);
-        term.scaled_h = scaled_h.data();
-        impl::lora_h<Avx512Vec>(&term, xf, M, w.cols, threads);
-    }
+    if (impl::with_scaled_h(lora, M, term, scaled_h)) impl::lora_h<Avx512Vec>(&term, xf, M, w.cols, threads);
     const float* bias = lora != nullptr ? lora->bias : nullptr;
     if (w.nested_absmax == nullptr)
         base<impl::PlainScales>(w, x, M, y, bias, threads);

@@ -1118,18 +1118,23 @@ void matmul_nt_fast(const Nf4Weight& w, const float* x, const float* xs, int64_t
     });
 }
 
+// term = *lora with its scaled_h in buf ([M, r]): the forward's own copy of the LoRA term. Returns
+// &term, or null (and leaves both alone) for no term.
+inline LoraTerm* with_scaled_h(const LoraTerm* lora, int64_t M, LoraTerm& term, std::vector<float>& buf) {
+    if (lora == nullptr) return nullptr;
+    term = *lora;
+    buf.resize(M * term.r);
+    term.scaled_h = buf.data();
+    return &term;
+}
+
 // y [M, N] = x [M, K] @ W^T
 template <class V>
 void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lora_in, float* y, int threads) {
     const int64_t N = w.rows, K = w.cols;
     LoraTerm term;
     std::vector<float> scaled_h;
-    if (lora_in != nullptr) {
-        term = *lora_in;
-        scaled_h.resize(M * term.r);
-        term.scaled_h = scaled_h.data();
-    }
-    const LoraTerm* lora = lora_in ? &term : nullptr;
+    const LoraTerm* lora = with_scaled_h(lora_in, M, term, scaled_h);
     if (K % 32 == 0) {
         const bool tiles16 = broadcast_tile<V>(M);
         // Up to 8 rows past the last whole 16-row tile, which a tile would pad to 16, are a chunk
