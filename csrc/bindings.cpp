@@ -78,7 +78,8 @@ const std::vector<std::pair<std::string, cpu::Kernels>>& cpu_paths() {
             p.push_back(preferred);
         }
         if (cpu::cpu_has_avx512()) p.push_back({"avx512", cpu::avx512_kernels()});
-        if (cpu::cpu_has_avx512_bf16()) p.push_back({"avx512-bf16", cpu::avx512_bf16_kernels()});
+        if (cpu::cpu_has_avx512_bf16() && cpu::avx512_bf16_kernels().matmul_bf16 != nullptr)  // see nf4_avx512.cpp
+            p.push_back({"avx512-bf16", cpu::avx512_bf16_kernels()});
 #endif
         return p;
     }();

@@ -89,6 +89,16 @@ struct Avx512Vec {
 // pairs the columns in other lanes: a row's bits depend on which walk M takes, never on the
 // thread count. vdpbf16ps and the bfloat16 conversions take subnormal inputs as zero (x below
 // 1.2e-38 in magnitude, or a weight whose float32 value is).
+// The AVX512-BF16 intrinsics need gcc >= 10 or clang >= 9 (gcc 9, Ubuntu 20.04's, has none): with
+// an older compiler the path is left out (avx512_bf16_kernels() has no matmul_bf16, and the
+// extension does not offer "avx512-bf16"), and the rest builds as before.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define LK_HAVE_BF16 1
+#else
+#define LK_HAVE_BF16 0
+#endif
+
+#if LK_HAVE_BF16
 namespace bf16 {
 
 #define LK_BF16 __attribute__((target("avx512bf16,avx512bw,avx512f")))
@@ -377,6 +387,7 @@ void matmul(const Nf4Weight& w, const uint16_t* x, const float* xf, int64_t M, f
 }
 
 }  // namespace bf16
+#endif  // LK_HAVE_BF16
 
 }  // namespace
 
@@ -384,7 +395,9 @@ Kernels avx512_kernels() { return impl::kernels<Avx512Vec>(); }
 
 Kernels avx512_bf16_kernels() {
     Kernels k = impl::kernels<Avx512Vec>();
+#if LK_HAVE_BF16
     k.matmul_bf16 = &bf16::matmul;
+#endif
     return k;
 }
 

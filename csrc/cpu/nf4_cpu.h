@@ -109,7 +109,7 @@ Kernels scalar_kernels();
 Kernels avx2_kernels();          // vpshufb lookup ("avx2-vpshufb")
 Kernels avx2_permute_kernels();  // vpermps lookup ("avx2-vpermps")
 Kernels avx512_kernels();
-Kernels avx512_bf16_kernels();  // avx512_kernels() and matmul_bf16 (AVX512-BF16's vdpbf16ps)
+Kernels avx512_bf16_kernels();  // avx512_kernels() and matmul_bf16 (AVX512-BF16's vdpbf16ps; null if not built)
 
 bool cpu_has_avx2();
 bool cpu_has_avx512();
