@@ -78,8 +78,8 @@ const std::vector<std::pair<std::string, cpu::Kernels>>& cpu_paths() {
             p.push_back(preferred);
         }
         if (cpu::cpu_has_avx512()) p.push_back({"avx512", cpu::avx512_kernels()});
-        if (cpu::cpu_has_avx512_bf16() && cpu::avx512_bf16_kernels().matmul_bf16 != nullptr)  // see nf4_avx512.cpp
-            p.push_back({"avx512-bf16", cpu::avx512_bf16_kernels()});
+        const cpu::Kernels bf16 = cpu::avx512_bf16_kernels();  // no matmul_bf16: see nf4_avx512.cpp
+        if (cpu::cpu_has_avx512_bf16() && bf16.matmul_bf16 != nullptr) p.push_back({"avx512-bf16", bf16});
 #endif
         return p;
     }();

@@ -150,17 +150,23 @@ LK_BF16 __attribute__((always_inline)) inline void step(const uint8_t* const* p,
     }
 }
 
+// A tile's outputs, both walks: y[i * N + n0 + j] = acc[i][j]'s lane sum + bias[n0 + j].
+template <int MT, int NT>
+LK_BF16 inline void store_tile(const __m512 (*acc)[NT], int64_t n0, int64_t N, float* y, const float* bias) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < NT; ++j)
+            y[i * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias != nullptr ? bias[n0 + j] : 0.0f);
+}
+
 // y[i * N + n] = bias[n] + sum_k x[i * K + k] W_bf16[n, k] for i < MT, n0 <= n < n0 + NT.
 template <int MT, int NT, class S>
 LK_BF16 void tile(const Avx512Vec& v, S* sc, const Nf4Weight& w, int64_t n0, const uint16_t* x, float* y,
                   const float* bias) {
     const int64_t K = w.cols, N = w.rows;
     const int sh = w.block_shift;
-    __m512 acc[MT][NT];
-#pragma GCC unroll 16
-    for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[MT][NT] = {};
     __m512i tab[NT];
     int64_t cur[NT];
     const uint8_t* p[NT];
@@ -194,11 +200,7 @@ LK_BF16 void tile(const Avx512Vec& v, S* sc, const Nf4Weight& w, int64_t n0, con
             step<MT, NT>(p, k, tab, x, K, acc);
         }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-        for (int j = 0; j < NT; ++j)
-            y[i * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias != nullptr ? bias[n0 + j] : 0.0f);
+    store_tile<MT, NT>(acc, n0, N, y, bias);
 }
 
 // 1 to 4 rows of x, where the decode is the limit (two shuffles a step: the widening and the
@@ -249,11 +251,7 @@ LK_BF16 void chunk_tile(const Avx512Vec& v, S* sc, const Nf4Weight& w, int64_t n
     const int sh = w.block_shift;
     const __m512i low4 = _mm512_set1_epi16(0x0F);
     const __m512i upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(0x10), 1);
-    __m512 acc[MT][NT];
-#pragma GCC unroll 16
-    for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[MT][NT] = {};
     for (int64_t c = 0; c < chunks; ++c) {
         __m512i tab[NT], codes[NT];
 #pragma GCC unroll 16
@@ -291,11 +289,7 @@ LK_BF16 void chunk_tile(const Avx512Vec& v, S* sc, const Nf4Weight& w, int64_t n
             }
         }
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < MT; ++i)
-#pragma GCC unroll 16
-        for (int j = 0; j < NT; ++j)
-            y[i * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias != nullptr ? bias[n0 + j] : 0.0f);
+    store_tile<MT, NT>(acc, n0, N, y, bias);
 }
 
 template <class S, size_t... I>
