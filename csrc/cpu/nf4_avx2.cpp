@@ -12,7 +12,7 @@
 //   per 32 weights, vpermps against vpshufb: Zen 3 model 16 against 10 (a vpermps is 2 uops
 //   there), Skylake and Alder Lake models 10 against 12 (one shuffle port); its Zen 2 model
 //   leaves vpermps unmodelled. The scale is then a multiply per vector, which the M <= 2 walk
-//   takes out of the loop (segment_pair_codes in nf4_cpu_impl.h). Zen 4, M = 1, 4096 x 4096, 2
+//   takes out of the loop (segment_codes in nf4_cpu_impl.h). Zen 4, M = 1, 4096 x 4096, 2
 //   threads, cold, against vpermps in one process: 0.77x-0.80x the time (the layer 0.81x), M = 2
 //   0.82x, M = 4 to 16 0.95x-1.08x (noise), INT4 0.93x, double quantization 0.89x.
 #include <immintrin.h>
@@ -31,6 +31,7 @@ struct Avx2Vec {
     static constexpr int W = 8;
     static constexpr int kRegs = 16;  // ymm0-15
     static constexpr bool kScaleAfter = kBytes;
+    static constexpr bool kCodes64 = kBytes;
     __m256 lut_lo, lut_hi;
     __m256i plane[4];  // byte k of each of the 16 code values, in both 128-bit lanes (kBytes)
     // One V is made per piece of every loop; the NF4 table's planes are built once, a custom
@@ -135,8 +136,34 @@ struct Avx2Vec {
     // The 32 code values alone (bytes lookup), in decode32_split's order.
     __attribute__((always_inline)) void decode32_codes(const uint8_t* p, vec* out) const {
         const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                                             _mm256_set1_epi8(0x0F));
+        codes_of(_mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                  _mm256_set1_epi8(0x0F)),
+                 out);
+    }
+    // The 64 code values of 32 packed bytes (bytes lookup), in lane_source64's order: positions 0-31
+    // from the low nibbles (bytes 0-15 in lane 0, 16-31 in lane 1), 32-63 from the high ones. One
+    // 32-byte load and one shift (a vpmulhuw: the multiply pipes, not the two shuffle pipes the
+    // lookup is bound by) per 64 weights, against a broadcast and a vpsrlvd per 32. Zen 3, one
+    // core, a loop of the M <= 2 walk (a pair of rows, 4096 columns, L2): 7.6-7.7 cycles per 32
+    // weights against 8.9-9.0 with decode32_codes (a vpsrlw for the shift: 8.2).
+    // half 0: out[0..3], half 1: out[4..7] (a call each, so that one half's vectors are live at a time).
+    __attribute__((always_inline)) void decode64_codes(const uint8_t* p, int half, vec* out) const {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+        if (half == 0)
+            codes_of(_mm256_and_si256(b, low4), out);
+        else
+            codes_of(_mm256_and_si256(_mm256_mulhi_epu16(b, _mm256_set1_epi16(0x1000)), low4), out);  // b >> 4
+    }
+    // The weight (0-63) at position pos of decode64_codes' order.
+    static int lane_source64(int pos) {
+        const int q = pos % 32, g = q / 8, l = q % 8;
+        const int byte = 16 * (l / 4) + 4 * g + l % 4;
+        return 2 * byte + (pos < 32 ? 1 : 0);
+    }
+    // The code values of the 32 indices in idx (bytes 0-15 of each lane; lane position i of
+    // output position 8g + l: 4g + l % 4 in lane l / 4).
+    __attribute__((always_inline)) void codes_of(__m256i idx, vec* out) const {
         const __m256i q0 = _mm256_shuffle_epi8(plane[0], idx), q1 = _mm256_shuffle_epi8(plane[1], idx);
         const __m256i q2 = _mm256_shuffle_epi8(plane[2], idx), q3 = _mm256_shuffle_epi8(plane[3], idx);
         const __m256i l01 = _mm256_unpacklo_epi8(q0, q1), h01 = _mm256_unpackhi_epi8(q0, q1);

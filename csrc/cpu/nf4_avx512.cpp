@@ -17,6 +17,7 @@ struct Avx512Vec {
     static constexpr int W = 16;
     static constexpr int kRegs = 32;  // zmm0-31
     static constexpr bool kScaleAfter = false;  // the lookup table carries the block's scale
+    static constexpr bool kCodes64 = false;
     __m512 lut;
     __m128i low_nibble;
     explicit Avx512Vec(const float* code = nullptr) {

@@ -11,7 +11,10 @@
 //   decode32_split(bytes, table, out): the same 32 weights in a lane order of V's choosing,
 //     lane_source(pos) naming the weight at position pos; matmul permutes x to match once per call;
 //   kScaleAfter: whether V also has decode32_codes(bytes, out), the code values alone in the split
-//     order, for the walk that sums a block's products first and scales the sum (see segment_pair_codes).
+//     order, for the walk that sums a block's products first and scales the sum (see segment_codes);
+//   kCodes64: whether V also has decode64_codes(bytes, half, out), 64 code values of 32 bytes in the
+//     order lane_source64(pos) names, which that walk takes at M <= 2 where blocks are whole
+//     multiples of 64 (x then packed in that order: codes64).
 //
 // Decode (M = 1, 4096 x 4096): 16.8M weights in 8.4 MB of bytes + 1 MB of absmax. At ~20 GB/s
 // that is ~0.45 ms, so the decode must cost a few instructions per 32 weights. The shuffle port
@@ -702,20 +705,36 @@ __attribute__((always_inline)) inline void walk_pair(const V& v, S& sc0, S& sc1,
     }
 }
 
-// segment_pair()'s walk for a V whose lookup leaves the scale to a multiply per vector (AVX2's byte-plane
-// lookup: an fma per 8 weights, 4 of its ~22 vector instructions per 32 weights, on the two pipes
-// its FMAs use), at M <= 2 with a plain scale per block (NF4): each block's products of code values
-// and x are summed in fresh accumulators and the sum is scaled once, acc += scale * sum. The
-// product is rounded once per block instead of once per weight (code * scale, then times x):
-// as close to the float64 result, not the same bits as the decode-then-multiply walk. The rows
-// go one after the other inside a step (x read twice from L1), so that a row's decoded vectors,
-// its accumulators and the byte planes fit AVX2's 16 registers. Zen 4, AVX2, a loop of the
-// lookup and the FMAs alone: 7.7 cycles per 32 weights against 9.3 with the fma per vector and
-// 10.1 for the permute lookup.
-template <class V, int MT, class S>
-__attribute__((always_inline)) inline void segment_pair_codes(const V& v, S& sc0, S& sc1, const Nf4Weight& w,
-                                                              int64_t f, int64_t len, const float* xp,
-                                                              typename V::vec* acc0, typename V::vec* acc1) {
+// Whether the walks at M rows of x take V's 64-weight decode (decode64_codes) and x is packed in
+// its order (pack_x): M <= 2, NF4 scales alone (no INT4 shift), blocks of a multiple of 64 and
+// whole blocks in every row, so that every weight row at that M is walked by segment_codes.
+template <class V>
+inline bool codes64(const Nf4Weight& w, int64_t M) {
+    return V::kCodes64 && M <= 2 && w.shift == nullptr && w.half_params == nullptr && w.blocksize % 64 == 0 &&
+           w.cols % w.blocksize == 0;
+}
+
+// segment()'s walk for R (1 or 2) weight rows n, n + 1 (row_bytes apart) where V's lookup leaves
+// the scale to a multiply per vector (AVX2's byte-plane lookup: an fma per 8 weights, 4 of its ~22
+// vector instructions per 32 weights, on the two pipes its FMAs use), at M <= 2 with a plain scale
+// per block (NF4): each block's products of code values and x are summed in fresh accumulators and
+// the sum is scaled once, acc += scale * sum. The product is rounded once per block instead of
+// once per weight (code * scale, then times x): as close to the float64 result, not the same bits
+// as the decode-then-multiply walk. The rows go one after the other inside a step (x read twice
+// from L1), so that a row's decoded vectors, its accumulators and the byte planes fit AVX2's 16
+// registers. Zen 4, AVX2, a loop of the lookup and the FMAs alone: 7.7 cycles per 32 weights
+// against 9.3 with the fma per vector and 10.1 for the permute lookup. X64 (codes64): steps of 64
+// weights (decode64_codes) against x packed in that order. With X64, the local copy of V and one
+// accumulator a row, against steps of 32 (AMD EPYC Zen 3, AVX2 only, 2 threads, 8 cold copies,
+// interleaved): 4096 x 4096 M = 1 0.82x the time, M = 2 0.92x; 4096 -> 14336 and 14336 -> 4096
+// M = 1 0.85x-0.88x, M = 2 0.95x; one thread, hot, M = 1: 8.1 cycles per 32 weights (9.5 before).
+template <class V, int MT, int R, bool X64, class S>
+__attribute__((always_inline)) inline void segment_codes(const V& v_in, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
+                                                         int64_t len, const float* xp, typename V::vec* acc0,
+                                                         typename V::vec* acc1) {
+    // A local copy: its byte planes stay in registers across the blocks (read through the
+    // reference, the compiler loaded the 4 planes again for every block).
+    const V v = v_in;
     constexpr int A = MT * acc_per_row<V, MT>();
     constexpr int J = 32 / V::W;
     using vec = typename V::vec;
@@ -726,45 +745,63 @@ __attribute__((always_inline)) inline void segment_pair_codes(const V& v, S& sc0
     const uint8_t* p = w.packed + f / 2;
     for (int64_t b = f >> sh, b1 = (f + len) >> sh; b < b1; ++b) {
         sc0.enter(b);
-        sc1.enter(b + d);
+        if (R == 2) sc1.enter(b + d);
         // The next pair's bytes, non-temporal: read once, they need not push the caller's data
         // (Python's, the adapter's) out of L3 (the QLoRA layer at M = 1, 4096 x 4096, 8 cold
         // copies: 0.93x-0.99x the time with plain prefetches, three interleaved runs on Zen 4).
-        __builtin_prefetch(p + 2 * row_bytes, 0, 0);
-        __builtin_prefetch(p + 3 * row_bytes, 0, 0);
-        vec sum0[A], sum1[A];
-        for (int a = 0; a < A; ++a) sum0[a] = sum1[a] = v.zero();
-        const auto step = [&](const uint8_t* q, const float* xq) __attribute__((always_inline)) {
-            vec wv[J];
-            v.decode32_codes(q, wv);
-            fma_rows<V, MT>(v, wv, xq, sum0);
-            v.decode32_codes(q + row_bytes, wv);
-            fma_rows<V, MT>(v, wv, xq, sum1);
-        };
-        if (steps == 2) {  // blocksize 64, the default: unrolled
-            step(p, xp);
-            step(p + 16, xp + MT * 32);
-            p += 32;
-            xp += 2 * MT * 32;
+        __builtin_prefetch(p + R * row_bytes, 0, 0);
+        if (R == 2) __builtin_prefetch(p + 3 * row_bytes, 0, 0);
+        vec sum[2][A];
+        for (int r = 0; r < R; ++r)
+            for (int a = 0; a < A; ++a) sum[r][a] = v.zero();
+        if constexpr (X64) {
+            for (int64_t s = 0; s < steps; s += 2, p += 32, xp += 2 * MT * 32)
+                for (int r = 0; r < R; ++r)
+                    for (int half = 0; half < 2; ++half) {
+                        vec wv[J];
+                        v.decode64_codes(p + r * row_bytes, half, wv);
+                        fma_rows<V, MT>(v, wv, xp + half * MT * 32, sum[r]);
+                    }
         } else {
-            for (int64_t s = 0; s < steps; ++s, p += 16, xp += MT * 32) step(p, xp);
+            const auto step = [&](const uint8_t* q, const float* xq) __attribute__((always_inline)) {
+                for (int r = 0; r < R; ++r) {
+                    vec wv[J];
+                    v.decode32_codes(q + r * row_bytes, wv);
+                    fma_rows<V, MT>(v, wv, xq, sum[r]);
+                }
+            };
+            if (steps == 2) {  // blocksize 64, the default: unrolled
+                step(p, xp);
+                step(p + 16, xp + MT * 32);
+                p += 32;
+                xp += 2 * MT * 32;
+            } else {
+                for (int64_t s = 0; s < steps; ++s, p += 16, xp += MT * 32) step(p, xp);
+            }
         }
-        const vec s0 = v.set1(sc0.scale(b)), s1 = v.set1(sc1.scale(b + d));
-        for (int a = 0; a < A; ++a) {
-            acc0[a] = v.fmadd(sum0[a], s0, acc0[a]);
-            acc1[a] = v.fmadd(sum1[a], s1, acc1[a]);
-        }
+        // A row's sums added first, then one FMA: acc[m][0] alone carries the row (the others stay
+        // zero), two registers a row of x fewer (with two, the pair walk spilled three per block).
+        constexpr int AJ = acc_per_row<V, MT>();
+        const vec s0 = v.set1(sc0.scale(b));
+        const vec s1 = R == 2 ? v.set1(sc1.scale(b + d)) : s0;
+        for (int m = 0; m < MT; ++m)
+            for (int r = 0; r < R; ++r) {
+                vec t = sum[r][m * AJ];
+                for (int j = 1; j < AJ; ++j) t = v.add(t, sum[r][m * AJ + j]);
+                vec& a = (r == 0 ? acc0 : acc1)[m * AJ];
+                a = v.fmadd(t, r == 0 ? s0 : s1, a);
+            }
     }
 }
 
-// segment() for weight rows n and n + 1 together (see walk_pair; segment_pair_codes where V and
+// segment() for weight rows n and n + 1 together (see walk_pair; segment_codes where V and
 // the scales allow).
-template <class V, int MT, class S>
+template <class V, int MT, bool X64, class S>
 __attribute__((always_inline)) inline void segment_pair(const V& v, S& sc0, S& sc1, const Nf4Weight& w, int64_t f,
                                                         int64_t len, const float* xp, typename V::vec* acc0,
                                                         typename V::vec* acc1) {
     if constexpr (V::kScaleAfter && MT <= 2) {
-        if (sc0.plain()) return segment_pair_codes<V, MT>(v, sc0, sc1, w, f, len, xp, acc0, acc1);
+        if (X64 || sc0.plain()) return segment_codes<V, MT, 2, X64>(v, sc0, sc1, w, f, len, xp, acc0, acc1);
     }
     const int64_t row_bytes = w.cols / 2;
     walk_pair(v, sc0, sc1, w, f, len, MT <= 2 ? 2 : kPrefetchRows,
@@ -804,7 +841,7 @@ inline bool pairs_fit(const Nf4Weight& w, int64_t kb) { return w.cols % w.blocks
 // accumulators restarting every sum_columns and their sums waiting in `keep` (as vectors: a
 // horizontal sum per row and span cost ~30% at M = 16). Weight rows go in pairs where the blocks
 // allow (K and the span multiples of the blocksize), else one at a time.
-template <class V, class S, int MT>
+template <class V, class S, int MT, bool X64 = false>
 inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* panel,
                        const LoraTerm* lora, int64_t m0, float* y) {
     constexpr int AJ = acc_per_row<V, MT>();
@@ -824,7 +861,7 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                 const int64_t len = std::min(ks, k1 - s);
                 vec acc0[A], acc1[A];
                 for (int a = 0; a < A; ++a) acc0[a] = acc1[a] = v.zero();
-                segment_pair<V, MT>(v, sc, sc1, w, (n0 + i) * K + s, len, panel + s * MT, acc0, acc1);
+                segment_pair<V, MT, X64>(v, sc, sc1, w, (n0 + i) * K + s, len, panel + s * MT, acc0, acc1);
                 finish_row<V, MT, AJ>(v, acc0, s == 0, s + ks >= K, keep[i], lora, m0, n0 + i, N, y);
                 finish_row<V, MT, AJ>(v, acc1, s == 0, s + ks >= K, keep[i + 1], lora, m0, n0 + i + 1, N, y);
             }
@@ -833,7 +870,10 @@ inline void tile_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
                 const int64_t len = std::min(ks, k1 - s);
                 vec acc[U * A];
                 for (int a = 0; a < U * A; ++a) acc[a] = v.zero();
-                segment<V, MT, U>(v, sc, w, (n0 + i) * K + s, len, panel + s * MT, acc);
+                if constexpr (X64)
+                    segment_codes<V, MT, 1, true>(v, sc, sc, w, (n0 + i) * K + s, len, panel + s * MT, acc, acc);
+                else
+                    segment<V, MT, U>(v, sc, w, (n0 + i) * K + s, len, panel + s * MT, acc);
                 for (int a = 0; a < A; ++a)
                     for (int u = 1; u < U; ++u) acc[a] = v.add(acc[a], acc[u * A + a]);
                 finish_row<V, MT, AJ>(v, acc, s == 0, s + ks >= K, keep[i], lora, m0, n0 + i, N, y);
@@ -881,12 +921,18 @@ inline int64_t chunk_rows(int64_t M, int64_t K) {
     return std::min(M, std::max<int64_t>(kXRows, std::min<int64_t>(256, fit)));
 }
 
-// The weight index (0-31) at each position of V's split lane order within a 32-step.
-template <class V>
+// The weight index (0-31) at each position of V's split lane order within a 32-step (P = 64: within
+// a 64-step of decode64_codes).
+template <class V, int P = 32>
 struct LaneSources {
-    int at[32];
+    int at[P];
     LaneSources() {
-        for (int p = 0; p < 32; ++p) at[p] = V::lane_source(p);
+        for (int p = 0; p < P; ++p) {
+            if constexpr (P == 64)
+                at[p] = V::lane_source64(p);
+            else
+                at[p] = V::lane_source(p);
+        }
     }
 };
 
@@ -1009,17 +1055,26 @@ inline void rows_block_broadcast(const V& v, S& sc, const Nf4Weight& w, int64_t 
 }
 
 // x [M, K] -> panels: tiles of kMTile rows (the last one shorter), each [K / 32][rows][32] with
-// every 32-chunk in V's split lane order, so a step reads one contiguous run of x.
+// every 32-chunk in V's split lane order, so a step reads one contiguous run of x. order64
+// (codes64): each pair of 32-chunks in decode64_codes' order instead.
 template <class V>
-inline void pack_x(const float* x, int64_t M, int64_t K, float* out) {
+inline void pack_x(const float* x, int64_t M, int64_t K, float* out, bool order64) {
     const LaneSources<V> lanes;
-    const int* src = lanes.at;
+    int src[64];
+    for (int p = 0; p < 64; ++p) src[p] = lanes.at[p % 32] + 32 * (p / 32);
+    if constexpr (V::kCodes64) {
+        if (order64) {
+            const LaneSources<V, 64> lanes64;
+            memcpy(src, lanes64.at, sizeof src);
+        }
+    }
     for (int64_t m0 = 0; m0 < M; m0 += kMTile) {
         const int64_t mt = std::min<int64_t>(kMTile, M - m0);
         float* panel = out + m0 * K;
         for (int64_t c = 0; c < K / 32; ++c)
             for (int64_t m = 0; m < mt; ++m)
-                for (int p = 0; p < 32; ++p) panel[(c * mt + m) * 32 + p] = x[(m0 + m) * K + c * 32 + src[p]];
+                for (int p = 0; p < 32; ++p)
+                    panel[(c * mt + m) * 32 + p] = x[(m0 + m) * K + (c & ~int64_t{1}) * 32 + src[32 * (c & 1) + p]];
     }
 }
 
@@ -1054,8 +1109,24 @@ inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
         case 5: tile_block<V, S, 5>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
         case 4: tile_block<V, S, 4>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
         case 3: tile_block<V, S, 3>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
-        case 2: tile_block<V, S, 2>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
-        case 1: tile_block<V, S, 1>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
+        case 2:
+            if constexpr (V::kCodes64) {
+                if (codes64<V>(w, M)) {
+                    tile_block<V, S, 2, true>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
+                    break;
+                }
+            }
+            tile_block<V, S, 2>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
+            break;
+        case 1:
+            if constexpr (V::kCodes64) {
+                if (codes64<V>(w, M)) {
+                    tile_block<V, S, 1, true>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
+                    break;
+                }
+            }
+            tile_block<V, S, 1>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
+            break;
         default: break;
     }
 }
@@ -1164,7 +1235,7 @@ void matmul_nt(const Nf4Weight& w, const float* x, int64_t M, const LoraTerm* lo
             if (broadcast_tile<V>(mc))
                 pack_x_columns<V>(x + c0 * K, mc, K, xs.data());
             else
-                pack_x<V>(x + c0 * K, mc, K, xs.data());
+                pack_x<V>(x + c0 * K, mc, K, xs.data(), codes64<V>(w, mc));
             if (w.nested_absmax == nullptr)
                 matmul_nt_fast<V, PlainScales>(w, x + c0 * K, xs.data(), mc, lora ? &base : nullptr, y + c0 * N,
                                                threads);

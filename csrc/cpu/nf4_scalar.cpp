@@ -10,6 +10,7 @@ struct ScalarVec {
     static constexpr int W = 1;
     static constexpr int kRegs = 32;  // vec is one float: the accumulator layout AVX-512 uses, placed by the compiler
     static constexpr bool kScaleAfter = false;  // the lookup table carries the block's scale
+    static constexpr bool kCodes64 = false;
     float code[16];
     explicit ScalarVec(const float* table = nullptr) {
         for (int i = 0; i < 16; ++i) code[i] = table ? table[i] : nf4_value(i);
