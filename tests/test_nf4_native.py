@@ -78,7 +78,7 @@ def test_matmul_vs_float64(isa, dtype, double_quant, transpose):
         k = out_f if transpose else in_f
         # fused kernel up to SMALL_M (8-row tiles below 11 rows, 14 with AVX-512; 16-row micro-tiles
         # from there, padded below 16), tiled above
-        for M in (1, 3, 8, 10, 11, 13, 14, SMALL_M, SMALL_M + 1, 40):
+        for M in (1, 2, 3, 8, 10, 11, 13, 14, SMALL_M, SMALL_M + 1, 40):
             x = torch.randn(M, k, dtype=dtype)
             _check_matmul(w, x, transpose, dtype, f"{isa} {(out_f, in_f, bs)} M={M} T={transpose}")
 
