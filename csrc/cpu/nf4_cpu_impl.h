@@ -1091,6 +1091,16 @@ inline void row_dot_generic(const V& v, const Nf4Weight& w, int64_t n, const flo
     }
 }
 
+// tile_block for a tile of 1 or 2 rows: on V's 64-weight walk where the call's M takes it (codes64).
+template <class V, class S, int MT>
+inline void small_tile(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xt,
+                       int64_t M, const LoraTerm* lora, int64_t m0, float* y) {
+    if constexpr (V::kCodes64) {
+        if (codes64<V>(w, M)) return tile_block<V, S, MT, true>(v, sc, sc1, w, n0, rows, xt, lora, m0, y);
+    }
+    tile_block<V, S, MT>(v, sc, sc1, w, n0, rows, xt, lora, m0, y);
+}
+
 template <class V, class S>
 inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0, int64_t rows, const float* xs, int64_t M,
                        const LoraTerm* lora, float* y) {
@@ -1109,24 +1119,8 @@ inline void rows_block(const V& v, S& sc, S& sc1, const Nf4Weight& w, int64_t n0
         case 5: tile_block<V, S, 5>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
         case 4: tile_block<V, S, 4>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
         case 3: tile_block<V, S, 3>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt); break;
-        case 2:
-            if constexpr (V::kCodes64) {
-                if (codes64<V>(w, M)) {
-                    tile_block<V, S, 2, true>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
-                    break;
-                }
-            }
-            tile_block<V, S, 2>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
-            break;
-        case 1:
-            if constexpr (V::kCodes64) {
-                if (codes64<V>(w, M)) {
-                    tile_block<V, S, 1, true>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
-                    break;
-                }
-            }
-            tile_block<V, S, 1>(v, sc, sc1, w, n0, rows, xt, lora, m0, yt);
-            break;
+        case 2: small_tile<V, S, 2>(v, sc, sc1, w, n0, rows, xt, M, lora, m0, yt); break;
+        case 1: small_tile<V, S, 1>(v, sc, sc1, w, n0, rows, xt, M, lora, m0, yt); break;
         default: break;
     }
 }
