@@ -36,7 +36,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 # Per-file ISA flags: only these two files may use AVX2 / AVX-512 instructions; everything else is
 # built for the baseline ISA so the binary imports on any x86-64 and dispatches at run time.
 CPU_SOURCES = [("csrc/bindings.cpp", []), ("csrc/cpu/nf4_scalar.cpp", []), ("csrc/cpu/nf4_dispatch.cpp", []),
-               ("csrc/cpu/thread_pool.cpp", []), ("csrc/cpu/dropout_cpu.cpp", [])]
+               ("csrc/cpu/thread_pool.cpp", []), ("csrc/cpu/dropout_cpu.cpp", []),
+               ("csrc/cpu/huge_pages.cpp", [])]
 if X86:
     CPU_SOURCES += [
         ("csrc/cpu/nf4_avx2.cpp", ["-mavx2", "-mfma", "-mf16c"]),

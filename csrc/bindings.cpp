@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/dropout_cpu.h"
+#include "cpu/huge_pages.h"
 #include "cpu/nf4_cpu.h"
 #include "cpu/thread_pool.h"
 #include "nf4_decode.h"
@@ -353,6 +354,13 @@ PYBIND11_MODULE(_C, m) {
             return std::make_tuple(n[0], n[1], n[2]);
         },
         "parallel loops run so far (alone, with lorakern's pool, with torch's OpenMP team)");
+    m.def(
+        "back_with_huge_pages",
+        [](uintptr_t ptr, int64_t bytes) {
+            return lorakern::cpu::back_with_huge_pages(reinterpret_cast<const void*>(ptr), bytes);
+        },
+        "move the whole 2 MiB pages inside [ptr, ptr + bytes) onto huge pages in place: the bytes now on them, 0 for "
+        "none, or -errno (csrc/cpu/huge_pages.h)");
     m.def("cpu_dequantize", &cpu_dequantize);
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nf4 import native
 from ..stamp import stamp
 
 GROUP_SIZES = (32, 64, 128)
@@ -89,6 +90,7 @@ class INT4Weight:
         self.group_size = int(group_size)
         self.shape = torch.Size((out_features, in_features))
         self._native = self._native_key = None
+        native.back_with_huge_pages(self.codes)
 
     @property
     def device(self) -> torch.device:

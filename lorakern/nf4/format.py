@@ -14,6 +14,7 @@ import torch
 
 from ..backend import FLOAT_DTYPES, resolve_nf4
 from ..stamp import stamp
+from . import native
 from .reference import (
     BLOCKSIZES,
     NESTED_BLOCKSIZE,
@@ -93,6 +94,7 @@ class NF4Weight:
         self.nested_absmax, self.nested_code, self.offset = nested_absmax, nested_code, offset
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, int(blocksize)
         self.validate()
+        native.back_with_huge_pages(self.packed)
 
     @classmethod
     def _trusted(cls, packed, absmax, shape, dtype, blocksize, nested_absmax=None, nested_code=None,
