@@ -101,6 +101,15 @@ def test_not_tried_when_switched_off_small_or_not_on_the_cpu(monkeypatch):
     monkeypatch.delenv(native.HUGE_PAGES_ENV)
     assert native.back_with_huge_pages(fresh_bytes(HUGE - 1)) is None
     assert native.back_with_huge_pages(torch.empty(5 * HUGE, dtype=torch.uint8, device="meta")) is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a CPU tensor without data (torch.export's, a model built to trace)
+        fake = torch.empty(5 * HUGE, dtype=torch.uint8)
+    assert fake.is_cpu and native.back_with_huge_pages(fake) is None
+    # An extension built before the call existed (an editable install not rebuilt): nothing, no error.
+    monkeypatch.setattr(native, "extension", lambda: object())
+    assert native.back_with_huge_pages(fresh_bytes(5 * HUGE)) is None
+    monkeypatch.undo()
     # A range holding no whole aligned 2 MiB page: nothing to move (the native call itself).
     t = fresh_bytes(3 * HUGE)
     first = -t.data_ptr() % HUGE  # bytes up to t's first 2 MiB boundary

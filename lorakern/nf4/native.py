@@ -121,16 +121,20 @@ def back_with_huge_pages(t: torch.Tensor) -> int | None:
     the same weights on 4 KiB pages: 4096 x 4096 M = 1 0.96x the time, one thread 0.94x; 14336 ->
     4096 0.96x; 4096 -> 14336 0.99x; M = 4 0.97x; M = 16 1.0x). Returns the bytes now on huge pages,
     0 for none, -errno where the kernel refused (see the header), None where not tried: not on the
-    CPU, under 2 MiB, no extension, while torch.compile traces, or ``$LORAKERN_HUGE_PAGES=0``. Once
-    per address and size: ops rebuild weights from the same tensors on every call."""
-    if (torch.compiler.is_compiling() or not t.is_cpu or t.nbytes < 1 << 21 or os.environ.get(HUGE_PAGES_ENV) == "0"
-            or extension() is None):
+    CPU, under 2 MiB, a tensor subclass, no extension (or one built without this call), while
+    torch.compile traces, or ``$LORAKERN_HUGE_PAGES=0``. Once per address and size: ops rebuild
+    weights from the same tensors on every call."""
+    if (torch.compiler.is_compiling() or type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu
+            or t.nbytes < 1 << 21 or os.environ.get(HUGE_PAGES_ENV) == "0"):
+        return None  # a subclass (FakeTensor, ...) may have no data pointer
+    move = getattr(extension(), "back_with_huge_pages", None)  # None: no extension, or one built before it
+    if move is None:
         return None
     key = (t.data_ptr(), t.nbytes)
     if key not in _backed:
         if len(_backed) >= 1 << 16:  # addresses of freed weights: forget them all, now and then
             _backed.clear()
-        _backed[key] = extension().back_with_huge_pages(*key)
+        _backed[key] = move(*key)
     return _backed[key]
 
 
