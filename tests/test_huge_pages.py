@@ -71,9 +71,10 @@ def test_nf4_weight_bytes_move_onto_huge_pages_in_place(monkeypatch):
     before, address = packed.clone(), packed.data_ptr()
     absmax = torch.rand(out_f * in_f // bs) + 0.5
     w = NF4Weight(packed, absmax, (out_f, in_f), torch.float32, bs)
-    moved = moved_or_skip(native._backed.get((address, packed.numel())), packed.numel())
+    on_huge = huge_bytes(w.packed)  # what the constructor did
+    moved = moved_or_skip(native.back_with_huge_pages(w.packed), packed.numel())  # its recorded result
     assert w.packed.data_ptr() == address and torch.equal(w.packed, before)  # same place, same bytes
-    assert huge_bytes(w.packed) >= moved
+    assert on_huge >= moved
     # The kernels read it as before: the same bits as a copy of the same bytes on 4 KiB pages.
     monkeypatch.setenv(native.HUGE_PAGES_ENV, "0")
     plain = NF4Weight(before, absmax, (out_f, in_f), torch.float32, bs)
@@ -87,17 +88,17 @@ def test_nf4_weight_bytes_move_onto_huge_pages_in_place(monkeypatch):
 def test_quantized_and_int4_weights_move_too(monkeypatch):
     monkeypatch.delenv(native.HUGE_PAGES_ENV, raising=False)
     w = NF4Weight.quantize(torch.randn(1100, 8192), 64)  # 4.3 MiB of codes
-    moved = moved_or_skip(native._backed.get((w.packed.data_ptr(), w.packed.numel())), w.packed.numel())
-    assert huge_bytes(w.packed) >= moved
+    on_huge = huge_bytes(w.packed)
+    assert on_huge >= moved_or_skip(native.back_with_huge_pages(w.packed), w.packed.numel())
     q = INT4Weight.quantize(torch.randn(1100, 8192), 64)
-    moved = moved_or_skip(native._backed.get((q.codes.data_ptr(), q.codes.numel())), q.codes.numel())
-    assert huge_bytes(q.codes) >= moved
+    on_huge = huge_bytes(q.codes)
+    assert on_huge >= moved_or_skip(native.back_with_huge_pages(q.codes), q.codes.numel())
 
 
 def test_not_tried_when_switched_off_small_or_not_on_the_cpu(monkeypatch):
     monkeypatch.setenv(native.HUGE_PAGES_ENV, "0")
     t = fresh_bytes(5 * HUGE)
-    assert native.back_with_huge_pages(t) is None and (t.data_ptr(), t.numel()) not in native._backed
+    assert native.back_with_huge_pages(t) is None and t.untyped_storage() not in native._backed
     monkeypatch.delenv(native.HUGE_PAGES_ENV)
     assert native.back_with_huge_pages(fresh_bytes(HUGE - 1)) is None
     assert native.back_with_huge_pages(torch.empty(5 * HUGE, dtype=torch.uint8, device="meta")) is None
@@ -117,22 +118,26 @@ def test_not_tried_when_switched_off_small_or_not_on_the_cpu(monkeypatch):
     assert native.extension().back_with_huge_pages(t.data_ptr(), 0) == 0
 
 
-def test_once_per_address_and_size(monkeypatch):
+def test_once_per_storage_address_and_size(monkeypatch):
     monkeypatch.delenv(native.HUGE_PAGES_ENV, raising=False)
     calls = []
 
     class Counting:
-        def __getattr__(self, name):
-            return getattr(native._loaded[0][0], name)
-
         def back_with_huge_pages(self, ptr, n):
             calls.append((ptr, n))
             return 0
 
-    t = fresh_bytes(3 * HUGE)
-    native._backed.pop((t.data_ptr(), t.numel()), None)
     monkeypatch.setattr(native, "extension", lambda: Counting())
+    t = fresh_bytes(3 * HUGE)
     for _ in range(3):
         assert native.back_with_huge_pages(t) == 0
     assert native.back_with_huge_pages(t[: 2 * HUGE]) == 0  # another size at the same address
     assert calls == [(t.data_ptr(), 3 * HUGE), (t.data_ptr(), 2 * HUGE)]
+    # Another storage at the same address (a weight freed, a new one where it was): moved again.
+    buf = bytearray(3 * HUGE)
+    first = torch.frombuffer(buf, dtype=torch.uint8)
+    native.back_with_huge_pages(first)
+    del first
+    second = torch.frombuffer(buf, dtype=torch.uint8)
+    native.back_with_huge_pages(second)
+    assert calls[2:] == [(second.data_ptr(), 3 * HUGE)] * 2

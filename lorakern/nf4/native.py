@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 
 import torch
 
@@ -110,7 +111,9 @@ def cpu_threads() -> int:
     return threads
 
 
-_backed: dict = {}  # (address, bytes) -> back_with_huge_pages' result; a plain dict so torch.compile traces it
+# storage -> {(address, bytes): back_with_huge_pages' result}, forgotten with the storage (a new
+# weight at a freed one's address is moved again)
+_backed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def back_with_huge_pages(t: torch.Tensor) -> int | None:
@@ -123,19 +126,18 @@ def back_with_huge_pages(t: torch.Tensor) -> int | None:
     0 for none, -errno where the kernel refused (see the header), None where not tried: not on the
     CPU, under 2 MiB, a tensor subclass, no extension (or one built without this call), while
     torch.compile traces, or ``$LORAKERN_HUGE_PAGES=0``. Once per address and size: ops rebuild
-    weights from the same tensors on every call."""
+    weights from the same tensors on every call (while its storage lives)."""
     if (torch.compiler.is_compiling() or type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu
             or t.nbytes < 1 << 21 or os.environ.get(HUGE_PAGES_ENV) == "0"):
         return None  # a subclass (FakeTensor, ...) may have no data pointer
     move = getattr(extension(), "back_with_huge_pages", None)  # None: no extension, or one built before it
     if move is None:
         return None
+    done = _backed.setdefault(t.untyped_storage(), {})
     key = (t.data_ptr(), t.nbytes)
-    if key not in _backed:
-        if len(_backed) >= 1 << 16:  # addresses of freed weights: forget them all, now and then
-            _backed.clear()
-        _backed[key] = move(*key)
-    return _backed[key]
+    if key not in done:
+        done[key] = move(*key)
+    return done[key]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
