@@ -359,8 +359,8 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t ptr, int64_t bytes) {
             return lorakern::cpu::back_with_huge_pages(reinterpret_cast<const void*>(ptr), bytes);
         },
-        "move the whole 2 MiB pages inside [ptr, ptr + bytes) onto huge pages in place: the bytes now on them, 0 for "
-        "none, or -errno (csrc/cpu/huge_pages.h)");
+        "move the whole huge pages (2 MiB on x86-64) inside [ptr, ptr + bytes) onto huge pages in place: the bytes now "
+        "on them, 0 for none, or -errno (csrc/cpu/huge_pages.h)");
     m.def("cpu_dequantize", &cpu_dequantize);
     m.def("cpu_lora_terms", &cpu_lora_terms, "y += each row's adapter term (a base computed elsewhere)");
     m.def("cpu_dropout", &cpu_dropout, "x * keep / (1 - p) with lorakern's counter-based mask (float32/64)");

@@ -1,4 +1,5 @@
-"""A CPU weight's 4-bit bytes moved onto 2 MiB pages in place (lorakern.nf4.native.back_with_huge_pages)."""
+"""A CPU weight's 4-bit bytes moved onto huge pages (2 MiB on x86-64) in place
+(lorakern.nf4.native.back_with_huge_pages)."""
 
 from __future__ import annotations
 
@@ -122,9 +123,9 @@ def test_not_tried_when_switched_off_small_or_not_on_the_cpu(monkeypatch):
     monkeypatch.setattr(native, "extension", lambda: object())
     assert native.back_with_huge_pages(fresh_bytes(5 * HUGE)) is None
     monkeypatch.undo()
-    # A range holding no whole aligned 2 MiB page: nothing to move (the native call itself).
+    # A range holding no whole aligned huge page: nothing to move (the native call itself).
     t = fresh_bytes(3 * HUGE)
-    first = -t.data_ptr() % HUGE  # bytes up to t's first 2 MiB boundary
+    first = -t.data_ptr() % HUGE  # bytes up to t's first huge-page boundary
     assert native.extension().back_with_huge_pages(t.data_ptr() + first + 1, HUGE - 1) == 0
     assert native.extension().back_with_huge_pages(t.data_ptr(), 0) == 0
 

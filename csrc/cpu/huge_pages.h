@@ -1,4 +1,4 @@
-// Backing a weight's bytes with 2 MiB pages (Linux transparent huge pages).
+// Backing a weight's bytes with huge pages (Linux transparent huge pages: 2 MiB on x86-64).
 #pragma once
 
 #include <stdint.h>

@@ -117,7 +117,7 @@ _backed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def back_with_huge_pages(t: torch.Tensor) -> int | None:
-    """Move the whole 2 MiB pages inside a CPU tensor's bytes (a 4-bit weight's codes) onto huge
+    """Move the whole huge pages (2 MiB on x86-64) inside a CPU tensor's bytes (a 4-bit weight's codes) onto huge
     pages, in place: same addresses and contents (Linux 6.1+, csrc/cpu/huge_pages.h). A call at
     M = 1 streams every byte of the weight once, one 4 KiB page per 8192 weights; on 2 MiB pages the
     page-table walks drop out (AMD EPYC Zen 3, AVX2, 2 threads, 8 cold copies, interleaved against
@@ -125,8 +125,9 @@ def back_with_huge_pages(t: torch.Tensor) -> int | None:
     4096 0.96x; 4096 -> 14336 0.99x; M = 4 0.97x; M = 16 1.0x). Returns the bytes now on huge pages,
     0 for none, -errno where the kernel refused (see the header), None where not tried: not on the
     CPU, under 2 MiB, a tensor subclass, no extension (or one built without this call), while
-    torch.compile traces, or ``$LORAKERN_HUGE_PAGES=0``. Once per address and size: ops rebuild
-    weights from the same tensors on every call (while its storage lives)."""
+    torch.compile traces, or ``$LORAKERN_HUGE_PAGES=0``. Once per storage, address and size (ops
+    and PEFT's bnb path rebuild weights from the same tensors on every call); a new storage at a
+    freed one's address is moved again."""
     if (torch.compiler.is_compiling() or type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu
             or t.nbytes < 1 << 21 or os.environ.get(HUGE_PAGES_ENV) == "0"):
         return None  # a subclass (FakeTensor, ...) may have no data pointer
